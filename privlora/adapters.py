@@ -1,0 +1,99 @@
+"""LoRA adapters through peft: construction, per-client ranks, and state as numpy arrays.
+
+Scaling convention. peft scales an adapter of rank r by ``lora_alpha / r``. privlora fixes one
+scaling ``s = lora.alpha / lora.r`` for the whole federation and gives a client of rank r_k
+``lora_alpha = s * r_k``, so every client's update ``s * B_k A_k`` and the global adapter (rank
+``max_rank``) share the same ``s``; aggregating factors never needs a per-client rescale.
+
+Adapter state is a ``dict[str, np.ndarray]`` keyed by peft's saved names (those of
+``get_peft_model_state_dict``, e.g. ``base_model.model.bert.encoder.layer.0.attention.self.query
+.lora_A.weight``; the head is ``base_model.model.classifier.weight``). That is exactly what
+``adapter_model.safetensors`` holds, and it is what strategies aggregate.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+
+from .config import ExperimentConfig
+
+HEAD_MODULES = ["classifier", "score"]
+
+
+def peft_lora_config(cfg: ExperimentConfig, rank: int):
+    from peft import LoraConfig
+
+    scaling = cfg.lora.alpha / cfg.lora.r
+    return LoraConfig(
+        r=rank,
+        lora_alpha=scaling * rank,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=list(cfg.lora.target_modules),
+        task_type="SEQ_CLS",
+        modules_to_save=list(HEAD_MODULES),
+    )
+
+
+def make_peft_model(base_model, cfg: ExperimentConfig, rank: int, copy_base: bool = True):
+    """Wrap (a copy of) ``base_model`` with a fresh LoRA adapter of ``rank``.
+
+    Raises ValueError naming ``lora.target_modules`` when none of them exists in the model.
+    """
+    from peft import get_peft_model
+
+    model = copy.deepcopy(base_model) if copy_base else base_model
+    try:
+        peft_model = get_peft_model(model, peft_lora_config(cfg, rank))
+    except ValueError as exc:
+        names = sorted({n.rsplit(".", 1)[-1] for n, _ in base_model.named_modules() if n})
+        raise ValueError(
+            f"lora.target_modules: {list(cfg.lora.target_modules)} did not match the model ({exc}). "
+            f"Module names in this model include: {', '.join(names[:30])}"
+        ) from exc
+    return peft_model
+
+
+def adapter_state(peft_model) -> dict[str, np.ndarray]:
+    """The adapter and head weights as float32 numpy arrays under peft's saved names."""
+    from peft import get_peft_model_state_dict
+
+    return {
+        k: v.detach().to("cpu").float().numpy().copy()
+        for k, v in get_peft_model_state_dict(peft_model).items()
+    }
+
+
+def load_adapter_state(peft_model, state: dict[str, np.ndarray]) -> None:
+    """Load ``state`` into the active adapter; every adapter weight must be present and fit."""
+    import torch
+    from peft import set_peft_model_state_dict
+
+    current = adapter_state(peft_model)
+    missing = sorted(set(current) - set(state))
+    extra = sorted(set(state) - set(current))
+    if missing or extra:
+        raise ValueError(f"adapter state does not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(current[k].shape):
+            raise ValueError(f"adapter state {k}: shape {tuple(v.shape)} does not fit the model's {tuple(current[k].shape)}")
+    set_peft_model_state_dict(peft_model, {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()})
+
+
+def freeze_lora_a(peft_model) -> int:
+    """FFA-LoRA: stop gradients to every lora_A; returns how many tensors were frozen."""
+    n = 0
+    for name, p in peft_model.named_parameters():
+        if ".lora_A." in name:
+            p.requires_grad_(False)
+            n += 1
+    return n
+
+
+def save_adapter(peft_model, out_dir: str | Path) -> Path:
+    """Save in peft format (adapter_config.json + adapter_model.safetensors)."""
+    out = Path(out_dir)
+    peft_model.save_pretrained(str(out), safe_serialization=True)
+    return out

@@ -1,0 +1,265 @@
+"""A federated client: local LoRA training with DP-SGD through Opacus, behind a bytes interface.
+
+`Client.handle(instruction: bytes) -> bytes` is the whole surface a server sees. Inside:
+
+1. rebuild the adapter the strategy says to start from (`Strategy.local_start`);
+2. train ``training.local_steps`` optimizer steps. Under DP, Opacus's `PrivacyEngine.make_private`
+   wraps model, optimizer and loader: Poisson sampling (each example joins a batch with
+   probability ``q = batch_size / n_k``), per-example gradients clipped to ``max_grad_norm``,
+   Gaussian noise ``noise_multiplier * max_grad_norm``. Memory stays bounded as with Opacus's
+   `BatchMemoryManager` (same `signal_skip_step` mechanism): each logical batch is cut into
+   physical batches of at most ``physical_batch_size``, sorted by length to cut padding;
+3. return the strategy's contribution and the exact mechanism that ran (a `SubsampledGaussian`:
+   sigma, q, steps, clip, delta), read back from Opacus's own accountant.
+
+Without DP the same loop runs on shuffled batches of ``batch_size`` and no mechanism is reported.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from accounting import SubsampledGaussian
+
+from .adapters import adapter_state, load_adapter_state, make_peft_model
+from .config import ExperimentConfig
+from .data import trim_batch
+from .messages import Message
+from .privacy import calibrate_noise
+from .strategies import Strategy
+
+
+def derived_seed(seed: int, *parts: int) -> int:
+    """A 63-bit seed from the run seed and (round, client, purpose) — stable across platforms."""
+    return int(np.random.SeedSequence([seed, *parts]).generate_state(2, dtype=np.uint32).view(np.uint64)[0] >> 1)
+
+
+@dataclass
+class LocalResult:
+    state: dict[str, np.ndarray]
+    mechanism: SubsampledGaussian | None
+    train_loss: float
+    steps: int
+    seconds: float
+
+
+class Client:
+    """One client's data and training loop. Holds no reference to any server object."""
+
+    def __init__(self, client_id: int, cfg: ExperimentConfig, base_model, train_dataset, strategy: Strategy):
+        self.client_id = client_id
+        self.cfg = cfg
+        self.base_model = base_model
+        self.dataset = train_dataset
+        self.strategy = strategy
+        self.num_examples = len(train_dataset)
+        if self.num_examples == 0:
+            raise ValueError(f"client {client_id} has no training examples; lower data.num_clients")
+        self._noise_multiplier: float | None = None
+
+    # ------------------------------------------------------------------ DP parameters
+    @property
+    def sample_rate(self) -> float:
+        """Poisson sampling rate q = 1 / ceil(n_k / batch_size), exactly as Opacus derives it."""
+        return 1.0 / math.ceil(self.num_examples / self.cfg.training.batch_size)
+
+    @property
+    def noise_multiplier(self) -> float:
+        """Explicit sigma, or the smallest sigma keeping this client within target_epsilon if it
+        took part in every planned round (the worst case, so the target holds whatever sampling)."""
+        p = self.cfg.privacy
+        if self._noise_multiplier is None:
+            if p.noise_multiplier > 0:
+                self._noise_multiplier = p.noise_multiplier
+            else:
+                planned = self.cfg.federation.rounds * self.cfg.training.local_steps
+                self._noise_multiplier = calibrate_noise(p.target_epsilon, p.delta, self.sample_rate, planned, p.accountant)
+        return self._noise_multiplier
+
+    # ------------------------------------------------------------------ protocol
+    def handle(self, instruction: bytes) -> bytes:
+        msg = Message.from_bytes(instruction, "round_instruction")
+        h = msg.header
+        if h.get("client_id") != self.client_id:
+            raise ValueError(f"instruction for client {h.get('client_id')} delivered to client {self.client_id}")
+        rnd, rank = int(h["round"]), int(h["rank"])
+        result = self.train(msg.tensors, rnd, rank)
+        return self.encode_update(result, rnd, rank)
+
+    def encode_update(self, result: "LocalResult", rnd: int, rank: int) -> bytes:
+        """The client_update message: the strategy's contribution and the mechanism that ran."""
+        contribution = self.strategy.contribution(result.state, self.num_examples, rank)
+        header = {
+            "round": rnd,
+            "client_id": self.client_id,
+            "rank": rank,
+            "num_examples": self.num_examples,
+            "train_loss": result.train_loss,
+            "steps": result.steps,
+            "seconds": result.seconds,
+            "mechanism": None if result.mechanism is None else result.mechanism.to_dict(),
+        }
+        tensors = {k: v.astype(np.float32) for k, v in contribution.items()}
+        return Message("client_update", header, tensors).to_bytes()
+
+    # ------------------------------------------------------------------ training
+    def build_model(self, payload: dict[str, np.ndarray], rank: int):
+        model = make_peft_model(self.base_model, self.cfg, rank)
+        start = self.strategy.local_start(payload, adapter_state(model))
+        load_adapter_state(model, start)
+        for name, p in model.named_parameters():
+            if p.requires_grad and self.strategy.frozen(name):
+                p.requires_grad_(False)
+        return model
+
+    def train(self, payload: dict[str, np.ndarray], rnd: int, rank: int, progress=None) -> LocalResult:
+        import torch
+
+        t0 = time.perf_counter()
+        torch.manual_seed(derived_seed(self.cfg.seed, rnd, self.client_id, 1))
+        model = self.build_model(payload, rank)
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        t = self.cfg.training
+        if t.optimizer == "sgd":
+            optimizer = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+        else:
+            optimizer = torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+        if self.cfg.privacy.enabled:
+            with warnings.catch_warnings():
+                # Opacus's hooks on a model whose inputs need no grad; per-example gradients of
+                # every trainable tensor are still computed (tests/test_dp_client.py checks them)
+                warnings.filterwarnings("ignore", message=".*Full backward hook is firing.*")
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+                losses, steps, mechanism = self._train_dp(model, optimizer, progress)
+        else:
+            losses, steps = self._train_plain(model, optimizer, rnd, progress)
+            mechanism = None
+        state = adapter_state(model)
+        return LocalResult(
+            state=state,
+            mechanism=mechanism,
+            train_loss=float(np.mean(losses)) if losses else float("nan"),
+            steps=steps,
+            seconds=time.perf_counter() - t0,
+        )
+
+    @staticmethod
+    def _loss(model, batch):
+        import torch.nn.functional as F
+
+        ids, mask, labels = batch
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        return F.cross_entropy(logits, labels)
+
+    def _train_dp(self, model, optimizer, progress):
+        import torch
+        from opacus import PrivacyEngine
+        from torch.utils.data import DataLoader
+
+        t, p = self.cfg.training, self.cfg.privacy
+        sigma = self.noise_multiplier
+        # Opacus sets q = 1 / len(loader) = 1 / ceil(n / batch_size): `sample_rate` matches it.
+        loader = DataLoader(self.dataset, batch_size=t.batch_size)
+        engine = PrivacyEngine(accountant=p.accountant)
+        with warnings.catch_warnings():
+            # secure_mode is off: noise comes from torch's seeded PRNG (SECURITY.md says so)
+            warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
+            gs_model, dp_optimizer, dp_loader = engine.make_private(
+                module=model,
+                optimizer=optimizer,
+                data_loader=loader,
+                noise_multiplier=sigma,
+                max_grad_norm=p.max_grad_norm,
+                poisson_sampling=True,
+            )
+        if abs(dp_loader.sample_rate - self.sample_rate) > 1e-12:
+            raise RuntimeError(f"Opacus samples at q={dp_loader.sample_rate}, calibrated for q={self.sample_rate}")
+        losses: list[float] = []
+        steps = 0
+        while steps < t.local_steps:
+            for ids, mask, labels in dp_loader:
+                losses.extend(self._dp_step(gs_model, dp_optimizer, ids, mask, labels))
+                steps += 1
+                if progress is not None:
+                    progress.update(1)
+                if steps >= t.local_steps:
+                    break
+        history = list(engine.accountant.history)
+        gs_model._close()
+        if len(history) != 1 or history[0][2] != steps:
+            raise RuntimeError(f"Opacus recorded {history} but the client ran {steps} steps at sigma={sigma}")
+        ran_sigma, ran_q, ran_steps = history[0]
+        mechanism = SubsampledGaussian(
+            noise_multiplier=float(ran_sigma),
+            sample_rate=float(ran_q),
+            steps=int(ran_steps),
+            clip_norm=float(p.max_grad_norm),
+            delta=float(p.delta),
+        )
+        return losses, steps, mechanism
+
+    def _dp_step(self, gs_model, dp_optimizer, ids, mask, labels) -> list[float]:
+        """One noisy optimizer step on a Poisson-sampled logical batch.
+
+        The batch is sorted by length and cut into physical batches of at most
+        ``physical_batch_size``, each trimmed to its own longest example (less padding); Opacus
+        clips and accumulates each one (`signal_skip_step`) and adds noise once, at the last.
+        An empty batch still makes a noisy step: it runs one example with its loss multiplied
+        by zero, so every per-example gradient is exactly zero and only noise is added (skipping
+        it would release whether the batch was empty, and Opacus would not count the step).
+        """
+        t = self.cfg.training
+        n = ids.shape[0]
+        weight = 1.0
+        if n == 0:
+            ids, mask, labels = (x.unsqueeze(0) for x in self.dataset[0])
+            n, weight = 1, 0.0
+        order = mask.sum(dim=1).argsort()
+        chunks = [order[s : s + t.physical_batch_size] for s in range(0, n, t.physical_batch_size)]
+        losses = []
+        for i, idx in enumerate(chunks):
+            dp_optimizer.zero_grad(set_to_none=True)
+            batch = trim_batch(ids[idx], mask[idx], labels[idx])
+            loss = self._loss(gs_model, batch) * weight
+            loss.backward()
+            if weight:
+                losses.append(float(loss.detach()))
+            dp_optimizer.signal_skip_step(do_skip=i < len(chunks) - 1)
+            dp_optimizer.step()
+        if dp_optimizer._is_last_step_skipped:
+            raise RuntimeError("Opacus skipped the noisy step at the end of a logical batch")
+        return losses
+
+    def _train_plain(self, model, optimizer, rnd, progress):
+        import torch
+        from torch.utils.data import DataLoader
+
+        t = self.cfg.training
+        g = torch.Generator().manual_seed(derived_seed(self.cfg.seed, rnd, self.client_id, 2))
+        loader = DataLoader(self.dataset, batch_size=t.batch_size, shuffle=True, generator=g)
+        losses: list[float] = []
+        steps = 0
+        while steps < t.local_steps:
+            for ids, mask, labels in loader:
+                optimizer.zero_grad(set_to_none=True)
+                n = ids.shape[0]
+                order = mask.sum(dim=1).argsort()
+                for s in range(0, n, t.physical_batch_size):
+                    idx = order[s : s + t.physical_batch_size]
+                    chunk = trim_batch(ids[idx], mask[idx], labels[idx])
+                    loss = self._loss(model, chunk)
+                    (loss * (len(idx) / n)).backward()
+                    losses.append(float(loss.detach()))
+                optimizer.step()
+                steps += 1
+                if progress is not None:
+                    progress.update(1)
+                if steps >= t.local_steps:
+                    break
+        return losses, steps

