@@ -20,9 +20,6 @@ import numpy as np
 
 from .config import ExperimentConfig
 
-HEAD_MODULES = ["classifier", "score"]
-
-
 def peft_lora_config(cfg: ExperimentConfig, rank: int):
     from peft import LoraConfig
 
@@ -33,7 +30,8 @@ def peft_lora_config(cfg: ExperimentConfig, rank: int):
         lora_dropout=cfg.lora.dropout,
         target_modules=list(cfg.lora.target_modules),
         task_type="SEQ_CLS",
-        modules_to_save=list(HEAD_MODULES),
+        modules_to_save=list(cfg.lora.modules_to_save) or None,
+        layers_to_transform=sorted(cfg.lora.layers) or None,
     )
 
 

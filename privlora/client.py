@@ -124,22 +124,27 @@ class Client:
         torch.manual_seed(derived_seed(self.cfg.seed, rnd, self.client_id, 1))
         model = self.build_model(payload, rank)
         model.train()
+        if not self.cfg.training.dropout:
+            for module in model.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = 0.0
+                    module.eval()
         params = [p for p in model.parameters() if p.requires_grad]
         t = self.cfg.training
         if t.optimizer == "sgd":
             optimizer = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
         else:
             optimizer = torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
-        if self.cfg.privacy.enabled:
-            with warnings.catch_warnings():
-                # Opacus's hooks on a model whose inputs need no grad; per-example gradients of
-                # every trainable tensor are still computed (tests/test_dp_client.py checks them)
-                warnings.filterwarnings("ignore", message=".*Full backward hook is firing.*")
-                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        with warnings.catch_warnings():
+            # Opacus's hooks on a model whose inputs need no grad; per-example gradients of
+            # every trainable tensor are still computed (tests/test_dp_client.py checks them)
+            warnings.filterwarnings("ignore", message=".*Full backward hook is firing.*")
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+            if self.cfg.privacy.enabled:
                 losses, steps, mechanism = self._train_dp(model, optimizer, progress)
-        else:
-            losses, steps = self._train_plain(model, optimizer, rnd, progress)
-            mechanism = None
+            else:
+                losses, steps = self._train_plain(model, optimizer, rnd, progress)
+                mechanism = None
         state = adapter_state(model)
         return LocalResult(
             state=state,

@@ -64,6 +64,12 @@ class LoraConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ("query", "value")
+    layers: tuple[int, ...] = ()
+    """Transformer layer indices that get adapters (peft's layers_to_transform); empty = all.
+    Adapting only upper layers also stops backpropagation below them, which saves time."""
+    modules_to_save: tuple[str, ...] = ("classifier", "score")
+    """Whole modules trained (with DP) and aggregated beside the adapters, saved in the adapter
+    (peft's modules_to_save): the new classification head, plus e.g. "pooler" for BERT."""
     ranks: tuple[int, ...] = ()
     """Per-client ranks (heterogeneous); empty means every client uses ``r``."""
 
@@ -91,6 +97,9 @@ class TrainingConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     eval_batch_size: int = 256
+    dropout: bool = False
+    """Keep the model's dropout during local training. Off by default: DP noise already
+    regularises, and without dropout the attention takes its fast path (about 1.5x faster)."""
 
 
 @dataclass(frozen=True)
@@ -222,6 +231,9 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _require(lo.alpha > 0, "lora.alpha", f"must be > 0, found {lo.alpha}")
     _require(0.0 <= lo.dropout < 1.0, "lora.dropout", f"must be in [0, 1), found {lo.dropout}")
     _require(len(lo.target_modules) > 0, "lora.target_modules", "must name at least one module, e.g. ['query', 'value']")
+    for i, layer in enumerate(lo.layers):
+        _require(layer >= 0, f"lora.layers[{i}]", f"must be >= 0, found {layer}")
+    _require(len(set(lo.layers)) == len(lo.layers), "lora.layers", f"has duplicates: {list(lo.layers)}")
     if lo.ranks:
         _require(
             len(lo.ranks) == d.num_clients,
