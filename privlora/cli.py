@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from .config import ConfigError, load_config
@@ -60,8 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_library_warnings() -> None:
+    """Hide known, harmless library chatter so that real warnings stand out."""
+    warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")  # SECURITY.md states it
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    warnings.filterwarnings("ignore", message=".*Full backward hook is firing.*")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _quiet_library_warnings()
     try:
         return args.func(args)
     except USER_ERRORS as exc:

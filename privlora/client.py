@@ -129,12 +129,17 @@ class Client:
                 if isinstance(module, torch.nn.Dropout):
                     module.p = 0.0
                     module.eval()
-        params = [p for p in model.parameters() if p.requires_grad]
         t = self.cfg.training
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for n, p in named if "modules_to_save" not in n], "lr": t.lr},
+            {"params": [p for n, p in named if "modules_to_save" in n], "lr": t.head_lr or t.lr},
+        ]
+        groups = [g for g in groups if g["params"]]
         if t.optimizer == "sgd":
-            optimizer = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+            optimizer = torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
         else:
-            optimizer = torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+            optimizer = torch.optim.Adam(groups, lr=t.lr, weight_decay=t.weight_decay)
         with warnings.catch_warnings():
             # Opacus's hooks on a model whose inputs need no grad; per-example gradients of
             # every trainable tensor are still computed (tests/test_dp_client.py checks them)
@@ -171,10 +176,10 @@ class Client:
         sigma = self.noise_multiplier
         # Opacus sets q = 1 / len(loader) = 1 / ceil(n / batch_size): `sample_rate` matches it.
         loader = DataLoader(self.dataset, batch_size=t.batch_size)
-        engine = PrivacyEngine(accountant=p.accountant)
         with warnings.catch_warnings():
             # secure_mode is off: noise comes from torch's seeded PRNG (SECURITY.md says so)
             warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
+            engine = PrivacyEngine(accountant=p.accountant)
             gs_model, dp_optimizer, dp_loader = engine.make_private(
                 module=model,
                 optimizer=optimizer,

@@ -50,7 +50,7 @@ class DataConfig:
     label_column: str = "label"
     group_column: str = ""
     """Column whose values define the natural partition (``movie_name`` for the embedded data)."""
-    test_fraction: float = 0.2
+    test_fraction: float = 0.1
     max_examples: int = 0
     """Use at most this many labelled examples before the split (0 = all)."""
     partition: str = "natural"
@@ -77,8 +77,8 @@ class LoraConfig:
 @dataclass(frozen=True)
 class FederationConfig:
     strategy: str = "ffa"
-    rounds: int = 5
-    clients_per_round: int = 10
+    rounds: int = 6
+    clients_per_round: int = 5
     weighting: str = "num_examples"
     """Client weights p_k: 'num_examples' (n_k / sum n, as in the papers; reveals n_k to the
     server in the clear) or 'uniform' (1 / clients this round)."""
@@ -86,14 +86,18 @@ class FederationConfig:
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    local_steps: int = 8
+    local_steps: int = 10
     """Optimizer steps (logical batches) each participating client runs per round."""
-    batch_size: int = 128
+    batch_size: int = 64
     """Expected logical batch size; under DP the sample rate is batch_size / n_k."""
-    physical_batch_size: int = 64
+    physical_batch_size: int = 32
     """Largest batch held in memory at once (Opacus BatchMemoryManager)."""
     optimizer: str = "sgd"
-    lr: float = 0.5
+    lr: float = 0.05
+    """Learning rate of the LoRA adapters."""
+    head_lr: float = 2.0
+    """Learning rate of the modules_to_save (the head); 0 = same as lr. A freshly initialised
+    head on small pooled features learns slowly and, under DP noise, needs a larger rate."""
     momentum: float = 0.9
     weight_decay: float = 0.0
     eval_batch_size: int = 256
@@ -265,6 +269,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _require(t.physical_batch_size >= 1, "training.physical_batch_size", f"must be >= 1, found {t.physical_batch_size}")
     _require(t.eval_batch_size >= 1, "training.eval_batch_size", f"must be >= 1, found {t.eval_batch_size}")
     _require(t.lr > 0, "training.lr", f"must be > 0, found {t.lr}")
+    _require(t.head_lr >= 0, "training.head_lr", f"must be >= 0 (0 = same as training.lr), found {t.head_lr}")
     _require(0.0 <= t.momentum < 1.0, "training.momentum", f"must be in [0, 1), found {t.momentum}")
     _require(t.weight_decay >= 0, "training.weight_decay", f"must be >= 0, found {t.weight_decay}")
 

@@ -70,3 +70,16 @@ def test_shipped_examples_load():
     for path in examples:
         load_config(path)
     assert any(load_config(p).heterogeneous for p in examples)
+
+
+def test_examples_default_is_the_embedded_default():
+    from pathlib import Path
+
+    assert load_config(Path(__file__).parents[1] / "examples" / "default.toml") == ExperimentConfig()
+
+
+def test_head_lr_and_layers_are_validated():
+    with pytest.raises(ConfigError, match=r"^training.head_lr: must be >= 0"):
+        config_from_dict({"training": {"head_lr": -1.0}})
+    with pytest.raises(ConfigError, match=r"^lora.layers: has duplicates"):
+        config_from_dict({"lora": {"layers": [1, 1]}})
