@@ -14,7 +14,6 @@ Adapter state is a ``dict[str, np.ndarray]`` keyed by peft's saved names (those 
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import numpy as np
 
@@ -78,20 +77,3 @@ def load_adapter_state(peft_model, state: dict[str, np.ndarray]) -> None:
         if tuple(v.shape) != tuple(current[k].shape):
             raise ValueError(f"adapter state {k}: shape {tuple(v.shape)} does not fit the model's {tuple(current[k].shape)}")
     set_peft_model_state_dict(peft_model, {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()})
-
-
-def freeze_lora_a(peft_model) -> int:
-    """FFA-LoRA: stop gradients to every lora_A; returns how many tensors were frozen."""
-    n = 0
-    for name, p in peft_model.named_parameters():
-        if ".lora_A." in name:
-            p.requires_grad_(False)
-            n += 1
-    return n
-
-
-def save_adapter(peft_model, out_dir: str | Path) -> Path:
-    """Save in peft format (adapter_config.json + adapter_model.safetensors)."""
-    out = Path(out_dir)
-    peft_model.save_pretrained(str(out), safe_serialization=True)
-    return out

@@ -82,13 +82,16 @@ class Client:
         return self._noise_multiplier
 
     # ------------------------------------------------------------------ protocol
-    def handle(self, instruction: bytes) -> bytes:
+    def handle(self, instruction: bytes, progress=None) -> bytes:
+        """Train on a ``round_instruction`` message; return the ``client_update`` message.
+
+        ``progress`` (optional, e.g. a tqdm bar) is advanced once per local step."""
         msg = Message.from_bytes(instruction, "round_instruction")
         h = msg.header
         if h.get("client_id") != self.client_id:
             raise ValueError(f"instruction for client {h.get('client_id')} delivered to client {self.client_id}")
         rnd, rank = int(h["round"]), int(h["rank"])
-        result = self.train(msg.tensors, rnd, rank)
+        result = self.train(msg.tensors, rnd, rank, progress=progress)
         return self.encode_update(result, rnd, rank)
 
     def encode_update(self, result: "LocalResult", rnd: int, rank: int) -> bytes:

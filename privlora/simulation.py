@@ -155,9 +155,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, progress: bool = 
             bytes_down += len(instruction)
             client = clients[cid]
             bar = _bar(cfg.training.local_steps, f"round {rnd} client {cid}", 1, progress)
-            # In simulation the client object is driven directly so the bar can show its steps;
-            # what crosses to the server is still only the update's bytes.
-            update = _client_round(client, instruction, bar)
+            update = client.handle(instruction, progress=bar)
             bar.close()
             report, tensors = server.read_update(update, rnd, set(chosen))
             if report.mechanism is not None:
@@ -192,12 +190,3 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, progress: bool = 
     record["total_seconds"] = time.perf_counter() - t_start
     return record
 
-
-def _client_round(client: Client, instruction: bytes, bar) -> bytes:
-    """Run one client on an instruction, showing its local steps on ``bar``."""
-    from .messages import Message
-
-    msg = Message.from_bytes(instruction, "round_instruction")
-    rnd, rank = int(msg.header["round"]), int(msg.header["rank"])
-    result = client.train(msg.tensors, rnd, rank, progress=bar)
-    return client.encode_update(result, rnd, rank)
