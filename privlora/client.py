@@ -102,7 +102,9 @@ class Client:
             "client_id": self.client_id,
             "rank": rank,
             "num_examples": self.num_examples,
-            "train_loss": result.train_loss,
+            # The mean training loss is computed from private data without noise: under DP it
+            # stays on the client (it would be a release that epsilon does not cover).
+            "train_loss": None if result.mechanism is not None else result.train_loss,
             "steps": result.steps,
             "seconds": result.seconds,
             "mechanism": None if result.mechanism is None else result.mechanism.to_dict(),

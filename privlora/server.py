@@ -28,7 +28,7 @@ class ClientReport:
     round: int
     rank: int
     num_examples: int
-    train_loss: float
+    train_loss: float | None
     steps: int
     seconds: float
     mechanism: SubsampledGaussian | None
@@ -67,7 +67,7 @@ class Server:
                 round=got_round,
                 rank=int(h["rank"]),
                 num_examples=int(h["num_examples"]),
-                train_loss=float(h["train_loss"]),
+                train_loss=None if h["train_loss"] is None else float(h["train_loss"]),
                 steps=int(h["steps"]),
                 seconds=float(h["seconds"]),
                 mechanism=mech,

@@ -171,7 +171,8 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, progress: bool = 
             "test_loss": ev["loss"],
             "majority_baseline": fed.majority_baseline,
             "clients": chosen,
-            "train_loss": float(np.nanmean([r.train_loss for r in reports])),
+            # only non-private runs report a training loss (a DP client keeps its own)
+            "train_loss": None if any(r.train_loss is None for r in reports) else float(np.nanmean([r.train_loss for r in reports])),
             "epsilon": eps,
             "epsilon_max": max(eps.values()) if eps else None,
             "bytes_up": int(sum(r.bytes_up for r in reports)),

@@ -166,3 +166,17 @@ def test_target_epsilon_calibrates_per_client_noise(tiny_cfg):
     assert eps <= 3.0
     smaller = [SubsampledGaussian(sigma * 0.99, client.sample_rate, 20, 1.0, cfg.privacy.delta)]
     assert epsilon(smaller, cfg.privacy.delta) > 3.0 - 0.05
+
+
+@pytest.mark.parametrize("private", [True, False])
+def test_dp_clients_keep_their_training_loss_to_themselves(tiny_cfg, private):
+    """The mean training loss is an un-noised function of private data: never sent under DP."""
+    from privlora.messages import Message
+
+    cfg = tiny_cfg(privacy={"enabled": private}, training={"local_steps": 1, "batch_size": 16})
+    client, strategy, base = make_client(cfg)
+    g = strategy.initial_state(adapter_state(make_peft_model(base, cfg, 2)))
+    instruction = Message("round_instruction", {"round": 1, "client_id": 0, "rank": 2}, strategy.broadcast(g, 2)).to_bytes()
+    header = Message.from_bytes(client.handle(instruction), "client_update").header
+    assert (header["train_loss"] is None) == private
+    assert (header["mechanism"] is not None) == private
