@@ -79,6 +79,9 @@ class FederationConfig:
     strategy: str = "ffa"
     rounds: int = 6
     clients_per_round: int = 5
+    server_momentum: float = 0.7
+    """FedAvgM momentum on the server (0 = plain aggregation); post-processing only."""
+    server_lr: float = 1.0
     weighting: str = "num_examples"
     """Client weights p_k: 'num_examples' (n_k / sum n, as in the papers; reveals n_k to the
     server in the clear) or 'uniform' (1 / clients this round)."""
@@ -250,6 +253,8 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     f = cfg.federation
     _choice(f.strategy, STRATEGIES, "federation.strategy")
     _choice(f.weighting, WEIGHTINGS, "federation.weighting")
+    _require(0.0 <= f.server_momentum < 1.0, "federation.server_momentum", f"must be in [0, 1), found {f.server_momentum}")
+    _require(f.server_lr > 0, "federation.server_lr", f"must be > 0, found {f.server_lr}")
     _require(f.rounds >= 1, "federation.rounds", f"must be >= 1, found {f.rounds}")
     _require(
         1 <= f.clients_per_round <= d.num_clients,

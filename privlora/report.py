@@ -69,7 +69,8 @@ def write_report(out: str | Path) -> Path:
         f"- Strategy **{cfg.federation.strategy}**, {cfg.data.num_clients} clients "
         f"({cfg.data.partition} partition), {cfg.federation.clients_per_round} per round, "
         f"{cfg.federation.rounds} rounds x {cfg.training.local_steps} local steps, LoRA rank "
-        f"{list(cfg.lora.ranks) or cfg.lora.r} on {list(cfg.lora.target_modules)}, seed {cfg.seed}.",
+        f"{list(cfg.lora.ranks) or cfg.lora.r} on {list(cfg.lora.target_modules)}, server momentum "
+        f"{cfg.federation.server_momentum} (lr {cfg.federation.server_lr}), seed {cfg.seed}.",
         f"- Held-out accuracy: **{final['test_accuracy']:.4f}** after round {final['round']} "
         f"(untrained model {rows[0]['test_accuracy']:.4f}; always predicting the majority class "
         f"{rows[0]['majority_baseline']:.4f}).",

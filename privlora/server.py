@@ -16,6 +16,7 @@ from accounting import SubsampledGaussian
 from .adapters import adapter_state, load_adapter_state, make_peft_model
 from .config import ExperimentConfig
 from .data import trim_collate
+from .fedavgm import server_momentum_step
 from .messages import Message, MessageError
 from .strategies import Strategy, sum_states
 
@@ -44,6 +45,7 @@ class Server:
         self.global_state = strategy.initial_state(adapter_state(self.global_model))
         load_adapter_state(self.global_model, self.global_state)
         self.rng = np.random.default_rng([cfg.seed, 0x5A3])
+        self.velocity: dict[str, np.ndarray] | None = None
 
     def sample_clients(self) -> list[int]:
         """Uniformly without replacement; the same sequence for the same seed."""
@@ -85,7 +87,13 @@ class Server:
 
     def aggregate(self, contributions: list[dict[str, np.ndarray]]) -> None:
         summed = sum_states(contributions)
-        self.global_state = self.strategy.finish(summed, self.global_state)
+        aggregate = self.strategy.finish(summed, self.global_state)
+        f = self.cfg.federation
+        if f.server_momentum > 0 or f.server_lr != 1.0:
+            aggregate, self.velocity = server_momentum_step(
+                self.global_state, aggregate, self.velocity, f.server_momentum, f.server_lr
+            )
+        self.global_state = aggregate
         load_adapter_state(self.global_model, self.global_state)
 
     def evaluate(self) -> dict[str, float]:
