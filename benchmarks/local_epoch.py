@@ -33,7 +33,6 @@ def measure(config: str | None, private: bool, repeats: int) -> dict:
     from privlora.simulation import build_federation
 
     cfg = load_config(config)
-    steps = None
     fed = build_federation(cfg)
     client = fed.clients[0]
     steps = math.ceil(client.num_examples / cfg.training.batch_size)

@@ -34,10 +34,6 @@ def is_lora_b(key: str) -> bool:
     return ".lora_B." in key
 
 
-def is_lora(key: str) -> bool:
-    return is_lora_a(key) or is_lora_b(key)
-
-
 def pad_rank(key: str, value: np.ndarray, rank: int) -> np.ndarray:
     """Zero-pad a LoRA factor to ``rank``: rows of A (r x d_in), columns of B (d_out x r)."""
     if is_lora_a(key):

@@ -18,7 +18,7 @@ import hashlib
 
 import numpy as np
 
-from .base import State, Strategy, is_lora_a, pad_rank, truncate_rank
+from .base import State, Strategy, is_lora_a, is_lora_b, pad_rank, truncate_rank
 
 
 def shared_lora_a(seed: int, key: str, rank: int, in_features: int) -> np.ndarray:
@@ -53,7 +53,7 @@ class FFALoRA(Strategy):
         for k, v in template.items():
             if is_lora_a(k):
                 out[k] = shared_lora_a(self.seed, k, self.max_rank, v.shape[1])
-            elif ".lora_B." in k:
+            elif is_lora_b(k):
                 out[k] = np.zeros((v.shape[0], self.max_rank), dtype=v.dtype)
             else:
                 out[k] = v.copy()
