@@ -42,6 +42,15 @@ class SubsampledGaussian:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def to_dp_event(self):
+        """The same release as a dp_accounting ``DpEvent``, for any accountant that takes one:
+        ``SelfComposedDpEvent(PoissonSampledDpEvent(q, GaussianDpEvent(sigma)), steps)``."""
+        from dp_accounting import dp_event
+
+        return dp_event.SelfComposedDpEvent(
+            dp_event.PoissonSampledDpEvent(self.sample_rate, dp_event.GaussianDpEvent(self.noise_multiplier)), self.steps
+        )
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SubsampledGaussian":
         known = {"noise_multiplier", "sample_rate", "steps", "clip_norm", "delta", "sampling", "mechanism"}

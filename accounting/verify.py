@@ -1,0 +1,149 @@
+"""Verify a run's privacy record from its files alone: `privlora verify DIR`.
+
+Checks, each reported as a plain sentence:
+
+1. the ledger's hash chain (edits, removed, inserted, reordered or duplicated entries);
+2. the anchors the run wrote elsewhere — ``report.json`` (entries and head hash of the whole
+   ledger) and every line of ``metrics.jsonl`` and the checkpoint (entries and head hash at that
+   moment): each must match the ledger's own chain at that length, which catches lines cut off
+   the end of the ledger;
+3. every client's epsilon, recomputed from the ledger with the ledger's accountant, against
+   ``report.json`` (relative tolerance 1e-6) and against the client's budget.
+
+A hash chain detects tampering by anyone who does not rewrite every anchor too; publishing the
+head hash outside the run folder (as the report invites) closes that gap.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .accountants import get_accountant, history_key
+from .ledger import check_chain
+
+LEDGER_FILE = "ledger.jsonl"
+
+
+@dataclass
+class VerifyResult:
+    problems: list[str] = field(default_factory=list)
+    epsilons: dict[int, float] = field(default_factory=dict)
+    entries: int = 0
+    head: str = ""
+    checked_anchors: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _anchor_problem(where: str, anchor: Any, heads: list[str]) -> str | None:
+    """``heads[k]`` is the chain's hash after k charges (heads[0] = header hash)."""
+    if not isinstance(anchor, dict):
+        return f"{where}: the ledger anchor is missing or malformed"
+    n, head = anchor.get("entries"), anchor.get("head")
+    if not isinstance(n, int) or n < 0:
+        return f"{where}: the ledger anchor has no valid entry count"
+    if n >= len(heads):
+        return f"{where}: records {n} ledger entries but the ledger holds {len(heads) - 1} (entries were cut off the ledger)"
+    if heads[n] != head:
+        return f"{where}: ledger head after {n} entries is {heads[n][:16]}…, but it recorded {str(head)[:16]}…"
+    return None
+
+
+def verify_run(run_dir: str | Path, rel_tol: float = 1e-6) -> VerifyResult:
+    run = Path(run_dir)
+    res = VerifyResult()
+    ledger_path = run / LEDGER_FILE
+    if not ledger_path.is_file():
+        res.problems.append(f"{ledger_path}: no ledger (was privacy enabled for this run?)")
+        return res
+    lines = ledger_path.read_bytes().decode("utf-8", errors="replace").splitlines()
+    header, charges, problems = check_chain(lines)
+    res.problems += [f"{LEDGER_FILE} {p}" for p in problems]
+    if not header:
+        return res
+    heads = [str(header.get("hash"))] + [c.hash for c in charges]
+    res.entries, res.head = len(charges), heads[-1]
+
+    # anchors written by the run
+    report_path = run / "report.json"
+    report: dict[str, Any] = {}
+    if report_path.is_file():
+        try:
+            report = json.loads(report_path.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            res.problems.append(f"report.json is not valid JSON ({exc})")
+        privacy = report.get("privacy", {}) if isinstance(report, dict) else {}
+        anchor = privacy.get("ledger") if isinstance(privacy, dict) else None
+        p = _anchor_problem("report.json", anchor, heads)
+        if p:
+            res.problems.append(p)
+        elif anchor["entries"] != len(charges):
+            res.problems.append(
+                f"report.json describes {anchor['entries']} ledger entries but the ledger holds {len(charges)} "
+                "(the report is stale: re-render it with `privlora report`)"
+            )
+        res.checked_anchors += 1
+    else:
+        res.problems.append("report.json is missing: nothing anchors the end of the ledger (run `privlora report`)")
+    metrics_path = run / "metrics.jsonl"
+    if metrics_path.is_file():
+        for i, line in enumerate(metrics_path.read_text(encoding="utf-8").splitlines(), start=1):
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                res.problems.append(f"metrics.jsonl line {i}: not JSON")
+                continue
+            if "ledger" in rec:
+                p = _anchor_problem(f"metrics.jsonl line {i} (round {rec.get('round')})", rec["ledger"], heads)
+                if p:
+                    res.problems.append(p)
+                res.checked_anchors += 1
+    state_path = run / "checkpoint" / "state.json"
+    if state_path.is_file():
+        try:
+            state = json.loads(state_path.read_text(encoding="utf-8"))
+            p = _anchor_problem("checkpoint/state.json", state.get("ledger"), heads)
+            if p:
+                res.problems.append(p)
+            res.checked_anchors += 1
+        except ValueError as exc:
+            res.problems.append(f"checkpoint/state.json is not valid JSON ({exc})")
+
+    # epsilons from the ledger alone
+    name = str(header.get("accountant", "pld"))
+    try:
+        acc = get_accountant(name)
+    except ValueError as exc:
+        res.problems.append(f"ledger header: {exc}")
+        return res
+    delta = float(header.get("delta", 0))
+    hist: dict[int, list] = {}
+    for c in charges:
+        hist.setdefault(c.client, []).append(c.mechanism)
+    budgets = {int(k): float(v) for k, v in header.get("budgets", {}).items()}
+    reported = report.get("privacy", {}).get("clients", {}) if isinstance(report, dict) else {}
+    for c in sorted(set(hist) | set(budgets)):
+        eps = acc.epsilon(history_key(hist.get(c, [])), delta)
+        res.epsilons[c] = eps
+        if c in budgets and eps > budgets[c] + 1e-9:
+            res.problems.append(f"client {c}: ε = {eps:.4f} ({name}) exceeds its budget {budgets[c]:g}")
+        if reported:
+            got = reported.get(str(c), {}).get("epsilon")
+            if got is None:
+                res.problems.append(f"report.json has no ε for client {c}")
+            elif abs(float(got) - eps) > rel_tol * max(1.0, eps):
+                res.problems.append(f"client {c}: report.json says ε = {float(got):.6f}, the ledger gives {eps:.6f} ({name})")
+    if reported:
+        extra = set(reported) - {str(c) for c in res.epsilons}
+        if extra:
+            res.problems.append(f"report.json lists clients the ledger never charged nor budgeted: {sorted(extra)}")
+        top = report["privacy"].get("epsilon_record_level")
+        want = max(res.epsilons.values(), default=0.0)
+        if top is None or abs(float(top) - want) > rel_tol * max(1.0, want):
+            res.problems.append(f"report.json's record-level ε {top} differs from the ledger's maximum {want:.6f}")
+    return res
