@@ -77,3 +77,33 @@ def load_adapter_state(peft_model, state: dict[str, np.ndarray]) -> None:
         if tuple(v.shape) != tuple(current[k].shape):
             raise ValueError(f"adapter state {k}: shape {tuple(v.shape)} does not fit the model's {tuple(current[k].shape)}")
     set_peft_model_state_dict(peft_model, {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()})
+
+
+def frozen_weights(peft_model, names) -> dict:
+    """Copies (torch tensors) of the named frozen parameters, e.g. base weights under LoRA
+    modules (``...query.base_layer.weight``), to merge deltas into later without drift."""
+    params = dict(peft_model.named_parameters())
+    missing = sorted(set(names) - set(params))
+    if missing:
+        raise ValueError(f"the model has no parameter {missing[0]!r}")
+    return {n: params[n].detach().clone() for n in names}
+
+
+def merge_into_base(peft_model, deltas: dict[str, np.ndarray], originals: dict | None = None) -> None:
+    """Set each named frozen base weight to ``originals[name] + delta`` (or add ``delta`` to
+    its current value when ``originals`` is None). Names are peft parameter names; only frozen
+    parameters (``requires_grad=False``) may be merged into, and shapes must match."""
+    import torch
+
+    params = dict(peft_model.named_parameters())
+    for name, delta in deltas.items():
+        if name not in params:
+            raise ValueError(f"cannot merge into {name!r}: the model has no such parameter")
+        p = params[name]
+        if p.requires_grad:
+            raise ValueError(f"cannot merge into {name!r}: it is trainable, not a frozen base weight")
+        if tuple(delta.shape) != tuple(p.shape):
+            raise ValueError(f"delta for {name}: shape {tuple(delta.shape)} does not fit the model's {tuple(p.shape)}")
+        with torch.no_grad():
+            start = p if originals is None else originals[name]
+            p.copy_(start + torch.from_numpy(np.ascontiguousarray(delta)).to(p.dtype))

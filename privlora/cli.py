@@ -1,4 +1,5 @@
-"""Command line: ``privlora run [CONFIG] --out DIR`` and ``privlora report DIR``."""
+"""Command line: ``privlora run [CONFIG] --out DIR`` (or ``--resume DIR``), ``privlora report DIR``
+and ``privlora verify DIR``."""
 
 from __future__ import annotations
 
@@ -9,24 +10,35 @@ import time
 import warnings
 from pathlib import Path
 
+from accounting import LedgerError
+
+from .checkpoint import CheckpointError
 from .config import ConfigError, load_config
 from .data import DataError
 from .messages import MessageError
 from .models import ModelError
 
-USER_ERRORS = (ConfigError, DataError, ModelError, MessageError)
+USER_ERRORS = (ConfigError, DataError, ModelError, MessageError, CheckpointError, LedgerError)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from .simulation import OutputDirError, run_experiment
 
-    cfg = load_config(args.config)
-    out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    print(f"privlora: running {'the embedded default' if args.config is None else args.config} -> {out}", file=sys.stderr)
+    if args.resume:
+        if args.config or args.out or args.overwrite:
+            raise ConfigError("--resume DIR continues the run in DIR with its own config.toml; give no CONFIG, --out or --overwrite")
+        cfg, out = None, Path(args.resume)
+        print(f"privlora: resuming {out}", file=sys.stderr)
+    else:
+        cfg = load_config(args.config)
+        out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        print(f"privlora: running {'the embedded default' if args.config is None else args.config} -> {out}", file=sys.stderr)
     try:
-        final = run_experiment(cfg, out, progress=not args.quiet, overwrite=args.overwrite)
+        final = run_experiment(cfg, out, progress=not args.quiet, overwrite=args.overwrite, resume=bool(args.resume))
     except OutputDirError as exc:
         raise ConfigError(str(exc)) from exc
+    if cfg is None:
+        cfg = load_config(out / "config.toml")
     summary = {
         "out": str(out),
         "test_accuracy": final["test_accuracy"],
@@ -46,6 +58,26 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from accounting import verify_run
+
+    from .privacy import get_accountant  # noqa: F401  (registers the "prv" accountant)
+
+    res = verify_run(Path(args.dir))
+    for problem in res.problems:
+        print(f"FAIL: {problem}")
+    if res.ok:
+        eps = max(res.epsilons.values(), default=0.0)
+        print(
+            f"OK: {args.dir}: ledger of {res.entries} charges, hash chain intact (head {res.head[:16]}…), "
+            f"{res.checked_anchors} anchors match, every ε recomputed from the ledger matches report.json "
+            f"(largest {eps:.4f}) and no budget is exceeded"
+        )
+        return 0
+    print(f"privlora verify: {len(res.problems)} problem(s) in {args.dir}", file=sys.stderr)
+    return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="privlora", description="Federated LoRA fine-tuning with differential privacy.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -54,10 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default=None, help="output folder (default runs/NAME-TIMESTAMP)")
     run.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--resume", metavar="DIR", default=None, help="continue an interrupted run from its checkpoint")
     run.set_defaults(func=_cmd_run)
     rep = sub.add_parser("report", help="re-render report.md from a run folder")
     rep.add_argument("dir")
     rep.set_defaults(func=_cmd_report)
+    ver = sub.add_parser("verify", help="check a run's ledger hash chain and recompute every epsilon from it")
+    ver.add_argument("dir")
+    ver.set_defaults(func=_cmd_verify)
     return parser
 
 
@@ -77,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"privlora: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("privlora: interrupted; metrics.jsonl holds every finished round", file=sys.stderr)
+        print("privlora: interrupted; every finished round is checkpointed: continue with privlora run --resume DIR", file=sys.stderr)
         return 130
 
 

@@ -12,6 +12,16 @@
 3. return the strategy's contribution and the exact mechanism that ran (a `SubsampledGaussian`:
    sigma, q, steps, clip, delta), read back from Opacus's own accountant.
 
+Strategy hooks. A payload may carry dense deltas to the frozen base weights (FLoRA merges every
+round into the base): they are added to this client's copy of the base before training. A
+strategy may add a parameter-only penalty to the local objective (HetLoRA's tail regulariser).
+Under DP its gradient must not go into the loss: Opacus builds the noisy gradient from
+per-sample gradients alone and overwrites ``p.grad``, so a penalty in the loss would silently
+vanish. The client instead adds the penalty's gradient to ``p.grad`` after Opacus's clip-and-
+noise step (`DPOptimizer.pre_step`) and before the underlying optimizer's step: the penalty is
+data-independent, so it is neither clipped nor charged. After training a strategy may shrink
+the rank (HetLoRA's self-pruning); the client reports the rank it keeps as ``next_rank``.
+
 Without DP the same loop runs on shuffled batches of ``batch_size`` and no mechanism is reported.
 """
 
@@ -26,7 +36,7 @@ import numpy as np
 
 from accounting import SubsampledGaussian
 
-from .adapters import adapter_state, load_adapter_state, make_peft_model
+from .adapters import adapter_state, load_adapter_state, make_peft_model, merge_into_base
 from .config import ExperimentConfig
 from .data import trim_batch
 from .messages import Message
@@ -39,6 +49,25 @@ def derived_seed(seed: int, *parts: int) -> int:
     return int(np.random.SeedSequence([seed, *parts]).generate_state(2, dtype=np.uint32).view(np.uint64)[0] >> 1)
 
 
+def penalty_step(model, penalty):
+    """A zero-argument callable adding ``d penalty(model) / d p`` to ``p.grad`` of every
+    trainable parameter (computed with `torch.autograd.grad`, outside any Opacus hook)."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def apply() -> None:
+        value = penalty(model)
+        if not value.requires_grad:
+            return
+        grads = torch.autograd.grad(value, params, allow_unused=True)
+        for p, g in zip(params, grads):
+            if g is not None:
+                p.grad = g.detach().clone() if p.grad is None else p.grad + g.detach()
+
+    return apply
+
+
 @dataclass
 class LocalResult:
     state: dict[str, np.ndarray]
@@ -46,6 +75,9 @@ class LocalResult:
     train_loss: float
     steps: int
     seconds: float
+    next_rank: int | None = None
+    """The rank the client keeps after local training (smaller than the trained rank only when
+    the strategy prunes); ``state`` has this rank."""
 
 
 class Client:
@@ -81,6 +113,17 @@ class Client:
                 self._noise_multiplier = calibrate_noise(p.target_epsilon, p.delta, self.sample_rate, planned, p.accountant)
         return self._noise_multiplier
 
+    def planned_mechanism(self) -> SubsampledGaussian:
+        """The release one round of local DP-SGD makes: what the ledger charges before training."""
+        t, p = self.cfg.training, self.cfg.privacy
+        return SubsampledGaussian(
+            noise_multiplier=float(self.noise_multiplier),
+            sample_rate=float(self.sample_rate),
+            steps=int(t.local_steps),
+            clip_norm=float(p.max_grad_norm),
+            delta=float(p.delta),
+        )
+
     # ------------------------------------------------------------------ protocol
     def handle(self, instruction: bytes, progress=None) -> bytes:
         """Train on a ``round_instruction`` message; return the ``client_update`` message.
@@ -96,11 +139,13 @@ class Client:
 
     def encode_update(self, result: "LocalResult", rnd: int, rank: int) -> bytes:
         """The client_update message: the strategy's contribution and the mechanism that ran."""
-        contribution = self.strategy.contribution(result.state, self.num_examples, rank)
+        next_rank = rank if result.next_rank is None else result.next_rank
+        contribution = self.strategy.contribution(result.state, self.num_examples, next_rank, client_id=self.client_id)
         header = {
             "round": rnd,
             "client_id": self.client_id,
             "rank": rank,
+            "next_rank": next_rank,
             "num_examples": self.num_examples,
             # The mean training loss is computed from private data without noise: under DP it
             # stays on the client (it would be a release that epsilon does not cover).
@@ -115,6 +160,9 @@ class Client:
     # ------------------------------------------------------------------ training
     def build_model(self, payload: dict[str, np.ndarray], rank: int):
         model = make_peft_model(self.base_model, self.cfg, rank)
+        deltas = self.strategy.base_update(payload)
+        if deltas:
+            merge_into_base(model, deltas)
         start = self.strategy.local_start(payload, adapter_state(model))
         load_adapter_state(model, start)
         for name, p in model.named_parameters():
@@ -141,6 +189,8 @@ class Client:
             {"params": [p for n, p in named if "modules_to_save" in n], "lr": t.head_lr or t.lr},
         ]
         groups = [g for g in groups if g["params"]]
+        penalty = self.strategy.penalty(rank)
+        penalty = None if penalty is None else penalty_step(model, penalty)
         if t.optimizer == "sgd":
             optimizer = torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
         else:
@@ -151,17 +201,18 @@ class Client:
             warnings.filterwarnings("ignore", message=".*Full backward hook is firing.*")
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
             if self.cfg.privacy.enabled:
-                losses, steps, mechanism = self._train_dp(model, optimizer, progress)
+                losses, steps, mechanism = self._train_dp(model, optimizer, progress, penalty)
             else:
-                losses, steps = self._train_plain(model, optimizer, rnd, progress)
+                losses, steps = self._train_plain(model, optimizer, rnd, progress, penalty)
                 mechanism = None
-        state = adapter_state(model)
+        state, next_rank = self.strategy.prune(adapter_state(model), rank)
         return LocalResult(
             state=state,
             mechanism=mechanism,
             train_loss=float(np.mean(losses)) if losses else float("nan"),
             steps=steps,
             seconds=time.perf_counter() - t0,
+            next_rank=next_rank,
         )
 
     @staticmethod
@@ -172,7 +223,7 @@ class Client:
         logits = model(input_ids=ids, attention_mask=mask).logits
         return F.cross_entropy(logits, labels)
 
-    def _train_dp(self, model, optimizer, progress):
+    def _train_dp(self, model, optimizer, progress, penalty=None):
         import torch
         from opacus import PrivacyEngine
         from torch.utils.data import DataLoader
@@ -184,7 +235,8 @@ class Client:
         with warnings.catch_warnings():
             # secure_mode is off: noise comes from torch's seeded PRNG (SECURITY.md says so)
             warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
-            engine = PrivacyEngine(accountant=p.accountant)
+            # only the engine's record of what ran is read (accounting is done by `accounting`)
+            engine = PrivacyEngine(accountant="rdp")
             gs_model, dp_optimizer, dp_loader = engine.make_private(
                 module=model,
                 optimizer=optimizer,
@@ -199,7 +251,7 @@ class Client:
         steps = 0
         while steps < t.local_steps:
             for ids, mask, labels in dp_loader:
-                losses.extend(self._dp_step(gs_model, dp_optimizer, ids, mask, labels))
+                losses.extend(self._dp_step(gs_model, dp_optimizer, ids, mask, labels, penalty))
                 steps += 1
                 if progress is not None:
                     progress.update(1)
@@ -219,7 +271,7 @@ class Client:
         )
         return losses, steps, mechanism
 
-    def _dp_step(self, gs_model, dp_optimizer, ids, mask, labels) -> list[float]:
+    def _dp_step(self, gs_model, dp_optimizer, ids, mask, labels, penalty=None) -> list[float]:
         """One noisy optimizer step on a Poisson-sampled logical batch.
 
         The batch is sorted by length and cut into physical batches of at most
@@ -228,6 +280,7 @@ class Client:
         An empty batch still makes a noisy step: it runs one example with its loss multiplied
         by zero, so every per-example gradient is exactly zero and only noise is added (skipping
         it would release whether the batch was empty, and Opacus would not count the step).
+        ``penalty`` (from `penalty_step`) adds a parameter-only gradient after the noisy step.
         """
         t = self.cfg.training
         n = ids.shape[0]
@@ -245,13 +298,21 @@ class Client:
             loss.backward()
             if weight:
                 losses.append(float(loss.detach()))
-            dp_optimizer.signal_skip_step(do_skip=i < len(chunks) - 1)
-            dp_optimizer.step()
+            last = i == len(chunks) - 1
+            dp_optimizer.signal_skip_step(do_skip=not last)
+            if last and penalty is not None:
+                # DPOptimizer.step() is pre_step() then the wrapped optimizer's step(); the
+                # penalty's gradient goes in between, after clipping and noise
+                if dp_optimizer.pre_step():
+                    penalty()
+                    dp_optimizer.original_optimizer.step()
+            else:
+                dp_optimizer.step()
         if dp_optimizer._is_last_step_skipped:
             raise RuntimeError("Opacus skipped the noisy step at the end of a logical batch")
         return losses
 
-    def _train_plain(self, model, optimizer, rnd, progress):
+    def _train_plain(self, model, optimizer, rnd, progress, penalty=None):
         import torch
         from torch.utils.data import DataLoader
 
@@ -271,6 +332,8 @@ class Client:
                     loss = self._loss(model, chunk)
                     (loss * (len(idx) / n)).backward()
                     losses.append(float(loss.detach()))
+                if penalty is not None:
+                    penalty()
                 optimizer.step()
                 steps += 1
                 if progress is not None:

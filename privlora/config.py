@@ -23,10 +23,16 @@ from typing import Any
 EMBEDDED_MODEL = "embedded:minilm"
 EMBEDDED_DATA = "embedded:rotten_tomatoes"
 
-STRATEGIES = ("fedit", "ffa")
+STRATEGIES = ("fedit", "ffa", "flora", "hetlora")
+FLORA_FORMS = ("product", "slot")
+HETLORA_NORM_SCOPES = ("layer", "global")
+RANK_DISTRIBUTIONS = {
+    # FLoRA (Wang et al. 2024), heterogeneous setting for 10 clients
+    "flora": (64, 32, 16, 16, 8, 8, 4, 4, 4, 4),
+}
 PARTITIONS = ("iid", "dirichlet", "natural")
 OPTIMIZERS = ("sgd", "adam")
-ACCOUNTANTS = ("prv", "rdp")
+ACCOUNTANTS = ("prv", "pld", "rdp")
 WEIGHTINGS = ("num_examples", "uniform")
 
 
@@ -72,6 +78,28 @@ class LoraConfig:
     (peft's modules_to_save): the new classification head, plus e.g. "pooler" for BERT."""
     ranks: tuple[int, ...] = ()
     """Per-client ranks (heterogeneous); empty means every client uses ``r``."""
+    rank_distribution: str = ""
+    """A named list of ranks instead of ``ranks`` ("flora": 64, 32, 16, 16, 8, 8, 4, 4, 4, 4);
+    empty = not used. The list is repeated to data.num_clients entries and assigned to clients
+    in an order fixed by the run's seed (`client_ranks`); the run records the result."""
+
+    def client_ranks(self, num_clients: int, seed: int) -> tuple[int, ...]:
+        """Every client's rank: ``ranks``, else ``rank_distribution`` repeated cyclically to
+        ``num_clients`` entries and permuted by the order of SHA-256(seed, client) — the same
+        on every platform — else ``r`` for all."""
+        if self.ranks:
+            return tuple(self.ranks)
+        if not self.rank_distribution:
+            return (self.r,) * num_clients
+        import hashlib
+
+        base = RANK_DISTRIBUTIONS[self.rank_distribution]
+        cycled = [base[i % len(base)] for i in range(num_clients)]
+        order = sorted(range(num_clients), key=lambda k: hashlib.sha256(f"privlora-ranks:{seed}:{k}".encode()).digest())
+        out = [0] * num_clients
+        for position, client in enumerate(order):
+            out[client] = cycled[position]
+        return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -82,9 +110,28 @@ class FederationConfig:
     server_momentum: float = 0.7
     """FedAvgM momentum on the server (0 = plain aggregation); post-processing only."""
     server_lr: float = 1.0
+    min_clients: int = 1
+    """Fewest admitted clients a round may run with; when budgets leave fewer, the run stops
+    cleanly (and says so) instead of training on too few."""
     weighting: str = "num_examples"
     """Client weights p_k: 'num_examples' (n_k / sum n, as in the papers; reveals n_k to the
     server in the clear) or 'uniform' (1 / clients this round)."""
+    flora_form: str = "product"
+    """Strategy 'flora' only. 'product': each client uploads p_k-weighted dense B_k A_k per
+    adapted layer (d_out x d_in values; hidden under secure aggregation). 'slot': each client
+    uploads its factors in its own slot of the stacked matrices (r_k (d_in + d_out) values; the
+    sum reveals every client's block, so it is refused under secure aggregation). Both exact."""
+    hetlora_prune: bool = False
+    """Strategy 'hetlora' only: local rank self-pruning (tail penalty, then dropping weak ranks)."""
+    hetlora_penalty: float = 0.01
+    """Strength of the tail regulariser sum_layers ||B[:, t:] A[t:, :]||_F (0 = none)."""
+    hetlora_decay: float = 0.9
+    """The penalised, prunable tail of a rank-r client starts at max(1, floor(decay * r))."""
+    hetlora_threshold: float = 0.05
+    """A tail rank whose norm is below this fraction of the client's largest rank norm is dropped."""
+    hetlora_norm_scope: str = "layer"
+    """Aggregation weight S_k = ||B_k A_k||_F per adapted layer ('layer') or over the whole
+    adapter ('global')."""
 
 
 @dataclass(frozen=True)
@@ -118,7 +165,15 @@ class PrivacyConfig:
     """Explicit noise multiplier (sigma); 0 means calibrate it from target_epsilon."""
     delta: float = 1e-5
     max_grad_norm: float = 1.0
-    accountant: str = "prv"
+    accountant: str = "pld"
+    """The tight accountant that decides admission and the reported epsilon: "prv" (Opacus PRV,
+    an upper bound within its error), "pld" (dp_accounting's privacy loss distribution) or
+    "rdp" (Renyi DP: sound but looser)."""
+    budget_epsilon: float = 0.0
+    """Epsilon at ``delta`` each client may spend over the whole run, enforced before every
+    round (a client whose next round would exceed it is not admitted); 0 = target_epsilon."""
+    budgets: tuple[float, ...] = ()
+    """Per-client budgets overriding budget_epsilon (one per client); empty = all the same."""
 
 
 @dataclass(frozen=True)
@@ -134,16 +189,27 @@ class ExperimentConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
+    def client_ranks(self) -> tuple[int, ...]:
+        """Every client's LoRA rank at the start of the run (see `LoraConfig.client_ranks`)."""
+        return self.lora.client_ranks(self.data.num_clients, self.seed)
+
     def client_rank(self, client: int) -> int:
-        return self.lora.ranks[client] if self.lora.ranks else self.lora.r
+        return self.client_ranks()[client]
 
     @property
     def max_rank(self) -> int:
-        return max(self.lora.ranks) if self.lora.ranks else self.lora.r
+        return max(self.client_ranks())
+
+    def client_budget(self, client: int) -> float:
+        """Epsilon (at privacy.delta) this client may spend over the whole run."""
+        p = self.privacy
+        if p.budgets:
+            return p.budgets[client]
+        return p.budget_epsilon or p.target_epsilon
 
     @property
     def heterogeneous(self) -> bool:
-        return len(set(self.lora.ranks)) > 1
+        return len(set(self.client_ranks())) > 1
 
 
 # --------------------------------------------------------------------------- loading
@@ -249,6 +315,13 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         )
         for i, r in enumerate(lo.ranks):
             _require(1 <= r <= 1024, f"lora.ranks[{i}]", f"must be in [1, 1024], found {r}")
+    if lo.rank_distribution:
+        _require(
+            lo.rank_distribution in RANK_DISTRIBUTIONS,
+            "lora.rank_distribution",
+            f"{lo.rank_distribution!r} is not one of {', '.join(map(repr, RANK_DISTRIBUTIONS))} (or empty)",
+        )
+        _require(not lo.ranks, "lora.rank_distribution", "and lora.ranks are both set; give one of them")
 
     f = cfg.federation
     _choice(f.strategy, STRATEGIES, "federation.strategy")
@@ -261,11 +334,26 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         "federation.clients_per_round",
         f"must be in [1, data.num_clients={d.num_clients}], found {f.clients_per_round}",
     )
-    if f.strategy == "fedit" and len(set(lo.ranks)) > 1:
+    _require(
+        1 <= f.min_clients <= f.clients_per_round,
+        "federation.min_clients",
+        f"must be in [1, federation.clients_per_round={f.clients_per_round}], found {f.min_clients}",
+    )
+    if f.strategy == "fedit" and cfg.heterogeneous:
+        where = "lora.rank_distribution" if lo.rank_distribution else "lora.ranks"
         raise ConfigError(
-            "lora.ranks: heterogeneous ranks are not supported by federation.strategy = 'fedit' "
-            "(averaging A and B needs one shape); use strategy 'ffa', or give every client the same rank"
+            f"{where}: heterogeneous ranks are not supported by federation.strategy = 'fedit' "
+            "(averaging A and B needs one shape); use strategy 'ffa', 'flora' or 'hetlora', or give every client the same rank"
         )
+    _choice(f.flora_form, FLORA_FORMS, "federation.flora_form")
+    _require(f.hetlora_penalty >= 0, "federation.hetlora_penalty", f"must be >= 0 (0 = no tail penalty), found {f.hetlora_penalty}")
+    _require(0.0 < f.hetlora_decay < 1.0, "federation.hetlora_decay", f"must be in (0, 1), found {f.hetlora_decay}")
+    _require(
+        0.0 <= f.hetlora_threshold < 1.0,
+        "federation.hetlora_threshold",
+        f"must be in [0, 1) (a fraction of the largest rank norm), found {f.hetlora_threshold}",
+    )
+    _choice(f.hetlora_norm_scope, HETLORA_NORM_SCOPES, "federation.hetlora_norm_scope")
 
     t = cfg.training
     _choice(t.optimizer, OPTIMIZERS, "training.optimizer")
@@ -289,6 +377,21 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
             "privacy.target_epsilon",
             f"must be in (0, 100] when privacy.noise_multiplier is 0, found {p.target_epsilon}",
         )
+    _require(p.budget_epsilon >= 0, "privacy.budget_epsilon", f"must be >= 0 (0 = privacy.target_epsilon), found {p.budget_epsilon}")
+    if p.enabled and p.budget_epsilon == 0 and not p.budgets:
+        _require(
+            0 < p.target_epsilon <= 100,
+            "privacy.target_epsilon",
+            f"is the budget when privacy.budget_epsilon is 0 and must be in (0, 100], found {p.target_epsilon}",
+        )
+    if p.budgets:
+        _require(
+            len(p.budgets) == d.num_clients,
+            "privacy.budgets",
+            f"has {len(p.budgets)} entries but data.num_clients is {d.num_clients}; give one budget per client or leave it empty",
+        )
+        for i, b in enumerate(p.budgets):
+            _require(0 < b <= 1000 and math.isfinite(b), f"privacy.budgets[{i}]", f"must be in (0, 1000], found {b}")
     return cfg
 
 

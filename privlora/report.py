@@ -1,12 +1,17 @@
 """A short human-readable report of a run, rendered from its output folder alone.
 
-Reads ``config.toml`` and ``metrics.jsonl`` and writes ``report.md`` with accuracy, loss and
-per-client epsilon per round, and ``accuracy_epsilon.png``. Rendering again gives the same files.
+Reads ``config.toml``, ``metrics.jsonl`` and (for DP runs) ``ledger.jsonl``; writes
+``report.json`` (machine-readable: accuracy, and the privacy summary recomputed from the ledger
+by `accounting.privacy_summary`), ``report.md`` (for a person: the run, the accuracy per round,
+and the privacy statement), ``accuracy_epsilon.png`` and ``privacy_epsilon.png``. Rendering
+again gives the same files.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
 
 from .config import load_config
@@ -57,17 +62,96 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+PACKAGES = ("privlora", "torch", "opacus", "peft", "transformers", "dp-accounting", "numpy", "cryptography")
+
+
+def package_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def secagg_statement(cfg) -> str:
+    return (
+        "not used in this run: the server sees each client's update (which is differentially private, so the "
+        "guarantee above holds against the server too)."
+    )
+
+
 def write_report(out: str | Path) -> Path:
+    """Write report.json, report.md and the plots from the run folder's files alone."""
+    from accounting import Ledger, plot_epsilon, privacy_summary, render_privacy_statement
+    from accounting.verify import LEDGER_FILE
+
+    from .privacy import get_accountant  # noqa: F401  (registers the "prv" accountant)
+
     out = Path(out)
     cfg = load_config(out / "config.toml")
+    chash = hashlib.sha256((out / "config.toml").read_bytes()).hexdigest()
     rows = read_metrics(out)
     plot(rows, out / "accuracy_epsilon.png")
     p = cfg.privacy
+    final = next(r for r in reversed(rows) if "stopped" not in r)
+    stopped = next((r["stopped"] for r in rows if "stopped" in r), None)
+    sizes = {i: n for i, n in enumerate(rows[0].get("client_sizes", []))}
+    packages = package_versions()
+    privacy: dict = {"enabled": False}
+    statement = ""
+    if p.enabled:
+        ledger = Ledger.open(out / LEDGER_FILE)
+        privacy = {"enabled": True, **privacy_summary(ledger, p.accountant, client_sizes=sizes)}
+        caption = plot_epsilon(ledger, p.accountant, out / "privacy_epsilon.png", rounds=final["round"])
+        calibration = (
+            f"Each client's noise multiplier was calibrated so that ε ≤ {p.target_epsilon} if it trained in every one of "
+            f"the {cfg.federation.rounds} rounds; budgets are enforced before every round."
+            if p.noise_multiplier == 0 else "The noise multiplier was set in the config; budgets are enforced before every round."
+        )
+        statement = render_privacy_statement(
+            privacy,
+            {
+                "secagg": secagg_statement(cfg),
+                "config_sha256": chash,
+                "packages": packages,
+                "epsilon_plot": "privacy_epsilon.png",
+            },
+        ) + f"\n{calibration} The ε plot shows, {caption}.\n"
+    report = {
+        "format": "privlora-run-report/1",
+        "run": {
+            "name": cfg.name,
+            "config_sha256": chash,
+            "strategy": cfg.federation.strategy,
+            "rounds_planned": cfg.federation.rounds,
+            "rounds_completed": final["round"],
+            "stopped": stopped,
+        },
+        "accuracy": {
+            "final": final["test_accuracy"],
+            "untrained": rows[0]["test_accuracy"],
+            "majority_baseline": rows[0]["majority_baseline"],
+            "per_round": [r["test_accuracy"] for r in rows if "stopped" not in r],
+        },
+        "privacy": privacy,
+        "packages": packages,
+    }
+    _atomic_write(out / "report.json", json.dumps(report, indent=1, sort_keys=True) + "\n")
+
     lines = [f"# privlora run: {cfg.name}", ""]
-    final = rows[-1]
     lines += [
         f"- Strategy **{cfg.federation.strategy}**, {cfg.data.num_clients} clients "
-        f"({cfg.data.partition} partition), {cfg.federation.clients_per_round} per round, "
+        f"({cfg.data.partition} partition), {cfg.federation.clients_per_round} sampled per round, "
         f"{cfg.federation.rounds} rounds x {cfg.training.local_steps} local steps, LoRA rank "
         f"{list(cfg.lora.ranks) or cfg.lora.r} on {list(cfg.lora.target_modules)}, server momentum "
         f"{cfg.federation.server_momentum} (lr {cfg.federation.server_lr}), seed {cfg.seed}.",
@@ -75,32 +159,24 @@ def write_report(out: str | Path) -> Path:
         f"(untrained model {rows[0]['test_accuracy']:.4f}; always predicting the majority class "
         f"{rows[0]['majority_baseline']:.4f}).",
     ]
-    if p.enabled:
-        sig = rows[0].get("noise_multiplier", {})
-        sig_vals = sorted(set(round(v, 4) for v in sig.values()))
-        how = f"calibrated to epsilon {p.target_epsilon} per client assuming it trains in every round" if p.noise_multiplier == 0 else "set in the config"
-        lines += [
-            f"- Differential privacy: DP-SGD (Opacus) with Poisson sampling, per-example clipping at "
-            f"{p.max_grad_norm}, noise multiplier {sig_vals} ({how}). Epsilon is per client, at delta "
-            f"{p.delta}, for adding or removing one of that client's examples, computed by Opacus's "
-            f"{p.accountant.upper()} accountant from the rounds the client actually trained in (an upper bound). "
-            f"Largest epsilon after the last round: **{final['epsilon_max']:.3f}**.",
-            "- Not covered by that epsilon: the number of examples each client holds (sent to the "
-            "server in the clear when federation.weighting = 'num_examples'), which clients took part, "
-            "hyperparameter tuning, and the pretraining data of the base model. Contributions are summed "
-            "in the clear: there is no secure aggregation yet.",
-        ]
-    else:
+    if stopped:
+        lines.append(f"- **Stopped early:** {stopped}.")
+    if not p.enabled:
         lines += ["- **No differential privacy**: this run is a non-private baseline; no epsilon applies."]
-    lines += ["", "| round | accuracy | loss | train loss | max epsilon | clients | seconds |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "| round | accuracy | loss | train loss | max ε | clients trained | not admitted | seconds |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        if "stopped" in r:
+            continue
         eps = "-" if r.get("epsilon_max") is None else f"{r['epsilon_max']:.3f}"
         tl = "-" if r.get("train_loss") is None else f"{r['train_loss']:.4f}"
         lines.append(
             f"| {r['round']} | {r['test_accuracy']:.4f} | {r['test_loss']:.4f} | {tl} | {eps} | "
-            f"{len(r.get('clients', []))} | {r['seconds']:.1f} |"
+            f"{len(r.get('clients', []))} | {len(r.get('refused', {}))} | {r['seconds']:.1f} |"
         )
     lines += ["", "![accuracy and epsilon per round](accuracy_epsilon.png)", ""]
+    if statement:
+        lines += [statement]
     path = out / "report.md"
-    path.write_text("\n".join(lines), encoding="utf-8")
+    _atomic_write(path, "\n".join(lines))
     return path

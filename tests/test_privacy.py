@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from accounting import SubsampledGaussian
-from privlora.privacy import PrivacyTracker, calibrate_noise, epsilon
+from privlora.privacy import calibrate_noise, epsilon
 
 dp_accounting = pytest.importorskip("dp_accounting")
 
@@ -24,7 +24,7 @@ def pld_epsilon(history, delta):
 @pytest.mark.parametrize("sigma, q, steps", [(0.8, 0.25, 15), (1.0, 0.1, 40), (1.5, 0.01, 1000), (0.7, 1 / 9, 30)])
 def test_prv_epsilon_is_within_one_percent_of_pld_and_not_below_it(sigma, q, steps):
     h = [SubsampledGaussian(sigma, q, steps, 1.0, 1e-5)]
-    ours, ref = epsilon(h, 1e-5), pld_epsilon(h, 1e-5)
+    ours, ref = epsilon(h, 1e-5, "prv"), pld_epsilon(h, 1e-5)
     # PRV's stated error is eps_error = 0.01 (absolute); beyond that, 1% relative
     assert abs(ours - ref) <= max(0.01 * ref, 0.0101)
     assert ours >= ref - 0.0101
@@ -32,7 +32,7 @@ def test_prv_epsilon_is_within_one_percent_of_pld_and_not_below_it(sigma, q, ste
 
 def test_heterogeneous_history_composes_like_pld():
     h = [SubsampledGaussian(0.9, 0.2, 10, 1.0, 1e-5), SubsampledGaussian(1.3, 0.05, 100, 1.0, 1e-5)]
-    assert epsilon(h, 1e-5) == pytest.approx(pld_epsilon(h, 1e-5), rel=0.01)
+    assert epsilon(h, 1e-5, "prv") == pytest.approx(pld_epsilon(h, 1e-5), rel=0.01)
 
 
 def test_rdp_is_looser_than_prv():
@@ -46,23 +46,3 @@ def test_calibrated_noise_meets_the_target_by_pld_too():
     assert epsilon(h, 1e-5) <= 8.0
     assert pld_epsilon(h, 1e-5) <= 8.0 + 0.01
     assert pld_epsilon([SubsampledGaussian(sigma * 0.97, 0.2, 15, 1.0, 1e-5)], 1e-5) > 8.0
-
-
-def test_tracker_charges_only_what_it_is_told_and_caches():
-    t = PrivacyTracker(1e-5)
-    m = SubsampledGaussian(1.0, 0.1, 20, 1.0, 1e-5)
-    assert t.epsilon(3) == 0.0
-    t.charge(3, 1, m)
-    one = t.epsilon(3)
-    t.charge(3, 2, m)
-    assert t.epsilon(3) == pytest.approx(epsilon([SubsampledGaussian(1.0, 0.1, 40, 1.0, 1e-5)], 1e-5), rel=1e-6)
-    assert t.epsilon(3) > one and t.epsilon(4) == 0.0
-
-
-def test_mechanism_record_rejects_bad_values_by_name():
-    with pytest.raises(ValueError, match="noise_multiplier must be"):
-        SubsampledGaussian(0.0, 0.1, 1, 1.0, 1e-5)
-    with pytest.raises(ValueError, match="sampling must be 'poisson'"):
-        SubsampledGaussian(1.0, 0.1, 1, 1.0, 1e-5, sampling="shuffle")
-    with pytest.raises(ValueError, match="unknown mechanism fields"):
-        SubsampledGaussian.from_dict({"noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 1, "clip_norm": 1.0, "delta": 1e-5, "eps": 3})

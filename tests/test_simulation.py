@@ -36,7 +36,8 @@ def finished_run(tmp_path_factory, tiny_model_dir):
 
 def test_output_folder_holds_the_contracted_files(finished_run):
     cfg, out = finished_run
-    for name in ("config.toml", "metrics.jsonl", "report.md", "accuracy_epsilon.png",
+    for name in ("config.toml", "metrics.jsonl", "report.md", "accuracy_epsilon.png", "ledger.jsonl", "report.json",
+                 "privacy_epsilon.png", "checkpoint/state.json",
                  "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
         assert (out / name).is_file(), name
     assert load_config(out / "config.toml") == cfg
@@ -47,7 +48,8 @@ def test_output_folder_holds_the_contracted_files(finished_run):
         assert 0.0 <= r["test_accuracy"] <= 1.0
         assert r["bytes_up"] > 0 and r["bytes_down"] > 0
     report = (out / "report.md").read_text()
-    assert "| 2 |" in report and "delta 1e-05" in report and "majority class" in report
+    assert "| 2 |" in report and "δ = 1e-05" in report and "majority class" in report
+    assert "Unit of privacy" in report and "What is not covered" in report
 
 
 def test_epsilon_is_charged_only_for_rounds_a_client_trained_in(finished_run):
@@ -95,7 +97,8 @@ def test_same_config_gives_the_same_metrics(finished_run, tmp_path):
     cfg, out = finished_run
     run_experiment(cfg, tmp_path / "again", progress=False)
     a, b = metrics(out), metrics(tmp_path / "again")
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    # the ledger's hashes cover its timestamps, so they differ between runs; the rest must not
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("seconds", "ledger")} for r in rows]
     assert strip(a) == strip(b)
 
 

@@ -111,3 +111,39 @@ def test_sum_rejects_mismatched_contributions():
         sum_states([{"a": np.zeros(2)}, {"a": np.zeros(3)}])
     with pytest.raises(ValueError, match="no contributions"):
         sum_states([])
+
+
+def test_ffa_heterogeneous_ranks_through_peft_models_is_exact(tiny_cfg):
+    """Clients of ranks 3, 1 and 2 on tiny BERT: each client's peft layer computes
+    s B_k A[:r_k] with the shared A's first r_k rows (peft's alpha_k = s r_k); after
+    aggregation the global peft layer (rank 3) computes exactly sum_k p_k of those updates.
+    Updates are read from the layers' forward passes, not from the strategy's tensors."""
+    import torch
+
+    from privlora.adapters import adapter_state, load_adapter_state, make_peft_model
+
+    from .conftest import tiny_bert
+    from .test_flora import layer_update
+
+    cfg = tiny_cfg(lora={"r": 2, "alpha": 4.0, "ranks": [3, 1, 2, 2]})
+    base = tiny_bert()
+    server = FFALoRA(cfg.max_rank, seed=cfg.seed)
+    g = server.initial_state(adapter_state(make_peft_model(base, cfg, cfg.max_rank)))
+    rng = np.random.default_rng(0)
+    sizes = {0: 10, 1: 50, 2: 25}
+    module = "base_model.model.bert.encoder.layer.1.attention.self.value"
+    contributions, expected = [], 0
+    for k, n in sizes.items():
+        r = cfg.client_rank(k)
+        client = FFALoRA(cfg.max_rank, seed=cfg.seed)
+        model = make_peft_model(base, cfg, r)
+        start = client.local_start(server.broadcast(g, r), adapter_state(model))
+        np.testing.assert_array_equal(start[f"{module}.lora_A.weight"], g[f"{module}.lora_A.weight"][:r])
+        trained = {key: (rng.normal(size=v.shape).astype(np.float32) if ".lora_B." in key else v) for key, v in start.items()}
+        load_adapter_state(model, trained)
+        expected = expected + (n / sum(sizes.values())) * layer_update(model, module).double()
+        contributions.append(client.contribution(trained, n, r))
+    new = server.finish(sum_states(contributions), g)
+    global_model = make_peft_model(base, cfg, cfg.max_rank)
+    load_adapter_state(global_model, new)
+    torch.testing.assert_close(layer_update(global_model, module).double(), expected, rtol=1e-5, atol=1e-6)

@@ -6,14 +6,28 @@ A strategy has a client half and a server half, and the transport between them o
 - ``broadcast(global_state, rank)``: what the server sends a client of that rank;
 - ``local_start(payload, template)``: on the client, the adapter state it trains from, built
   from the payload and its own freshly initialised adapter (``template``, right shapes);
-- ``contribution(local_state, num_examples, rank)``: what this client adds to the sum. Weights
-  come from sums too: a client adds ``w_k * tensors`` and ``w_k`` itself under ``WEIGHT_KEY``,
-  so the server divides by the summed weight and never sees a single client's weight alone
-  once the sum is taken under secure aggregation;
+- ``contribution(local_state, num_examples, rank, client_id)``: what this client adds to the sum.
+  Weights come from sums too: a client adds ``w_k * tensors`` and ``w_k`` itself under
+  ``WEIGHT_KEY``, so the server divides by the summed weight and never sees a single client's
+  weight alone once the sum is taken under secure aggregation;
 - ``finish(summed, global_state)``: on the server, the new global state.
 
-All states are ``dict[str, np.ndarray]`` under peft's saved names (see `privlora.adapters`).
-Strategies are pure numpy: testable without a model, a network, or torch.
+Optional hooks, with defaults that do nothing, for the methods that need them:
+
+- ``penalty(rank)``: a parameter-only regulariser for local training (HetLoRA's tail penalty);
+- ``prune(local_state, rank)``: after local training, the state and rank to report (HetLoRA's
+  rank self-pruning; the client's rank can only shrink);
+- ``base_update(payload)``: dense deltas the client adds to its frozen base weights before
+  training (FLoRA merges every round's update into the base).
+
+All states are ``dict[str, np.ndarray]`` under peft's saved names (see `privlora.adapters`). A
+global state may also carry dense deltas to frozen base weights under
+``BASE_DELTA_PREFIX + <peft parameter name>`` (FLoRA); `privlora.server` and `privlora.client`
+apply them to the model instead of loading them into the adapter. Strategies are pure numpy —
+testable without a model, a network or torch — except ``penalty``, which returns torch code.
+
+Communication. ``upload_bytes`` and ``download_bytes`` give the bytes of tensor values a real
+deployment sends (float32, 4 bytes a value), without message framing or headers.
 """
 
 from __future__ import annotations
@@ -23,6 +37,8 @@ from abc import ABC, abstractmethod
 import numpy as np
 
 WEIGHT_KEY = "__weight__"
+BASE_DELTA_PREFIX = "base_delta/"
+WIRE_BYTES_PER_VALUE = 4  # float32 on the wire
 State = dict[str, np.ndarray]
 
 
@@ -32,6 +48,39 @@ def is_lora_a(key: str) -> bool:
 
 def is_lora_b(key: str) -> bool:
     return ".lora_B." in key
+
+
+def is_base_delta(key: str) -> bool:
+    """True for a dense delta to a frozen base weight (``BASE_DELTA_PREFIX + parameter name``)."""
+    return key.startswith(BASE_DELTA_PREFIX)
+
+
+def lora_pairs(state: State) -> list[tuple[str, str, str]]:
+    """``(module, a_key, b_key)`` for every LoRA module in ``state``, in key order.
+
+    ``module`` is the peft module path (``base_model.model.bert.encoder.layer.0.attention.self
+    .query``); raises ValueError when an A has no matching B or the shapes do not pair up.
+    """
+    out = []
+    for a_key in sorted(k for k in state if is_lora_a(k)):
+        module = a_key[: a_key.index(".lora_A.")]
+        b_key = a_key.replace(".lora_A.", ".lora_B.", 1)
+        if b_key not in state:
+            raise ValueError(f"{a_key} has no matching {b_key}")
+        if state[a_key].shape[0] != state[b_key].shape[1]:
+            raise ValueError(f"{module}: A is {state[a_key].shape}, B is {state[b_key].shape}; their ranks differ")
+        out.append((module, a_key, b_key))
+    return out
+
+
+def base_weight_name(module: str) -> str:
+    """The peft parameter name of the frozen weight under a LoRA module."""
+    return f"{module}.base_layer.weight"
+
+
+def wire_bytes(tensors: State) -> int:
+    """Bytes of the values in ``tensors`` sent as float32."""
+    return int(sum(int(np.size(v)) for v in tensors.values())) * WIRE_BYTES_PER_VALUE
 
 
 def pad_rank(key: str, value: np.ndarray, rank: int) -> np.ndarray:
@@ -71,6 +120,10 @@ class Strategy(ABC):
     name: str = "abstract"
     exact: bool = False
     heterogeneous_ranks: bool = False
+    secagg_compatible: bool = True
+    """False when the sum reveals each client's contribution anyway (FLoRA's slot form)."""
+    merges_into_base: bool = False
+    """True when the global state carries dense deltas to the base weights (FLoRA)."""
 
     def __init__(self, max_rank: int, weighting: str = "num_examples"):
         if max_rank < 1:
@@ -94,10 +147,44 @@ class Strategy(ABC):
     def local_start(self, payload: State, template: State) -> State: ...
 
     @abstractmethod
-    def contribution(self, local_state: State, num_examples: int, rank: int) -> State: ...
+    def contribution(self, local_state: State, num_examples: int, rank: int, client_id: int | None = None) -> State: ...
 
     @abstractmethod
     def finish(self, summed: State, global_state: State) -> State: ...
+
+    # optional hooks ------------------------------------------------------------------
+    def penalty(self, rank: int):
+        """A callable ``model -> torch scalar`` added to the local objective, or None.
+
+        It must depend on the adapter parameters only (never on data): the client adds its
+        gradient after Opacus has clipped and noised the data gradient, so it costs no privacy
+        and is not clipped (see `privlora.client`)."""
+        return None
+
+    def prune(self, local_state: State, rank: int) -> tuple[State, int]:
+        """After local training: the state to contribute and the client's rank from now on."""
+        return local_state, rank
+
+    def base_update(self, payload: State) -> State:
+        """Dense deltas (by peft parameter name) the client adds to its frozen base weights."""
+        return {k[len(BASE_DELTA_PREFIX) :]: v for k, v in payload.items() if is_base_delta(k)}
+
+    def upload_bytes(self, contribution: State, rank: int) -> int:
+        """Bytes of tensor values one client uploads for this contribution (float32), at the
+        shape the sum transport needs (padded to the global rank: secure aggregation masks
+        fixed-length vectors). FLoRA's slot form, never run under secure aggregation, counts
+        only the client's own slot."""
+        return wire_bytes(contribution)
+
+    def download_bytes(self, payload: State) -> int:
+        """Bytes of tensor values one client downloads for this broadcast payload (float32)."""
+        return wire_bytes(payload)
+
+    def check_secure_aggregation(self) -> None:
+        """Raise ValueError, saying why and what to use instead, if the sum this strategy
+        computes would reveal individual contributions, so secure aggregation would hide nothing."""
+        if not self.secagg_compatible:
+            raise ValueError(f"strategy {self.name!r} cannot be used under secure aggregation")
 
     # shared helpers ----------------------------------------------------------------
     def _weighted(self, tensors: State, num_examples: int) -> State:

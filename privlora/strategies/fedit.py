@@ -25,7 +25,7 @@ class FedIT(Strategy):
             raise ValueError("fedit payload does not carry every adapter tensor the client has")
         return {k: payload[k].astype(template[k].dtype) for k in template}
 
-    def contribution(self, local_state: State, num_examples: int, rank: int) -> State:
+    def contribution(self, local_state: State, num_examples: int, rank: int, client_id: int | None = None) -> State:
         self._check_rank(rank)
         return self._weighted(local_state, num_examples)
 

@@ -75,7 +75,7 @@ class FFALoRA(Strategy):
                 out[k] = payload[k].astype(v.dtype)
         return out
 
-    def contribution(self, local_state: State, num_examples: int, rank: int) -> State:
+    def contribution(self, local_state: State, num_examples: int, rank: int, client_id: int | None = None) -> State:
         sent = {k: pad_rank(k, v, self.max_rank) for k, v in local_state.items() if not is_lora_a(k)}
         return self._weighted(sent, num_examples)
 
