@@ -1,0 +1,299 @@
+#!/usr/bin/env python3
+"""Cost of secure aggregation (secagg) against its floors, measured in the same run.
+
+For each configuration -- n clients, m float values each, complete graph (SecAgg) or Bell et
+al.'s sparse graph (SecAgg+, neighbours="auto"), 0% or 10% dropouts -- the full protocol runs in
+process over bytes (`secagg.run_session`), every client's state machine is timed, and the decoded
+sum is checked against the float sum. Reported per configuration:
+
+- client seconds: median over the surviving clients of their compute (encoding included), and
+  the masking stage alone (decrypting shares, key agreement, PRG expansion and the vector adds);
+- keystream floor: seconds to generate the same number of AES-256-CTR mask bytes as the median
+  client (1 self mask + one per neighbour that shared keys), with the same primitive and nothing
+  else (the faster of whole-mask buffers and cache-sized chunks);
+- server seconds (all stages, incl. unmasking) and a plain numpy sum of n float32 vectors;
+- bytes sent / received per client (median over survivors) and the upload expansion over
+  sending the m values as float32 in the clear.
+
+Dropouts: 10% of the clients (fixed seed) drop after sharing their keys and before sending their
+masked input -- the costly case for the server, which must then remove their pairwise masks.
+Encoding: b = 32 bits, one clip range of 1.0, inputs uniform in [-1, 1] (one vector reused by every
+client to keep memory at O(m); each client encodes it with its own stochastic rounding).
+
+    python benchmarks/secagg.py [--quick] [--out benchmarks/results/secagg.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import cryptography  # noqa: E402
+from cryptography.hazmat.backends.openssl import backend as openssl_backend  # noqa: E402
+
+from secagg import EncodingSpec, SecAggClient, SecAggParams, SecAggServer, run_session  # noqa: E402
+from secagg import messages as msg  # noqa: E402
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes  # noqa: E402
+from secagg.primitives import CHUNK_BYTES  # noqa: E402
+
+FULL = [  # (n, neighbours, m)
+    (10, None, 1 << 16), (10, None, 1 << 20),
+    (100, None, 1 << 16), (100, None, 1 << 20),
+    (100, "auto", 1 << 16), (100, "auto", 1 << 20),
+    (1000, "auto", 1 << 16), (1000, "auto", 1 << 20),
+]
+QUICK = [(10, None, 1 << 12), (40, None, 1 << 12), (40, "auto", 1 << 12), (40, None, 1 << 16)]
+DROPS = (0.0, 0.1)
+
+
+def keystream_floor(masks: int, length: int, repeats: int = 3) -> float:
+    """Seconds to generate the AES-256-CTR keystream of `masks` seeds x `length` uint32 words,
+    nothing else: the faster of one whole-mask buffer per seed and cache-sized chunks (the
+    layout the client's masking uses), median of `repeats`."""
+    seeds = [os.urandom(32) for _ in range(masks)]
+    nbytes = 4 * length
+
+    def whole() -> None:
+        zeros, buf = bytes(nbytes), bytearray(nbytes + 15)
+        for s in seeds:
+            Cipher(algorithms.AES(s), modes.CTR(bytes(16))).encryptor().update_into(zeros, buf)
+
+    def chunked() -> None:
+        step = min(nbytes, CHUNK_BYTES)
+        zeros, buf = bytes(step), bytearray(step + 15)
+        encs = [Cipher(algorithms.AES(s), modes.CTR(bytes(16))).encryptor() for s in seeds]
+        for start in range(0, nbytes, step):
+            chunk = memoryview(zeros)[: min(step, nbytes - start)]
+            for e in encs:
+                e.update_into(chunk, buf)
+
+    best = []
+    for fn in (whole, chunked):
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        best.append(statistics.median(times))
+    return min(best)
+
+
+def op_micros() -> dict[str, float]:
+    """Microseconds per X25519 agreement and per Ed25519 verification on this machine."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    a, b = X25519PrivateKey.generate(), X25519PrivateKey.generate().public_key()
+    sk = Ed25519PrivateKey.generate()
+    sig, pk = sk.sign(b"m"), sk.public_key()
+    out = {}
+    for name, fn in (("x25519", lambda: a.exchange(b)), ("ed25519_verify", lambda: pk.verify(sig, b"m"))):
+        t0 = time.perf_counter()
+        for _ in range(500):
+            fn()
+        out[name] = (time.perf_counter() - t0) / 500 * 1e6
+    return out
+
+
+def numpy_sum(n: int, m: int, repeats: int = 3) -> float:
+    """Seconds for a plain incremental sum of n float32 vectors of length m (the cleartext server)."""
+    v = np.random.default_rng(0).standard_normal(m).astype(np.float32)
+    times = []
+    for _ in range(repeats):
+        acc = np.zeros(m, dtype=np.float32)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            acc += v
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def run(n: int, neighbours, m: int, drop_frac: float, seed: int) -> dict:
+    rng = np.random.default_rng([seed, n, m, int(drop_frac * 100)])
+    params = SecAggParams(bits=32, neighbours=neighbours)
+    plan = params.resolve(n)
+    spec = EncodingSpec.build(1.0, m, bits=32, max_clients=n, precision_bits=plan.precision_bits)
+    x = rng.uniform(-1.0, 1.0, m)
+    clients = {c: SecAggClient(c, plan, spec, 0) for c in range(n)}
+    server = SecAggServer(plan, spec, 0, expected=range(n))
+    dropped = {int(c) for c in rng.choice(n, int(round(drop_frac * n)), replace=False)}
+    transcript: list = []
+    t0 = time.perf_counter()
+    res, st = run_session(clients, server, drop={"masked_input": dropped}, transcript=transcript, provide_input=lambda c: x)
+    wall = time.perf_counter() - t0
+
+    survivors = list(res.survivors)
+    assert survivors == sorted(set(range(n)) - dropped)
+    total, _ = spec.decode(res.field_sum)
+    err = float(np.max(np.abs(total - len(survivors) * x)))
+    assert err <= len(survivors) * spec.segments[0].step, f"decoded sum off by {err}"
+
+    routed = {r: (size - msg.ENVELOPE_BYTES - 4) // (4 + msg.SHARE_CIPHERTEXT_BYTES)
+              for kind, s, r, size in transcript if kind is msg.Kind.ROUTED_SHARES}
+    masks = statistics.median(1 + routed[c] for c in survivors)
+    med = lambda d: statistics.median(d[c] for c in survivors)  # noqa: E731
+    floor = keystream_floor(int(round(masks)), spec.total_length)
+    return {
+        "n": n,
+        "graph": "SecAgg (complete)" if plan.degree is None else f"SecAgg+ k={plan.degree}",
+        "t": plan.threshold,
+        "m": m,
+        "drop": drop_frac,
+        "client_s": med(st.client_seconds),
+        "encode_s": med(st.client_stage_seconds["encode"]),
+        "mask_s": med(st.client_stage_seconds["masked_input"]),
+        "all_clients_s": sum(st.client_seconds.values()),
+        "masks": masks,
+        "floor_s": floor,
+        "server_s": st.server_seconds,
+        "numpy_s": numpy_sum(n, m),
+        "up": med(st.bytes_up),
+        "down": med(st.bytes_down),
+        "expansion": med(st.bytes_up) / (4 * m),
+        "wall_s": wall,
+        "max_err": err,
+    }
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def fmt_bytes(b: float) -> str:
+    return f"{b / 2**20:.2f} MiB" if b >= 2**20 else f"{b / 2**10:.1f} KiB"
+
+
+def pow2(m: int) -> str:
+    return f"2^{int(math.log2(m))}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small smoke version (seconds, not minutes)")
+    ap.add_argument("--out", default=None, help="markdown file to write (default: benchmarks/results/secagg.md, none with --quick)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    out = args.out or (None if args.quick else "benchmarks/results/secagg.md")
+    configs = QUICK if args.quick else FULL
+
+    ops = op_micros()
+    rows = []
+    t_start = time.perf_counter()
+    for n, nb, m in configs:
+        for d in DROPS:
+            r = run(n, nb, m, d, args.seed)
+            rows.append(r)
+            print(f"  done n={n} {r['graph']} m={pow2(m)} drop={d:.0%}: wall {r['wall_s']:.1f}s", file=sys.stderr, flush=True)
+    elapsed = time.perf_counter() - t_start
+
+    command = "python benchmarks/secagg.py" + (" --quick" if args.quick else "") + (f" --seed {args.seed}" if args.seed else "")
+    lines = [
+        "# Secure aggregation: cost against the keystream floor and a plain sum",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs ({cpu_model()}), "
+        f"Python {platform.python_version()}, numpy {np.__version__}, cryptography {cryptography.__version__} "
+        f"({openssl_backend.openssl_version_text()}); X25519 agreement {ops['x25519']:.0f} us, Ed25519 verification "
+        f"{ops['ed25519_verify']:.0f} us; {time.strftime('%Y-%m-%d')}; whole run {elapsed / 60:.1f} min  ",
+        "Setting: b = 32, clip 1.0, one process (clients and server take turns on one core); dropouts = clients that "
+        "shared keys and then sent no masked input. Times are medians over surviving clients; the floor is the "
+        "AES-256-CTR keystream alone for the median client's number of masks (faster of whole-mask buffers and "
+        "128 KiB chunks); client masking = the masked-input stage (share decryption, key agreement, PRG, adds); "
+        "expansion = bytes sent by a client / (4 m).",
+        "",
+        "| n | graph, t | m | drop | client s (total) | client masking s | masks | keystream floor s | masking / floor "
+        "| server s | numpy sum s | up / client | down / client | expansion (up) | all clients s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['n']} | {r['graph']}, t={r['t']} | {pow2(r['m'])} | {r['drop']:.0%} | {r['client_s']:.3f} | "
+            f"{r['mask_s']:.3f} | {r['masks']:.0f} | {r['floor_s']:.3f} | {r['mask_s'] / r['floor_s']:.2f}x | "
+            f"{r['server_s']:.2f} | {r['numpy_s']:.4f} | {fmt_bytes(r['up'])} | {fmt_bytes(r['down'])} | "
+            f"{r['expansion']:.3f}x | {r['all_clients_s']:.1f} |"
+        )
+    lines += ["", "## Goals", ""]
+    sizes = sorted({r["m"] for r in rows})
+    for m in reversed(sizes):
+        sel = [r for r in rows if r["m"] == m]
+        worst = max(sel, key=lambda r: r["mask_s"] / r["floor_s"])
+        ratio = worst["mask_s"] / worst["floor_s"]
+        line = (f"- Client masking within 1.5x of the keystream floor, m = {pow2(m)}: worst {ratio:.2f}x "
+                f"(n={worst['n']}, {worst['graph']}) -> {'met' if ratio <= 1.5 else '**NOT met**'}.")
+        if ratio > 1.5:
+            line += (f" Each mask of {fmt_bytes(4 * m)} costs a fixed X25519 agreement ({ops['x25519']:.0f} us here), an "
+                     "HKDF and a cipher set-up besides its keystream; at this size they are not small against the keystream.")
+        lines.append(line)
+    big = [r for r in rows if r["m"] == sizes[-1]]
+    worst_total = max(big, key=lambda r: r["client_s"] / r["floor_s"])
+    lines.append(
+        f"- The whole client (encoding, Shamir sharing, share encryption, signatures, masking) at m = {pow2(sizes[-1])} takes "
+        f"up to {worst_total['client_s'] / worst_total['floor_s']:.2f}x the floor (n={worst_total['n']}, {worst_total['graph']}; "
+        f"encoding m float64 values alone: {worst_total['encode_s']:.3f} s). The 1.5x goal is about masking; this is not within it."
+    )
+    target = [r for r in rows if r["n"] == 100 and r["graph"].startswith("SecAgg (") and r["m"] == 1 << 20]
+    if target:
+        e = max(r["expansion"] for r in target)
+        lines.append(f"- Upload expansion at n=100, m=2^20, b=32 (complete graph): {e:.3f}x -> {'met' if e <= 1.05 else '**NOT met**'} "
+                     "(goal <= 1.05x; Bonawitz et al. report 1.73x).")
+    small = [r for r in rows if r["expansion"] > 1.05]
+    if small:
+        w = max(small, key=lambda r: r["expansion"])
+        lines.append(f"- Upload expansion above 1.05x in {len(small)} rows, worst {w['expansion']:.3f}x (n={w['n']}, m={pow2(w['m'])}): the per-neighbour "
+                     "encrypted shares (172 B each) and signatures are a fixed cost that small vectors do not amortise. "
+                     f"Downloads are not in the expansion: they are dominated by the key list, {3 * 32 + 64 + 4} B per client in the session "
+                     "(every client needs all keys to compute the session id), e.g. "
+                     f"{fmt_bytes(max(r['down'] for r in rows))} per client at n={max(r['n'] for r in rows)}.")
+    plus = {r["n"]: r for r in rows if r["graph"].startswith("SecAgg+") and r["m"] == sizes[-1] and r["drop"] == 0}
+    comp = {r["n"]: r for r in rows if r["graph"].startswith("SecAgg (") and r["m"] == sizes[-1] and r["drop"] == 0}
+    if len(plus) >= 2:
+        n0, n1 = sorted(plus)[0], sorted(plus)[-1]
+        g = plus[n1]["all_clients_s"] / plus[n0]["all_clients_s"]
+        nlogn = (n1 * math.log(n1)) / (n0 * math.log(n0))
+        k0, k1 = plus[n0]["masks"] - 1, plus[n1]["masks"] - 1
+        verdict = "about n log n" if g <= 1.25 * nlogn else "**more than n log n**"
+        lines.append(
+            f"- Growth with SecAgg+ (\"auto\") from n={n0} to n={n1}: total client compute x{g:.1f} -> {verdict} "
+            f"(n log n predicts x{nlogn:.1f}, n^2 x{(n1 / n0) ** 2:.0f}). Per-client cost follows the degree k, which went "
+            f"{k0:.0f} -> {k1:.0f} (x{k1 / k0:.1f}, while log n grew x{math.log(n1) / math.log(n0):.1f}): Bell et al.'s bound "
+            "budgets for 5% corrupt and 10% dropped clients at 2^-40 and needs a larger degree than log n at these sizes. "
+            "It is still far from quadratic."
+        )
+    if len(comp) >= 2:
+        n0, n1 = sorted(comp)[0], sorted(comp)[-1]
+        g = comp[n1]["all_clients_s"] / comp[n0]["all_clients_s"]
+        lines.append(f"- For comparison, the complete graph from n={n0} to n={n1}: total client compute x{g:.1f} (n^2 predicts "
+                     f"x{(n1 / n0) ** 2:.0f}; at n={n0} fixed per-client costs still dominate).")
+    bigserver = max(big, key=lambda r: r["server_s"])
+    lines.append(
+        f"- Server: at most {bigserver['server_s']:.1f} s (n={bigserver['n']}, {bigserver['graph']}, {bigserver['drop']:.0%} dropped) "
+        f"against {bigserver['numpy_s']:.2f} s for the plain sum: unmasking regenerates one self mask per survivor and one "
+        "pairwise mask per (dropped client, surviving neighbour), and reconstructs one Shamir secret per survivor and per dropped client."
+    )
+    lines.append("")
+    text = "\n".join(lines)
+    print(text)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

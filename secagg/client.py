@@ -1,0 +1,331 @@
+"""The client side of the protocol: a state machine that takes bytes and returns bytes.
+
+Stages (Bonawitz et al. 2017, Fig. 4; SecAgg+ neighbourhoods of Bell et al. 2020):
+
+0. AdvertiseKeys   -> fresh X25519 pairs (c: share encryption, s: mask agreement), signed
+                      with the pinned Ed25519 key (or a per-session one when nothing is pinned).
+1. ShareKeys       <- key list. Checks: our config digest, our own fresh keys are in it (else a
+                      replay), no duplicate public key, signatures, at least t share holders.
+                      Computes the session id and the neighbour graph, draws the self-mask seed
+                      b_u, Shamir-shares b_u and s_sk t-of-h among the holders (neighbours and
+                      itself) and encrypts each neighbour's pair of shares (AES-256-GCM, AD =
+                      session | round | sender | recipient | stage).
+2. MaskedInput     <- routed shares (decrypted and checked) -> y = x + PRG(b_u)
+                      + sum_{v in U2, v neighbour} (+1 if u < v else -1) PRG(s_uv)  mod 2^b.
+3. ConsistencyCheck <- survivor list S (whose masked inputs the server holds). Checks we are in
+                      S, every neighbour in S shared keys with us, |S among our holders| >= t;
+                      signs (session, round, S) with Ed25519.
+4. Unmasking       <- (S, dropped D, signatures). Refuses, before releasing anything: S differing
+                      from the S we signed (InconsistentSurvivors), any id in both S and D
+                      (SurvivedAndDropped), a signature that does not verify over our S
+                      (InconsistentSurvivors), fewer than t valid signatures from our holders
+                      (TooFewSurvivors). Then releases the b-share of each survivor and the
+                      s_sk-share of each dropped neighbour -- never both kinds for one client.
+
+Any error aborts the client for good: secrets are dropped and every later call raises
+`ProtocolAborted`. A client never sends anything after it has aborted.
+"""
+
+from __future__ import annotations
+
+import struct
+from enum import Enum
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from . import messages as m
+from . import shamir
+from .encoding import ClipReport, EncodingSpec
+from .errors import (
+    BadSignature,
+    ConfigMismatch,
+    ConfigurationError,
+    DecryptionFailed,
+    DuplicateKey,
+    InconsistentSurvivors,
+    InvalidInput,
+    ProtocolAborted,
+    ReplayedMessage,
+    SurvivedAndDropped,
+    TooFewSurvivors,
+    WrongSender,
+    WrongStage,
+)
+from .graph import neighbours
+from .params import MAX_CLIENT_ID, Plan
+from .primitives import (
+    LABEL,
+    MaskExpander,
+    agree,
+    ed25519_keypair,
+    ed25519_public_bytes,
+    open_sealed,
+    pair_mask_seed,
+    random_seed,
+    seal,
+    session_id,
+    share_key,
+    verify,
+    x25519_keypair,
+    x25519_private_bytes,
+)
+
+
+class ClientStage(Enum):
+    NEW = "new"
+    ADVERTISED = "advertised"
+    SHARED = "shared"
+    MASKED = "masked"
+    SIGNED = "signed"
+    DONE = "done"
+    ABORTED = "aborted"
+
+
+_EXPECT = {
+    ClientStage.ADVERTISED: m.Kind.KEY_LIST,
+    ClientStage.SHARED: m.Kind.ROUTED_SHARES,
+    ClientStage.MASKED: m.Kind.SURVIVOR_LIST,
+    ClientStage.SIGNED: m.Kind.UNMASK_REQUEST,
+}
+
+
+def associated_data(session: bytes, round_id: int, sender: int, recipient: int, stage: m.Stage) -> bytes:
+    """AEAD associated data binding a ciphertext to its session, round, sender, recipient, stage."""
+    return LABEL + b"/ad" + session + struct.pack(">QIIB", round_id, sender, recipient, stage)
+
+
+def advertise_message(config_digest: bytes, round_id: int, cid: int, c_pk: bytes, s_pk: bytes, sig_pk: bytes) -> bytes:
+    """What a client signs when it advertises its keys."""
+    return LABEL + b"/advertise" + config_digest + struct.pack(">QI", round_id, cid) + c_pk + s_pk + sig_pk
+
+
+def survivors_message(session: bytes, round_id: int, survivors) -> bytes:
+    """What a client signs in the consistency check: the survivor set it was shown."""
+    ids = list(survivors)
+    return LABEL + b"/consistency" + session + struct.pack(">QI", round_id, len(ids)) + b"".join(struct.pack(">I", i) for i in ids)
+
+
+def config_digest(plan: Plan, spec: EncodingSpec) -> bytes:
+    return plan.digest(spec.digest(), spec.total_length)
+
+
+class SecAggClient:
+    """One client's side of one session. Drive it with `advertise()` then `handle(bytes)`.
+
+    `signing_key` is required when the plan pins signing keys and must match the registry entry
+    for `client_id`. Give the input with `set_input` any time before the masked-input stage.
+    """
+
+    def __init__(self, client_id: int, plan: Plan, spec: EncodingSpec, round_id: int = 0, signing_key: Ed25519PrivateKey | None = None):
+        if not isinstance(client_id, int) or not 0 <= client_id <= MAX_CLIENT_ID:
+            raise ConfigurationError(f"client id must be an int in [0, {MAX_CLIENT_ID}], found {client_id!r}")
+        if not isinstance(round_id, int) or not 0 <= round_id < 1 << 64:
+            raise ConfigurationError(f"round id must be an int in [0, 2^64), found {round_id!r}")
+        if spec.bits != plan.bits or spec.max_clients != plan.n_max:
+            raise ConfigurationError("encoding spec and plan disagree on bits or number of clients")
+        self.id = client_id
+        self.plan = plan
+        self.spec = spec
+        self.round_id = round_id
+        self.digest = config_digest(plan, spec)
+        if plan.pinned:
+            if signing_key is None:
+                raise ConfigurationError(f"client {client_id}: signing keys are pinned, so its Ed25519 private key is required")
+            pinned = plan.signing_keys.get(client_id)
+            if pinned is None or ed25519_public_bytes(signing_key) != pinned:
+                raise ConfigurationError(f"client {client_id}: its signing key does not match the pinned registry")
+            self._sign_sk, self._sig_pk = signing_key, pinned
+        else:
+            self._sign_sk, self._sig_pk = ed25519_keypair() if signing_key is None else (signing_key, ed25519_public_bytes(signing_key))
+        self.stage = ClientStage.NEW
+        self.clip_report: ClipReport | None = None
+        self._x: np.ndarray | None = None
+        self._session = m.NO_SESSION
+
+    # ---- public driving API -----------------------------------------------------------------
+
+    def set_input(self, x: np.ndarray, rng: np.random.Generator | None = None) -> ClipReport:
+        """Encode this client's float vector (clipping counted in the returned report)."""
+        if self.stage in (ClientStage.MASKED, ClientStage.SIGNED, ClientStage.DONE, ClientStage.ABORTED):
+            raise WrongStage(f"client {self.id}: input can no longer be set at stage {self.stage.value}")
+        self._x, self.clip_report = self.spec.encode(x, rng)
+        return self.clip_report
+
+    @property
+    def encoded_input(self) -> np.ndarray | None:
+        """The encoded input (for tests; None once it has been masked and sent)."""
+        return self._x
+
+    def advertise(self) -> bytes:
+        """Stage 0: the signed key advertisement."""
+        if self.stage is not ClientStage.NEW:
+            self._abort()
+            raise WrongStage(f"client {self.id}: keys already advertised")
+        self._c_sk, self._c_pk = x25519_keypair()
+        self._s_sk, self._s_pk = x25519_keypair()
+        sig = self._sign_sk.sign(advertise_message(self.digest, self.round_id, self.id, self._c_pk, self._s_pk, self._sig_pk))
+        self.stage = ClientStage.ADVERTISED
+        return m.encode(
+            m.AdvertiseKeys(self._c_pk, self._s_pk, self._sig_pk, sig),
+            round_id=self.round_id, session=m.NO_SESSION, sender=self.id, recipient=m.SERVER,
+        )
+
+    def handle(self, blob: bytes) -> bytes:
+        """Process the server's message for the current stage and return this client's reply."""
+        if self.stage is ClientStage.ABORTED:
+            raise ProtocolAborted(f"client {self.id} aborted earlier in this session and will not continue")
+        expect = _EXPECT.get(self.stage)
+        if expect is None:
+            raise WrongStage(f"client {self.id} expects no message at stage {self.stage.value}")
+        try:
+            ctx = m.Context(self.round_id, self._session, self.id, self.plan.n_max, sender=m.SERVER)
+            _, body = m.decode(blob, expect, ctx)
+            if expect is m.Kind.KEY_LIST:
+                return self._on_key_list(body)
+            if expect is m.Kind.ROUTED_SHARES:
+                return self._on_routed_shares(body)
+            if expect is m.Kind.SURVIVOR_LIST:
+                return self._on_survivors(body)
+            return self._on_unmask(body)
+        except Exception:
+            self._abort()
+            raise
+
+    # ---- internals --------------------------------------------------------------------------
+
+    def _abort(self) -> None:
+        """Abort for good: drop every secret and remember the abort."""
+        for name in ("_c_sk", "_s_sk", "_c_shared", "_b", "_own_shares", "_received", "_x", "_sign_sk"):
+            if hasattr(self, name):
+                setattr(self, name, None)
+        self.stage = ClientStage.ABORTED
+
+    def _send(self, body) -> bytes:
+        return m.encode(body, round_id=self.round_id, session=self._session, sender=self.id, recipient=m.SERVER)
+
+    def _signing_pk(self, cid: int) -> bytes:
+        return self.plan.signing_keys[cid] if self.plan.pinned else self._entries[cid].sig_pk
+
+    def _on_key_list(self, kl: m.KeyList) -> bytes:
+        t = self.plan.threshold
+        if kl.config_digest != self.digest:
+            raise ConfigMismatch(f"client {self.id}: the server's session parameters differ from this client's")
+        entries = {e.client_id: e for e in kl.entries}
+        mine = entries.get(self.id)
+        if mine is None or (mine.c_pk, mine.s_pk, mine.sig_pk) != (self._c_pk, self._s_pk, self._sig_pk):
+            raise ReplayedMessage(f"client {self.id}: the key list does not carry this client's fresh keys (replayed or substituted)")
+        seen: set[bytes] = set()
+        for e in kl.entries:
+            keys = (e.c_pk, e.s_pk) if self.plan.pinned else (e.c_pk, e.s_pk, e.sig_pk)
+            for k in keys:
+                if k in seen:
+                    raise DuplicateKey(f"client {self.id}: public key advertised twice in the key list (client {e.client_id})")
+                seen.add(k)
+            if self.plan.pinned:
+                pinned = self.plan.signing_keys.get(e.client_id)
+                if pinned is None:
+                    raise BadSignature(f"client {self.id}: client {e.client_id} has no pinned signing key")
+                if e.sig_pk != pinned:
+                    raise BadSignature(f"client {self.id}: client {e.client_id} advertised a signing key other than its pinned one")
+        self._entries = entries
+        self._session = session_id(self.digest, self.round_id, ((e.client_id, e.c_pk, e.s_pk, e.sig_pk) for e in kl.entries))
+        self._neigh = neighbours(list(entries), self.plan.degree, self._session, who=[self.id])[self.id]
+        holders = sorted(self._neigh | {self.id})
+        if len(holders) < t:
+            raise TooFewSurvivors(f"client {self.id}: {len(holders)} share holders in the key list, threshold is {t}")
+        if self.plan.pinned:  # unpinned, the advertised key vouches only for itself: nothing to check
+            for v in sorted(self._neigh):
+                e = entries[v]
+                verify(self._signing_pk(v), e.signature, advertise_message(self.digest, self.round_id, v, e.c_pk, e.s_pk, e.sig_pk), f"client {v}'s key advertisement")
+        self._b = random_seed()
+        b_shares = shamir.share(self._b, [h + 1 for h in holders], t)
+        k_shares = shamir.share(x25519_private_bytes(self._s_sk), [h + 1 for h in holders], t)
+        self._own_shares = (b_shares[self.id + 1], k_shares[self.id + 1])
+        out = []
+        self._c_shared = {}
+        for v in sorted(self._neigh):
+            self._c_shared[v] = shared = agree(self._c_sk, entries[v].c_pk)
+            key = share_key(shared, self._session, self.id, v)
+            pt = struct.pack(">II", self.id, v) + b_shares[v + 1] + k_shares[v + 1]
+            ad = associated_data(self._session, self.round_id, self.id, v, m.Stage.SHARE_KEYS)
+            out.append((v, seal(key, pt, ad)))
+        self.stage = ClientStage.SHARED
+        return self._send(m.ShareKeys(tuple(out)))
+
+    def _on_routed_shares(self, rs: m.RoutedShares) -> bytes:
+        t = self.plan.threshold
+        received: dict[int, tuple[bytes, bytes]] = {}
+        for v, ct in rs.shares:
+            if v not in self._neigh:
+                raise WrongSender(f"client {self.id}: shares routed from {v}, which is not a neighbour")
+            key = share_key(self._c_shared[v], self._session, v, self.id)
+            pt = open_sealed(key, ct, associated_data(self._session, self.round_id, v, self.id, m.Stage.SHARE_KEYS))
+            if struct.unpack(">II", pt[:8]) != (v, self.id):
+                raise DecryptionFailed(f"client {self.id}: decrypted shares name the wrong sender or recipient")
+            b_sh, k_sh = pt[8 : 8 + shamir.SHARE_BYTES], pt[8 + shamir.SHARE_BYTES :]
+            received[v] = (b_sh, k_sh)
+        if len(received) + 1 < t:
+            raise TooFewSurvivors(f"client {self.id}: shares from {len(received)} neighbours, {t - 1} needed (threshold {t})")
+        if self._x is None:
+            raise InvalidInput(f"client {self.id}: no input set before the masked-input stage (call set_input)")
+        self._received = received
+        masks = [(self._b, +1)]  # the self mask, then +PRG(s_uv) for larger ids, -PRG(s_uv) for smaller
+        for v in sorted(received):
+            seed = pair_mask_seed(agree(self._s_sk, self._entries[v].s_pk), self._session, self.id, v)
+            masks.append((seed, +1 if self.id < v else -1))
+        y, self._x = self._x, None  # mask the encoded input in place; it is not needed afterwards
+        MaskExpander(self.spec.total_length, self.spec.dtype).apply(y, masks)
+        del masks
+        self._b = self._s_sk = self._c_sk = self._c_shared = None  # no longer needed: forget them
+        self.stage = ClientStage.MASKED
+        return self._send(m.MaskedInput(memoryview(y).cast("B")))
+
+    def _on_survivors(self, sl: m.SurvivorList) -> bytes:
+        t = self.plan.threshold
+        s = set(sl.survivors)
+        if self.id not in s:
+            raise InconsistentSurvivors(f"client {self.id}: not in the survivor list although it sent its masked input")
+        if not s <= set(self._entries):
+            raise InconsistentSurvivors(f"client {self.id}: survivor list names clients that never advertised keys")
+        if not (s & self._neigh) <= set(self._received):
+            raise InconsistentSurvivors(f"client {self.id}: survivor list names neighbours that never shared keys with it")
+        live_holders = len(s & (self._neigh | {self.id}))
+        if live_holders < t:
+            raise TooFewSurvivors(f"client {self.id}: {live_holders} of its share holders survived, threshold is {t}")
+        self._survivors = sl.survivors
+        sig = self._sign_sk.sign(survivors_message(self._session, self.round_id, sl.survivors))
+        self.stage = ClientStage.SIGNED
+        return self._send(m.ConsistencySignature(sig))
+
+    def _on_unmask(self, req: m.UnmaskRequest) -> bytes:
+        t = self.plan.threshold
+        s, d = set(req.survivors), set(req.dropped)
+        both = s & d
+        if both:
+            raise SurvivedAndDropped(f"client {self.id}: server lists {sorted(both)[:5]} as both survived and dropped; refusing to unmask")
+        if req.survivors != self._survivors:
+            raise InconsistentSurvivors(f"client {self.id}: the survivor list at unmasking differs from the one it signed")
+        if not d <= set(self._entries):
+            raise InconsistentSurvivors(f"client {self.id}: dropped list names clients that never advertised keys")
+        if not (d & self._neigh) <= set(self._received):
+            raise InconsistentSurvivors(f"client {self.id}: dropped list names neighbours that never shared keys with it")
+        if not set(self._received) <= s | d:
+            raise InconsistentSurvivors(f"client {self.id}: the server does not account for every neighbour that shared keys")
+        msg = survivors_message(self._session, self.round_id, self._survivors)
+        holders = self._neigh | {self.id}
+        valid = 0
+        for v, sig in req.signatures:
+            if v not in s:
+                raise InconsistentSurvivors(f"client {self.id}: signature from {v}, who is not a survivor")
+            verify(self._signing_pk(v), sig, msg, f"client {v}'s survivor set", error=InconsistentSurvivors)
+            valid += v in holders
+        if valid < t:
+            raise TooFewSurvivors(f"client {self.id}: {valid} of its share holders signed the survivor set, threshold is {t}")
+        b_out = []
+        for w in sorted(s & holders):
+            b_out.append((w, self._own_shares[0] if w == self.id else self._received[w][0]))
+        k_out = [(v, self._received[v][1]) for v in sorted(d & self._neigh)]
+        self._own_shares = self._received = None
+        self.stage = ClientStage.DONE
+        return self._send(m.UnmaskShares(tuple(b_out), tuple(k_out)))

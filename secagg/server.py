@@ -1,0 +1,298 @@
+"""The server side of the protocol: collects one stage's messages, then closes the stage.
+
+Drive it with `receive(sender, bytes)` for every message that arrives during a stage, then
+`close_stage()`, which returns the clients to message next; `message_for(client)` gives each its
+bytes. Clients that sent nothing before the stage was closed have dropped out. After the fifth
+close, `result` holds the sum mod 2^b of the survivors' encoded inputs.
+
+The server checks the threshold at every stage and raises `TooFewSurvivors` -- before sending
+any unmasking request -- when fewer than t clients remain. A message that fails a check raises
+its named error and leaves the server's state untouched, so a caller may ignore that client and
+go on. Masked inputs are added into one running sum as they arrive (memory: one vector).
+
+Unmasking (Bonawitz et al.): for each survivor w, reconstruct b_w from t shares and subtract
+PRG(b_w); for each dropped client v (shared keys, sent no masked input), reconstruct s_sk_v,
+check it against v's advertised s_pk, and remove the pairwise masks its surviving neighbours
+added for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import Enum
+
+import numpy as np
+
+from . import messages as m
+from . import shamir
+from .client import advertise_message, config_digest, survivors_message
+from .encoding import EncodingSpec
+from .errors import (
+    BadSignature,
+    DuplicateKey,
+    InconsistentSurvivors,
+    MalformedMessage,
+    ProtocolAborted,
+    ReconstructionFailed,
+    ReplayedMessage,
+    TooFewSurvivors,
+    WrongSender,
+    WrongStage,
+)
+from .graph import neighbours
+from .params import MAX_CLIENT_ID, Plan
+from .primitives import MaskExpander, agree, pair_mask_seed, session_id, verify, x25519_from_private_bytes
+
+
+class ServerStage(Enum):
+    ADVERTISE_KEYS = "advertise_keys"
+    SHARE_KEYS = "share_keys"
+    MASKED_INPUT = "masked_input"
+    CONSISTENCY_CHECK = "consistency_check"
+    UNMASKING = "unmasking"
+    DONE = "done"
+    ABORTED = "aborted"
+
+
+_EXPECT = {
+    ServerStage.ADVERTISE_KEYS: m.Kind.ADVERTISE_KEYS,
+    ServerStage.SHARE_KEYS: m.Kind.SHARE_KEYS,
+    ServerStage.MASKED_INPUT: m.Kind.MASKED_INPUT,
+    ServerStage.CONSISTENCY_CHECK: m.Kind.CONSISTENCY_SIGNATURE,
+    ServerStage.UNMASKING: m.Kind.UNMASK_SHARES,
+}
+
+
+@dataclass(frozen=True)
+class ServerResult:
+    """The exact sum mod 2^b of the survivors' encoded vectors, and who the survivors are."""
+
+    field_sum: np.ndarray
+    survivors: tuple[int, ...]
+    dropped: tuple[int, ...]
+
+
+class SecAggServer:
+    """The server of one session. `expected`: the client ids invited (None: any valid id)."""
+
+    def __init__(self, plan: Plan, spec: EncodingSpec, round_id: int = 0, expected: Iterable[int] | None = None):
+        self.plan, self.spec, self.round_id = plan, spec, round_id
+        self.digest = config_digest(plan, spec)
+        self.expected = None if expected is None else frozenset(expected)
+        if self.expected is not None and len(self.expected) > plan.n_max:
+            raise ValueError(f"{len(self.expected)} clients invited but the plan is for at most {plan.n_max}")
+        self.stage = ServerStage.ADVERTISE_KEYS
+        self.session = m.NO_SESSION
+        self.result: ServerResult | None = None
+        self._adv: dict[int, m.AdvertiseKeys] = {}
+        self._keys_seen: set[bytes] = set()
+        self._shares: dict[int, dict[int, bytes]] = {}  # sender -> recipient -> ciphertext
+        self._masked: set[int] = set()
+        self._acc = np.zeros(spec.total_length, dtype=spec.dtype)
+        self._sigs: dict[int, bytes] = {}
+        self._unmask: dict[int, m.UnmaskShares] = {}
+        self._out_cache: dict[m.Kind, bytes] = {}
+
+    # ---- receiving --------------------------------------------------------------------------
+
+    def receive(self, sender: int, blob: bytes) -> None:
+        """Accept one client's message for the current stage, or raise its named error."""
+        if self.stage in (ServerStage.DONE, ServerStage.ABORTED):
+            raise ProtocolAborted(f"the server's session is {self.stage.value}; no more messages")
+        expect = _EXPECT[self.stage]
+        ctx = m.Context(
+            self.round_id, self.session, m.SERVER, self.plan.n_max,
+            vector_bytes=self.spec.total_length * self.spec.dtype.itemsize, sender=sender,
+        )
+        _, body = m.decode(blob, expect, ctx)
+        if self.stage is ServerStage.ADVERTISE_KEYS:
+            self._on_advertise(sender, body)
+        elif self.stage is ServerStage.SHARE_KEYS:
+            self._on_shares(sender, body)
+        elif self.stage is ServerStage.MASKED_INPUT:
+            self._on_masked(sender, body)
+        elif self.stage is ServerStage.CONSISTENCY_CHECK:
+            self._on_signature(sender, body)
+        else:
+            self._on_unmask_shares(sender, body)
+
+    def _check_sender(self, sender: int, allowed, seen, what: str) -> None:
+        if sender not in allowed:
+            raise WrongSender(f"{what} from client {sender}, which is not part of this stage")
+        if sender in seen:
+            raise ReplayedMessage(f"second {what} from client {sender}")
+
+    def _on_advertise(self, sender: int, adv: m.AdvertiseKeys) -> None:
+        if not 0 <= sender <= MAX_CLIENT_ID or (self.expected is not None and sender not in self.expected):
+            raise WrongSender(f"key advertisement from client {sender}, which was not invited")
+        if sender in self._adv:
+            raise ReplayedMessage(f"second key advertisement from client {sender}")
+        if len(self._adv) >= self.plan.n_max:
+            raise WrongSender(f"key advertisement from client {sender}: already {self.plan.n_max} clients")
+        if self.plan.pinned:
+            pinned = self.plan.signing_keys.get(sender)
+            if pinned is None or adv.sig_pk != pinned:
+                raise BadSignature(f"client {sender} advertised a signing key other than its pinned one")
+        keys = [adv.c_pk, adv.s_pk] + ([] if self.plan.pinned else [adv.sig_pk])
+        if len(set(keys)) != len(keys) or any(k in self._keys_seen for k in keys):
+            raise DuplicateKey(f"client {sender} advertised a public key that is already in use")
+        verify(adv.sig_pk, adv.signature, advertise_message(self.digest, self.round_id, sender, adv.c_pk, adv.s_pk, adv.sig_pk), f"client {sender}'s key advertisement")
+        self._keys_seen.update(keys)
+        self._adv[sender] = adv
+
+    def _on_shares(self, sender: int, sk: m.ShareKeys) -> None:
+        self._check_sender(sender, self._adv, self._shares, "share message")
+        recipients = tuple(r for r, _ in sk.shares)
+        if recipients != tuple(sorted(self._neigh[sender])):
+            raise MalformedMessage(f"client {sender} sent shares to {len(recipients)} clients, not exactly to its {len(self._neigh[sender])} neighbours")
+        self._shares[sender] = dict(sk.shares)
+
+    def _on_masked(self, sender: int, mi: m.MaskedInput) -> None:
+        self._check_sender(sender, self._u2, self._masked, "masked input")
+        vec = np.frombuffer(mi.vector, dtype=self.spec.dtype, count=self.spec.total_length)
+        np.add(self._acc, vec, out=self._acc)
+        self._masked.add(sender)
+
+    def _on_signature(self, sender: int, cs: m.ConsistencySignature) -> None:
+        self._check_sender(sender, self._u3, self._sigs, "consistency signature")
+        verify(self._sig_pk(sender), cs.signature, survivors_message(self.session, self.round_id, self._survivors), f"client {sender}'s survivor set")
+        self._sigs[sender] = cs.signature
+
+    def _on_unmask_shares(self, sender: int, us: m.UnmaskShares) -> None:
+        self._check_sender(sender, self._sigs, self._unmask, "unmasking shares")
+        holders = self._neigh[sender] | {sender}
+        if not {w for w, _ in us.self_mask_shares} <= (set(self._survivors) & holders):
+            raise InconsistentSurvivors(f"client {sender} sent self-mask shares of clients it does not hold or that did not survive")
+        if not {v for v, _ in us.key_shares} <= (set(self._dropped) & self._neigh[sender]):
+            raise InconsistentSurvivors(f"client {sender} sent mask-key shares of clients it does not hold or that did not drop")
+        self._unmask[sender] = us
+
+    def _sig_pk(self, cid: int) -> bytes:
+        return self.plan.signing_keys[cid] if self.plan.pinned else self._adv[cid].sig_pk
+
+    # ---- closing stages ---------------------------------------------------------------------
+
+    def _need(self, count: int, what: str) -> None:
+        if count < self.plan.threshold:
+            later = "" if self.stage is ServerStage.UNMASKING else " Aborting before any unmasking share is requested."
+            self.stage = ServerStage.ABORTED
+            raise TooFewSurvivors(f"only {count} clients {what}; the threshold is {self.plan.threshold}.{later}")
+
+    def close_stage(self) -> list[int]:
+        """End the current stage; return the (sorted) clients to send `message_for` to next."""
+        if self.stage in (ServerStage.DONE, ServerStage.ABORTED):
+            raise ProtocolAborted(f"the server's session is {self.stage.value}")
+        self._out_cache.clear()
+        if self.stage is ServerStage.ADVERTISE_KEYS:
+            self._need(len(self._adv), "advertised keys")
+            ids = sorted(self._adv)
+            self.session = session_id(self.digest, self.round_id, ((c, a.c_pk, a.s_pk, a.sig_pk) for c, a in self._adv.items()))
+            self._neigh = neighbours(ids, self.plan.degree, self.session)
+            self.stage = ServerStage.SHARE_KEYS
+            return ids
+        if self.stage is ServerStage.SHARE_KEYS:
+            self._need(len(self._shares), "shared their keys")
+            self._u2 = frozenset(self._shares)
+            self.stage = ServerStage.MASKED_INPUT
+            return sorted(self._u2)
+        if self.stage is ServerStage.MASKED_INPUT:
+            self._need(len(self._masked), "sent masked inputs")
+            self._u3 = frozenset(self._masked)
+            self._survivors = tuple(sorted(self._u3))
+            self._dropped = tuple(sorted(self._u2 - self._u3))
+            self.stage = ServerStage.CONSISTENCY_CHECK
+            return list(self._survivors)
+        if self.stage is ServerStage.CONSISTENCY_CHECK:
+            self._need(len(self._sigs), "signed the survivor set")
+            self._check_connected()
+            self.stage = ServerStage.UNMASKING
+            return sorted(self._sigs)
+        self._need(len(self._unmask), "sent unmasking shares")
+        self._finish()
+        return []
+
+    def _check_connected(self) -> None:
+        """SecAgg+: the survivors' masks must tie them into one component, otherwise unmasking
+        would reveal the partial sum of each component. Abort before any share is requested."""
+        if self.plan.degree is None:
+            return
+        start = self._survivors[0]
+        seen, todo = {start}, [start]
+        while todo:
+            for w in self._neigh[todo.pop()] & self._u3:
+                if w not in seen:
+                    seen.add(w)
+                    todo.append(w)
+        if len(seen) != len(self._u3):
+            self.stage = ServerStage.ABORTED
+            raise TooFewSurvivors(
+                f"the survivors' neighbour graph fell apart ({len(seen)} of {len(self._u3)} reachable): unmasking "
+                "would reveal partial sums. Aborting before any unmasking share is requested; use a larger degree."
+            )
+
+    def message_for(self, cid: int) -> bytes:
+        """The bytes to send to client `cid` for the stage just opened by `close_stage`."""
+        if self.stage is ServerStage.SHARE_KEYS:
+            body = self._cached(m.Kind.KEY_LIST, lambda: m.encode_body(m.KeyList(self.digest, tuple(
+                m.KeyEntry(c, a.c_pk, a.s_pk, a.sig_pk, a.signature) for c, a in sorted(self._adv.items())))))
+            return self._wrap(m.Kind.KEY_LIST, body, cid, m.NO_SESSION)
+        if self.stage is ServerStage.MASKED_INPUT:
+            shares = tuple((v, self._shares[v][cid]) for v in sorted(self._neigh[cid] & self._u2))
+            return self._wrap(m.Kind.ROUTED_SHARES, m.encode_body(m.RoutedShares(shares)), cid, self.session)
+        if self.stage is ServerStage.CONSISTENCY_CHECK:
+            body = self._cached(m.Kind.SURVIVOR_LIST, lambda: m.encode_body(m.SurvivorList(self._survivors)))
+            return self._wrap(m.Kind.SURVIVOR_LIST, body, cid, self.session)
+        if self.stage is ServerStage.UNMASKING:
+            if self.plan.degree is None:
+                body = self._cached(m.Kind.UNMASK_REQUEST, lambda: self._unmask_body(self._sigs))
+            else:
+                holders = self._neigh[cid] | {cid}
+                body = self._unmask_body({v: s for v, s in self._sigs.items() if v in holders})
+            return self._wrap(m.Kind.UNMASK_REQUEST, body, cid, self.session)
+        raise WrongStage(f"no messages to send at server stage {self.stage.value}")
+
+    def _unmask_body(self, sigs: dict[int, bytes]) -> bytes:
+        return m.encode_body(m.UnmaskRequest(self._survivors, self._dropped, tuple(sorted(sigs.items()))))
+
+    def _cached(self, kind: m.Kind, make) -> bytes:
+        if kind not in self._out_cache:
+            self._out_cache[kind] = make()
+        return self._out_cache[kind]
+
+    def _wrap(self, kind: m.Kind, body: bytes, cid: int, session: bytes) -> bytes:
+        return m.frame(kind, body, round_id=self.round_id, session=session, sender=m.SERVER, recipient=cid)
+
+    # ---- unmasking --------------------------------------------------------------------------
+
+    def _finish(self) -> None:
+        t = self.plan.threshold
+        b_shares: dict[int, dict[int, bytes]] = {w: {} for w in self._survivors}
+        k_shares: dict[int, dict[int, bytes]] = {v: {} for v in self._dropped}
+        for r, us in self._unmask.items():
+            for w, sh in us.self_mask_shares:
+                b_shares[w][r + 1] = sh
+            for v, sh in us.key_shares:
+                k_shares[v][r + 1] = sh
+        for w, shares in b_shares.items():
+            if len(shares) < t:
+                self._need(len(shares), f"revealed shares of client {w}'s self-mask seed")
+        for v, shares in k_shares.items():
+            if len(shares) < t:
+                self._need(len(shares), f"revealed shares of dropped client {v}'s mask key")
+        try:
+            masks = [(shamir.reconstruct(b_shares[w], t, f"client {w}'s self-mask seed"), -1) for w in self._survivors]
+            for v in self._dropped:
+                sk, pk = x25519_from_private_bytes(shamir.reconstruct(k_shares[v], t, f"client {v}'s mask key"))
+                if pk != self._adv[v].s_pk:
+                    raise ReconstructionFailed(f"reconstructed mask key of client {v} does not match its advertised public key")
+                for w in sorted(self._neigh[v] & self._u3):
+                    seed = pair_mask_seed(agree(sk, self._adv[w].s_pk), self.session, v, w)
+                    masks.append((seed, -1 if w < v else +1))  # w added +PRG(s_wv) iff w < v: take it out
+            acc = self._acc
+            MaskExpander(self.spec.total_length, self.spec.dtype).apply(acc, masks)
+        except Exception:
+            self.stage = ServerStage.ABORTED
+            raise
+        self.result = ServerResult(field_sum=acc, survivors=self._survivors, dropped=self._dropped)
+        self.stage = ServerStage.DONE
