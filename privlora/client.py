@@ -146,7 +146,8 @@ class Client:
             "client_id": self.client_id,
             "rank": rank,
             "next_rank": next_rank,
-            "num_examples": self.num_examples,
+            # under secure aggregation the dataset size travels only inside the masked sum
+            "num_examples": None if self.cfg.secagg.enabled else self.num_examples,
             # The mean training loss is computed from private data without noise: under DP it
             # stays on the client (it would be a release that epsilon does not cover).
             "train_loss": None if result.mechanism is not None else result.train_loss,

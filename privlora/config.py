@@ -177,6 +177,28 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True)
+class SecAggConfig:
+    enabled: bool = False
+    """Sum the clients' contributions under masked secure aggregation (`secagg`): the server
+    learns the sum and nothing about any single contribution."""
+    bits: int = 64
+    """Modulus 2^bits of the masked fixed-point sum: 64 (the default) resolves every strategy's
+    contributions far below float32 precision; 32 halves the upload but resolves only about
+    2^32 / clients levels over +-value_bound x max_weight, too coarse for HetLoRA's norm-weighted
+    factors (measured in tests/test_secure_round.py)."""
+    neighbours: int = 0
+    """0 = every pair of clients shares masks (SecAgg); an even k = SecAgg+ with k neighbours."""
+    threshold: int = 0
+    """Shamir threshold t; 0 = the smallest secure value (more than half of the clients)."""
+    value_bound: float = 8.0
+    """Public bound on each coordinate of a client's contribution before weighting; larger
+    values are clipped to it, and every clipped coordinate is counted in metrics.jsonl."""
+    max_weight: float = 100000.0
+    """Public bound on a client's weight (its number of examples with weighting =
+    'num_examples'): sets the fixed-point range, so it must hold for every client."""
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     name: str = "default"
     seed: int = 0
@@ -188,6 +210,7 @@ class ExperimentConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
 
     def client_ranks(self) -> tuple[int, ...]:
         """Every client's LoRA rank at the start of the run (see `LoraConfig.client_ranks`)."""
@@ -392,7 +415,25 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         )
         for i, b in enumerate(p.budgets):
             _require(0 < b <= 1000 and math.isfinite(b), f"privacy.budgets[{i}]", f"must be in (0, 1000], found {b}")
+    _validate_secagg(cfg)
     return cfg
+
+
+def _validate_secagg(cfg: ExperimentConfig) -> None:
+    s = cfg.secagg
+    _require(s.bits in (32, 64), "secagg.bits", f"must be 32 or 64, found {s.bits}")
+    _require(s.neighbours == 0 or (s.neighbours >= 2 and s.neighbours % 2 == 0), "secagg.neighbours",
+             f"must be 0 (every pair: SecAgg) or an even number >= 2 (SecAgg+), found {s.neighbours}")
+    _require(s.threshold >= 0, "secagg.threshold", f"must be >= 0 (0 = smallest secure value), found {s.threshold}")
+    _require(s.value_bound > 0 and math.isfinite(s.value_bound), "secagg.value_bound", f"must be a finite number > 0, found {s.value_bound}")
+    _require(s.max_weight >= 1 and math.isfinite(s.max_weight), "secagg.max_weight", f"must be a finite number >= 1, found {s.max_weight}")
+    if s.enabled:
+        _require(cfg.federation.clients_per_round >= 3, "federation.clients_per_round",
+                 f"secure aggregation needs at least 3 clients per round (a sum of two reveals each to the other), found {cfg.federation.clients_per_round}")
+        _require(not (cfg.federation.strategy == "flora" and cfg.federation.flora_form == "slot"), "federation.flora_form",
+                 "slot-form stacking puts every client's factors in its own slot, so the sum reveals each client's "
+                 "contribution and secure aggregation would hide nothing; use flora_form = 'product' (exact, hidden, "
+                 "d_out x d_in per layer) or turn secagg off")
 
 
 def config_from_dict(raw: dict[str, Any]) -> ExperimentConfig:

@@ -84,9 +84,19 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def secagg_statement(cfg) -> str:
+    s = cfg.secagg
+    if not s.enabled:
+        return (
+            "not used in this run: the server sees each client's update (which is differentially private, so the "
+            "guarantee above holds against the server too)."
+        )
+    graph = "every pair of clients (SecAgg)" if s.neighbours == 0 else f"{s.neighbours} neighbours per client (SecAgg+)"
     return (
-        "not used in this run: the server sees each client's update (which is differentially private, so the "
-        "guarantee above holds against the server too)."
+        f"on: masked secure aggregation (Bonawitz et al. 2017) over {graph}, {s.bits}-bit fixed point, threshold "
+        f"{s.threshold or 'the smallest secure value'}; the server learns only each round's sum of contributions, "
+        "against an honest-but-curious server (no signing keys are pinned in the config) and fewer than t colluding "
+        "clients. Not hidden: who took part, vector sizes, each client's DP parameters in the ledger (its sample "
+        "rate reveals its dataset size to within a batch). See SECURITY.md."
     )
 
 

@@ -42,7 +42,8 @@ class ClientReport:
     client_id: int
     round: int
     rank: int
-    num_examples: int
+    num_examples: int | None
+    """None under secure aggregation (the size then travels only inside the masked sum)."""
     train_loss: float | None
     steps: int
     seconds: float
@@ -103,7 +104,7 @@ class Server:
                 client_id=cid,
                 round=got_round,
                 rank=int(h["rank"]),
-                num_examples=int(h["num_examples"]),
+                num_examples=None if h["num_examples"] is None else int(h["num_examples"]),
                 train_loss=None if h["train_loss"] is None else float(h["train_loss"]),
                 steps=int(h["steps"]),
                 seconds=float(h["seconds"]),
@@ -138,7 +139,12 @@ class Server:
         }
 
     def aggregate(self, contributions: list[dict[str, np.ndarray]]) -> None:
-        summed = sum_states(contributions)
+        """Sum the contributions in the clear, then `aggregate_sum`."""
+        self.aggregate_sum(sum_states(contributions))
+
+    def aggregate_sum(self, summed: dict[str, np.ndarray]) -> None:
+        """The new global state from the key-wise sum of this round's contributions (computed in
+        the clear or under secure aggregation: the server needs nothing else)."""
         aggregate = self.strategy.finish(summed, self.global_state)
         f = self.cfg.federation
         if f.server_momentum > 0 or f.server_lr != 1.0:

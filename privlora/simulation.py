@@ -43,6 +43,8 @@ from .data import load_labelled_data, tokenize, train_test_split
 from .models import load_classifier, load_tokenizer, quiet_hf
 from .partition import partition
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .messages import Message
+from .secure_sum import secure_sum
 from .server import Server
 from .strategies import strategy_from_config
 
@@ -131,6 +133,12 @@ def _bar(total: int, desc: str, position: int, enabled: bool):
                 file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
 
 
+def split_update(update: bytes) -> tuple[bytes, dict[str, np.ndarray]]:
+    """(the update message without its tensors, the tensors): the tensors go to secure aggregation."""
+    msg = Message.from_bytes(update, "client_update")
+    return Message("client_update", msg.header).to_bytes(), msg.tensors
+
+
 def config_sha256(out: Path) -> str:
     return hashlib.sha256((out / "config.toml").read_bytes()).hexdigest()
 
@@ -205,6 +213,8 @@ def run_experiment(
 
     fed = build_federation(cfg)
     server, clients = fed.server, fed.clients
+    if cfg.secagg.enabled:
+        server.strategy.check_secure_aggregation()
     sigmas = {c.client_id: (c.noise_multiplier if dp else 0.0) for c in clients}
     ledger: Ledger | None = None
     admission: Admission | None = None
@@ -290,13 +300,17 @@ def run_experiment(
                 elif pending[c].mechanism != planned[c]:
                     raise CheckpointError(f"ledger: client {c}'s charge for round {rnd} differs from what it would run now")
                 admission.record(c, planned[c])
-        contributions, reports, bytes_down = [], [], 0
+        contributions, reports, bytes_down, masked_inputs = [], [], 0, {}
         for cid in admitted:
             instruction = server.instruction(rnd, cid)
             bytes_down += len(instruction)
             bar = _bar(cfg.training.local_steps, f"round {rnd} client {cid}", 1, progress)
             update = clients[cid].handle(instruction, progress=bar)
             bar.close()
+            if cfg.secagg.enabled:
+                # the client's side of the transport: its contribution goes into the masked sum,
+                # and the server receives the header alone
+                update, masked_inputs[cid] = split_update(update)
             report, tensors = server.read_update(update, rnd, set(admitted))
             if dp and report.mechanism != ledger.charge_for(cid, rnd).mechanism:
                 raise RuntimeError(
@@ -305,7 +319,17 @@ def run_experiment(
                 )
             contributions.append(tensors)
             reports.append(report)
-        server.aggregate(contributions)
+        secure = None
+        if cfg.secagg.enabled:
+            summed, secure = secure_sum(cfg, masked_inputs, rnd)
+            if secure.clipped:
+                print(f"privlora: round {rnd}: secure aggregation clipped {secure.clipped} of {secure.values} values "
+                      "to secagg.value_bound x secagg.max_weight; raise the bounds", file=sys.stderr)
+            server.aggregate_sum(summed)
+            for r in reports:  # what each client really sent: every message of the protocol
+                r.upload_bytes = int(secure.bytes_up.get(r.client_id, 0))
+        else:
+            server.aggregate(contributions)
         ev = server.evaluate()
         eps = {str(k): admission.spent(k) for k in range(len(clients))} if dp else {}
         if dp:
@@ -326,6 +350,7 @@ def run_experiment(
             "epsilon_max": max(eps.values()) if eps else None,
             "per_client": [server.client_record(r) for r in reports],
             "client_ranks": [server.client_ranks[k] for k in range(len(clients))],
+            "secagg": None if secure is None else secure.to_dict(),
             "bytes_up": int(sum(r.bytes_up for r in reports)),
             "bytes_down": int(bytes_down),
             "seconds": time.perf_counter() - t_round,
