@@ -156,6 +156,7 @@ class Ledger:
         self.header = header
         self.charges = charges
         self.head = charges[-1].hash if charges else header["hash"]
+        self._index = {(c.client, c.round): c for c in charges}
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -226,10 +227,7 @@ class Ledger:
         return out
 
     def charge_for(self, client: int, rnd: int) -> Charge | None:
-        for c in reversed(self.charges):
-            if c.client == client and c.round == rnd:
-                return c
-        return None
+        return self._index.get((client, rnd))
 
     # ------------------------------------------------------------------ writing
     def append(self, client: int, rnd: int, mechanism: SubsampledGaussian) -> Charge:
@@ -257,6 +255,7 @@ class Ledger:
             os.fsync(fh.fileno())
         charge = Charge(entry["seq"], client, rnd, mechanism, entry["time"], entry["prev"], entry["hash"])
         self.charges.append(charge)
+        self._index[(client, rnd)] = charge
         self.head = charge.hash
         return charge
 

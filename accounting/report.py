@@ -118,8 +118,10 @@ def render_privacy_statement(summary: Mapping[str, Any], context: Mapping[str, A
         "## Privacy statement",
         "",
         f"**Every client's data is protected with record-level (ε = {eps:.2f}, δ = {delta:g})-differential privacy** "
-        f"— the largest ε over clients; each client's own ε is in the table below. ε is an upper bound computed by "
-        f"{acc['description']} ({acc['version']}).",
+        f"— the largest ε over clients; each client's own ε is in the table below. In words: whatever anyone does "
+        f"with what the clients released, they cannot tell whether any single record was in a client's data with "
+        f"odds better than e^ε to 1, except with probability δ. ε is an upper bound, computed with "
+        f"{acc['description']}, {acc['version']}, from the ledger.",
         "",
         "- **Unit of privacy:** " + summary["unit_of_privacy"] + ". A person who contributed several examples is "
         "protected only by group privacy (ε grows with the number of their examples).",
@@ -131,8 +133,9 @@ def render_privacy_statement(summary: Mapping[str, Any], context: Mapping[str, A
         "- **What is not covered:** hyperparameter tuning on this data, the pretraining data of the base model, the "
         "held-out evaluation set (the server evaluates on it in the clear), the number of records each client holds, "
         "and which clients took part in which round.",
-        "- **Accountant and assumptions:** " + f"{acc['name']} ({acc['version']}); stated error {acc['error']}. "
-        "Cross-checks: " + ", ".join(f"{c['name']} ({c['version']})" for c in summary["cross_checks"]) + ". "
+        "- **Accountant and assumptions:** " + f"`{acc['name']}` ({acc['version']}); "
+        + ("an upper bound by construction. " if not acc["error"] else f"an upper bound within its stated error {acc['error']}. ")
+        + "Cross-checks: " + ", ".join(f"{c['name']} ({c['version']})" for c in summary["cross_checks"]) + ". "
         + context.get(
             "sampling_note",
             "Poisson sampling is what the clients ran. Client sampling by the server is not used to amplify privacy: "
@@ -214,5 +217,5 @@ def plot_epsilon(ledger: Ledger, accountant: str, path: str | Path, rounds: int 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     if len(shown) < len(histories):
-        return f"left: the {len(shown)} clients with the largest ε of {len(histories)}"
-    return "left: every client"
+        return f"the {len(shown)} clients with the largest ε (of {len(histories)})"
+    return "every client"

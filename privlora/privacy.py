@@ -20,7 +20,7 @@ class OpacusPRVAccountant(Accountant):
     name = "prv"
     library = "opacus"
     error = 0.01
-    description = "privacy random variables (Opacus PRVAccountant, eps_error 0.01)"
+    description = "Opacus's privacy random variable accountant (eps_error 0.01)"
 
     def _epsilon(self, key: HistoryKey, delta: float) -> float:
         from opacus.accountants import PRVAccountant

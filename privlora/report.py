@@ -121,7 +121,7 @@ def write_report(out: str | Path) -> Path:
     statement = ""
     if p.enabled:
         ledger = Ledger.open(out / LEDGER_FILE)
-        privacy = {"enabled": True, **privacy_summary(ledger, p.accountant, client_sizes=sizes)}
+        privacy = {"enabled": True, **privacy_summary(ledger, p.accountant, cross_checks=("pld", "rdp", "prv"), client_sizes=sizes)}
         caption = plot_epsilon(ledger, p.accountant, out / "privacy_epsilon.png", rounds=final["round"])
         calibration = (
             f"Each client's noise multiplier was calibrated so that ε ≤ {p.target_epsilon} if it trained in every one of "
@@ -136,7 +136,7 @@ def write_report(out: str | Path) -> Path:
                 "packages": packages,
                 "epsilon_plot": "privacy_epsilon.png",
             },
-        ) + f"\n{calibration} The ε plot shows, {caption}.\n"
+        ) + f"\n{calibration} The plot's left panel shows {caption}.\n"
     report = {
         "format": "privlora-run-report/1",
         "run": {

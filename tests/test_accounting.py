@@ -127,3 +127,27 @@ def test_accounting_never_imports_torch_or_secagg():
     code = "import sys, accounting, accounting.report, accounting.verify; print(sorted(m for m in ('torch', 'secagg', 'privlora') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+def test_admission_of_mixed_histories_uses_the_tight_accountant_on_the_whole_history():
+    first, planned = SubsampledGaussian(0.8, 0.1, 10, 1.0, DELTA), SubsampledGaussian(1.2, 0.05, 30, 1.0, DELTA)
+    after = tight([(0.8, 0.1, 10), (1.2, 0.05, 30)])
+    adm = Admission(get_accountant("pld"), DELTA, {0: after * 1.001, 1: after * 0.999})
+    adm.load({0: [first], 1: [first]})
+    admitted, decisions = adm.admit({0: planned, 1: planned})
+    assert admitted == [0]
+    assert decisions[1].epsilon_after == pytest.approx(after) and "over its budget" in decisions[1].reason
+
+
+def test_a_client_repeating_one_release_is_decided_by_its_round_count_once_k_max_is_known():
+    m = SubsampledGaussian(1.0, 0.05, 20, 1.0, DELTA)
+    budget = (tight([(1.0, 0.05, 20 * 6)]) + tight([(1.0, 0.05, 20 * 7)])) / 2  # 6 rounds fit, 7 do not
+    adm = Admission(get_accountant("pld"), DELTA, {0: budget})
+    verdicts = []
+    for _ in range(8):
+        admitted, (d,) = adm.admit({0: m})
+        verdicts.append(d.admitted)
+        if d.admitted:
+            adm.record(0, m)
+    assert verdicts == [True] * 6 + [False, False]
+    assert adm.spent(0) <= budget < tight([(1.0, 0.05, 20 * 7)])
