@@ -83,6 +83,10 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _kb(n: float) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
+
+
 def secagg_statement(cfg) -> str:
     s = cfg.secagg
     if not s.enabled:
@@ -173,16 +177,22 @@ def write_report(out: str | Path) -> Path:
         lines.append(f"- **Stopped early:** {stopped}.")
     if not p.enabled:
         lines += ["- **No differential privacy**: this run is a non-private baseline; no epsilon applies."]
-    lines += ["", "| round | accuracy | loss | train loss | max ε | clients trained | not admitted | seconds |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines.append("- Upload and download are the mean tensor bytes (float32) one client sent and received in the round "
+                 "(under secure aggregation: every message of the protocol).")
+    lines += ["", "| round | accuracy | loss | train loss | max ε | clients trained | not admitted | "
+              "upload / client | download / client | seconds |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "stopped" in r:
             continue
         eps = "-" if r.get("epsilon_max") is None else f"{r['epsilon_max']:.3f}"
         tl = "-" if r.get("train_loss") is None else f"{r['train_loss']:.4f}"
+        pc = r.get("per_client") or []
+        up = _kb(sum(c["upload_bytes"] for c in pc) / len(pc)) if pc else "-"
+        down = _kb(sum(c["download_bytes"] for c in pc) / len(pc)) if pc else "-"
         lines.append(
             f"| {r['round']} | {r['test_accuracy']:.4f} | {r['test_loss']:.4f} | {tl} | {eps} | "
-            f"{len(r.get('clients', []))} | {len(r.get('refused', {}))} | {r['seconds']:.1f} |"
+            f"{len(r.get('clients', []))} | {len(r.get('refused', {}))} | {up} | {down} | {r['seconds']:.1f} |"
         )
     lines += ["", "![accuracy and epsilon per round](accuracy_epsilon.png)", ""]
     if statement:
