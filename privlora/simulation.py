@@ -286,10 +286,13 @@ def run_experiment(
             admitted = sorted(fresh + [c for c in chosen if pending[c] is not None])
             for reason in refused.values():
                 print(f"privlora: round {rnd}: not admitted: {reason}", file=sys.stderr)
-            if len(admitted) < cfg.federation.min_clients:
+            # a secure sum of two lets each client subtract its own input: never fewer than three
+            fewest = max(cfg.federation.min_clients, 3 if cfg.secagg.enabled else 1)
+            if len(admitted) < fewest:
                 stopped = (
                     f"round {rnd}: only {len(admitted)} of the {len(chosen)} sampled clients fit their privacy budget, "
-                    f"fewer than federation.min_clients = {cfg.federation.min_clients}; the run stops here"
+                    f"fewer than {fewest} (federation.min_clients = {cfg.federation.min_clients}"
+                    f"{', and secure aggregation needs 3' if cfg.secagg.enabled else ''}); the run stops here"
                 )
                 print(f"privlora: {stopped}", file=sys.stderr)
                 break

@@ -90,3 +90,20 @@ def test_clipping_is_reported_not_silent(tiny_model_dir, tmp_path, capsys):
 def test_slot_form_stacking_is_refused_under_secure_aggregation(tiny_model_dir):
     with pytest.raises(ConfigError, match="flora_form = 'product'"):
         cfg_for(tiny_model_dir, "flora", True, flora_form="slot")
+
+
+def test_secure_aggregation_never_runs_with_fewer_than_three_clients(tiny_model_dir, tmp_path):
+    import dataclasses
+
+    # one round costs 2.94 (q = 1/3, sigma 1.2, 2 steps) and a budget of 3.5 allows only one
+    # round per client: in round 2 at most one of the 4 clients fits, below the 3 a secure sum needs
+    cfg = cfg_for(tiny_model_dir, "ffa", True)
+    cfg = dataclasses.replace(
+        cfg,
+        federation=dataclasses.replace(cfg.federation, rounds=3, min_clients=1),
+        privacy=dataclasses.replace(cfg.privacy, budget_epsilon=3.5),
+    )
+    run_experiment(cfg, tmp_path / "run", progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert "secure aggregation needs 3" in rows[-1]["stopped"]
+    assert all(len(r["clients"]) >= 3 for r in rows[1:] if "stopped" not in r)
