@@ -37,6 +37,13 @@ def _fsync_write(path: Path, data: bytes) -> None:
         os.fsync(fh.fileno())
 
 
+def atomic_write(path: Path, data: bytes | str) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves the old file or the new, never half."""
+    tmp = path.with_name(path.name + ".tmp")
+    _fsync_write(tmp, data.encode("utf-8") if isinstance(data, str) else data)
+    os.replace(tmp, path)
+
+
 def save_checkpoint(run_dir: Path, rnd: int, tensors: dict[str, np.ndarray], meta: dict[str, Any]) -> Path:
     from safetensors.numpy import save
 
@@ -46,9 +53,7 @@ def save_checkpoint(run_dir: Path, rnd: int, tensors: dict[str, np.ndarray], met
     blob = save({k: np.ascontiguousarray(v) for k, v in tensors.items()})
     _fsync_write(ckpt / name, blob)
     state = {"format": FORMAT, "round": rnd, "tensors": name, "tensors_sha256": hashlib.sha256(blob).hexdigest(), **meta}
-    tmp = ckpt / "state.json.tmp"
-    _fsync_write(tmp, json.dumps(state, sort_keys=True, indent=1).encode())
-    os.replace(tmp, ckpt / "state.json")
+    atomic_write(ckpt / "state.json", json.dumps(state, sort_keys=True, indent=1))
     for old in ckpt.glob("state-r*.safetensors"):
         if old.name != name:
             old.unlink()

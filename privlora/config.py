@@ -295,6 +295,21 @@ def _require(cond: bool, where: str, message: str) -> None:
         raise ConfigError(f"{where}: {message}")
 
 
+def _per_client(values: tuple, where: str, what: str, num_clients: int, lo: float, hi: float, low_open: bool = False) -> None:
+    """A per-client list: empty, or one value in [lo, hi] (or (lo, hi]) per client."""
+    if not values:
+        return
+    _require(
+        len(values) == num_clients,
+        where,
+        f"has {len(values)} entries but data.num_clients is {num_clients}; give one {what} per client or leave it empty",
+    )
+    bounds = f"({lo}, {hi}]" if low_open else f"[{lo}, {hi}]"
+    for i, v in enumerate(values):
+        ok = (lo < v if low_open else lo <= v) and v <= hi and math.isfinite(v)
+        _require(ok, f"{where}[{i}]", f"must be in {bounds}, found {v}")
+
+
 def _choice(value: str, allowed: tuple[str, ...], where: str) -> None:
     _require(value in allowed, where, f"{value!r} is not one of {', '.join(map(repr, allowed))}")
 
@@ -330,14 +345,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     for i, layer in enumerate(lo.layers):
         _require(layer >= 0, f"lora.layers[{i}]", f"must be >= 0, found {layer}")
     _require(len(set(lo.layers)) == len(lo.layers), "lora.layers", f"has duplicates: {list(lo.layers)}")
-    if lo.ranks:
-        _require(
-            len(lo.ranks) == d.num_clients,
-            "lora.ranks",
-            f"has {len(lo.ranks)} entries but data.num_clients is {d.num_clients}; give one rank per client or leave it empty",
-        )
-        for i, r in enumerate(lo.ranks):
-            _require(1 <= r <= 1024, f"lora.ranks[{i}]", f"must be in [1, 1024], found {r}")
+    _per_client(lo.ranks, "lora.ranks", "rank", d.num_clients, 1, 1024)
     if lo.rank_distribution:
         _require(
             lo.rank_distribution in RANK_DISTRIBUTIONS,
@@ -394,27 +402,12 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _require(0.0 < p.delta < 1.0, "privacy.delta", f"must be in (0, 1), found {p.delta}")
     _require(p.max_grad_norm > 0, "privacy.max_grad_norm", f"must be > 0, found {p.max_grad_norm}")
     _require(p.noise_multiplier >= 0, "privacy.noise_multiplier", f"must be >= 0 (0 = calibrate from target_epsilon), found {p.noise_multiplier}")
-    if p.enabled and p.noise_multiplier == 0:
-        _require(
-            0 < p.target_epsilon <= 100,
-            "privacy.target_epsilon",
-            f"must be in (0, 100] when privacy.noise_multiplier is 0, found {p.target_epsilon}",
-        )
     _require(p.budget_epsilon >= 0, "privacy.budget_epsilon", f"must be >= 0 (0 = privacy.target_epsilon), found {p.budget_epsilon}")
-    if p.enabled and p.budget_epsilon == 0 and not p.budgets:
-        _require(
-            0 < p.target_epsilon <= 100,
-            "privacy.target_epsilon",
-            f"is the budget when privacy.budget_epsilon is 0 and must be in (0, 100], found {p.target_epsilon}",
-        )
-    if p.budgets:
-        _require(
-            len(p.budgets) == d.num_clients,
-            "privacy.budgets",
-            f"has {len(p.budgets)} entries but data.num_clients is {d.num_clients}; give one budget per client or leave it empty",
-        )
-        for i, b in enumerate(p.budgets):
-            _require(0 < b <= 1000 and math.isfinite(b), f"privacy.budgets[{i}]", f"must be in (0, 1000], found {b}")
+    calibrates, is_budget = p.noise_multiplier == 0, p.budget_epsilon == 0 and not p.budgets
+    if p.enabled and (calibrates or is_budget):
+        why = "privacy.noise_multiplier is 0" if calibrates else "it is the budget (privacy.budget_epsilon is 0)"
+        _require(0 < p.target_epsilon <= 100, "privacy.target_epsilon", f"must be in (0, 100] when {why}, found {p.target_epsilon}")
+    _per_client(p.budgets, "privacy.budgets", "budget", d.num_clients, 0, 1000, low_open=True)
     _validate_secagg(cfg)
     return cfg
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
+from .checkpoint import atomic_write
 from .config import load_config
 
 
@@ -75,12 +75,6 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[name] = "not installed"
     return out
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _kb(n: float) -> str:
@@ -160,7 +154,7 @@ def write_report(out: str | Path) -> Path:
         "privacy": privacy,
         "packages": packages,
     }
-    _atomic_write(out / "report.json", json.dumps(report, indent=1, sort_keys=True) + "\n")
+    atomic_write(out / "report.json", json.dumps(report, indent=1, sort_keys=True) + "\n")
 
     lines = [f"# privlora run: {cfg.name}", ""]
     lines += [
@@ -198,5 +192,5 @@ def write_report(out: str | Path) -> Path:
     if statement:
         lines += [statement]
     path = out / "report.md"
-    _atomic_write(path, "\n".join(lines))
+    atomic_write(path, "\n".join(lines))
     return path

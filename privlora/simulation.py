@@ -42,7 +42,7 @@ from .privacy import get_accountant
 from .data import load_labelled_data, tokenize, train_test_split
 from .models import load_classifier, load_tokenizer, quiet_hf
 from .partition import partition
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
 from .messages import Message
 from .secure_sum import secure_sum
 from .server import Server
@@ -178,9 +178,7 @@ def _truncate_metrics(path: Path, last_round: int) -> None:
     if extra:
         aside = path.with_name(f"metrics.jsonl.unfinished-{int(time.time())}")
         aside.write_text("".join(extra), encoding="utf-8")
-        tmp = path.with_name("metrics.jsonl.tmp")
-        tmp.write_text("".join(keep), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write(path, "".join(keep))
 
 
 def run_experiment(
