@@ -46,7 +46,7 @@ from .checkpoint import CheckpointError, atomic_write, load_checkpoint, save_che
 from .messages import Message
 from .secure_sum import secure_sum
 from .server import Server
-from .strategies import strategy_from_config
+from .strategies import cross_term_error, strategy_from_config
 
 
 class OutputDirError(ValueError):
@@ -302,6 +302,7 @@ def run_experiment(
                     raise CheckpointError(f"ledger: client {c}'s charge for round {rnd} differs from what it would run now")
                 admission.record(c, planned[c])
         contributions, reports, bytes_down, masked_inputs = [], [], 0, {}
+        fedit_error = None
         for cid in admitted:
             instruction = server.instruction(rnd, cid)
             bytes_down += len(instruction)
@@ -330,6 +331,8 @@ def run_experiment(
             for r in reports:  # what each client really sent: every message of the protocol
                 r.upload_bytes = int(secure.bytes_up.get(r.client_id, 0))
         else:
+            if cfg.federation.strategy == "fedit":  # only the clear path sees single contributions
+                fedit_error = cross_term_error(contributions, server.global_state)
             server.aggregate(contributions)
         ev = server.evaluate()
         eps = {str(k): admission.spent(k) for k in range(len(clients))} if dp else {}
@@ -356,6 +359,9 @@ def run_experiment(
             "bytes_down": int(bytes_down),
             "seconds": time.perf_counter() - t_round,
         }
+        if fedit_error is not None:
+            # ||FedIT's update - the mean of the clients' updates|| / ||the mean update||
+            record["fedit_cross_term_error"] = fedit_error if np.isfinite(fedit_error) else None
         if ledger is not None:
             record["ledger"] = {"entries": len(ledger), "head": ledger.head}
         _append_jsonl(metrics_path, record)

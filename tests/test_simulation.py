@@ -108,3 +108,25 @@ def test_an_existing_run_is_never_overwritten_by_accident(finished_run):
     with pytest.raises(OutputDirError, match="--overwrite"):
         run_experiment(cfg, out, progress=False)
     assert (out / "metrics.jsonl").read_bytes() == before
+
+
+def test_a_fedit_run_in_the_clear_reports_its_cross_term_error(tiny_model_dir, tmp_path):
+    from privlora.config import config_from_dict
+
+    base = {
+        "seed": 2, "threads": 1,
+        "model": {"path": str(tiny_model_dir), "max_length": 32},
+        "data": {"max_examples": 200, "num_clients": 3, "partition": "natural", "test_fraction": 0.2},
+        "lora": {"r": 2, "alpha": 4.0},
+        "federation": {"rounds": 1, "clients_per_round": 3},
+        "training": {"local_steps": 2, "batch_size": 16, "physical_batch_size": 16, "lr": 0.5},
+        "privacy": {"enabled": False},
+    }
+    for strategy in ("fedit", "ffa"):
+        cfg = config_from_dict({**base, "name": strategy, "federation": {**base["federation"], "strategy": strategy}})
+        run_experiment(cfg, tmp_path / strategy, progress=False)
+        rows = metrics(tmp_path / strategy)
+        if strategy == "fedit":  # three clients that each moved A and B: averaging factors misses something
+            assert 0 < rows[1]["fedit_cross_term_error"] < 1
+        else:  # FFA-LoRA keeps A shared, so there is nothing to miss and nothing is reported
+            assert "fedit_cross_term_error" not in rows[1]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from privlora.strategies import WEIGHT_KEY, FedIT, FFALoRA, shared_lora_a, sum_states
+from privlora.strategies import WEIGHT_KEY, FedIT, FFALoRA, cross_term_error, shared_lora_a, sum_states
 
 A_KEY = "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight"
 B_KEY = "base_model.model.bert.encoder.layer.0.attention.self.query.lora_B.weight"
@@ -82,6 +82,42 @@ def test_fedit_averages_factors_and_misses_the_cross_terms():
     np.testing.assert_allclose(new[HEAD], 0.5 * np.ones((2, D_OUT)))
     assert not np.allclose(fedit_product, mean_of_products)
     np.testing.assert_allclose(fedit_product - mean_of_products, 0.25 * (B1 @ A2 + B2 @ A1 - B1 @ A1 - B2 @ A2), atol=1e-7)
+
+
+def test_fedit_cross_term_error_of_the_orthogonal_two_client_case():
+    """From a zero start, the mean update (B1 A1 + B2 A2)/2 has squared norm 2/4; the gap is the
+    four unit rank-one cross terms over 4, squared norm 4/16; the ratio is sqrt(1/2)."""
+    e, f = np.eye(D_IN, dtype=np.float32), np.eye(D_OUT, dtype=np.float32)
+    s1 = {A_KEY: e[:1], B_KEY: f[:, :1], HEAD: np.zeros((2, D_OUT), np.float32)}
+    s2 = {A_KEY: e[1:2], B_KEY: f[:, 1:2], HEAD: np.ones((2, D_OUT), np.float32)}
+    start = {A_KEY: np.zeros((1, D_IN), np.float32), B_KEY: np.zeros((D_OUT, 1), np.float32)}
+    fedit = FedIT(max_rank=1)
+    err = cross_term_error([fedit.contribution(s1, 7, 1), fedit.contribution(s2, 7, 1)], start)
+    assert err == pytest.approx(np.sqrt(0.5), rel=1e-6)
+
+
+def test_fedit_cross_term_error_matches_the_closed_form_with_weights_and_a_start():
+    """Gap = sum_{j != k} p_j p_k B_j A_k - sum_k p_k (1 - p_k) B_k A_k, written term by term."""
+    rng = np.random.default_rng(3)
+    sizes = [3, 5, 12]
+    p = np.array(sizes) / sum(sizes)
+    states = [client_state(rng, 2) for _ in sizes]
+    start = client_state(rng, 2)
+    fedit = FedIT(max_rank=2)
+    got = cross_term_error([fedit.contribution(s, n, 2) for s, n in zip(states, sizes)], start)
+    B = [s[B_KEY].astype(np.float64) for s in states]
+    A = [s[A_KEY].astype(np.float64) for s in states]
+    gap = np.zeros((D_OUT, D_IN))
+    for j in range(3):
+        for k in range(3):
+            if j != k:
+                gap += p[j] * p[k] * B[j] @ A[k]
+        gap -= p[j] * (1 - p[j]) * B[j] @ A[j]
+    update = sum(p[k] * B[k] @ A[k] for k in range(3)) - start[B_KEY].astype(np.float64) @ start[A_KEY].astype(np.float64)
+    assert got == pytest.approx(np.linalg.norm(gap) / np.linalg.norm(update), rel=1e-6)
+    # when every client keeps the same A (as FFA-LoRA does), the average is exact
+    shared = [dict(s, **{A_KEY: start[A_KEY]}) for s in states]
+    assert cross_term_error([fedit.contribution(s, n, 2) for s, n in zip(shared, sizes)], start) == pytest.approx(0.0, abs=1e-7)
 
 
 def test_fedit_weights_by_examples_and_refuses_other_ranks():

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .base import BASE_DELTA_PREFIX, WEIGHT_KEY, State, Strategy, sum_states, wire_bytes
-from .fedit import FedIT
+from .fedit import FedIT, cross_term_error
 from .ffa import FFALoRA, shared_lora_a
 from .flora import FLoRA
 from .hetlora import HetLoRA
@@ -63,6 +63,7 @@ __all__ = [
     "HetLoRA",
     "State",
     "Strategy",
+    "cross_term_error",
     "make_strategy",
     "shared_lora_a",
     "strategy_from_config",

@@ -8,7 +8,9 @@ updates ``s * sum_k p_k B_k A_k``: the difference is the cross terms
 
 from __future__ import annotations
 
-from .base import State, Strategy
+import numpy as np
+
+from .base import WEIGHT_KEY, State, Strategy, lora_pairs
 
 
 class FedIT(Strategy):
@@ -36,3 +38,30 @@ class FedIT(Strategy):
     def _check_rank(self, rank: int) -> None:
         if rank != self.max_rank:
             raise ValueError(f"fedit needs one rank for every client; got rank {rank}, global rank {self.max_rank}")
+
+
+def cross_term_error(contributions: list[State], start: State) -> float:
+    """How far FedIT's global update is from the mean of the clients' updates, this round.
+
+    With ``p_k`` the clients' normalised weights and ``B_0 A_0`` the adapter every client started
+    from, the ratio ``||B̄ Ā - sum_k p_k B_k A_k||_F / ||sum_k p_k B_k A_k - B_0 A_0||_F`` over
+    all LoRA layers (B̄, Ā: the weighted means FedIT sets). 0 when the clients' A agree; it is the
+    size of the missing cross terms relative to the update they should have made. Computed from
+    the individual contributions, so only a run in the clear can report it.
+    """
+    if not contributions:
+        raise ValueError("cross_term_error needs at least one contribution")
+    weights = np.array([float(c[WEIGHT_KEY][0]) for c in contributions])
+    p = weights / weights.sum()
+    missed = moved = 0.0
+    for _, a_key, b_key in lora_pairs(start):
+        As = [c[a_key] / w for c, w in zip(contributions, weights)]
+        Bs = [c[b_key] / w for c, w in zip(contributions, weights)]
+        mean_of_products = sum(pk * (b @ a) for pk, a, b in zip(p, As, Bs))
+        product_of_means = sum(pk * b for pk, b in zip(p, Bs)) @ sum(pk * a for pk, a in zip(p, As))
+        base = start[b_key].astype(np.float64) @ start[a_key].astype(np.float64)
+        missed += float(np.sum((product_of_means - mean_of_products) ** 2))
+        moved += float(np.sum((mean_of_products - base) ** 2))
+    if moved == 0:
+        return 0.0 if missed == 0 else float("inf")
+    return float(np.sqrt(missed / moved))
