@@ -228,6 +228,26 @@ def plot(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def load_runs(store: Path) -> dict[str, dict]:
+    """The finished runs by key. A line cut short by a crash while it was being written is
+    skipped with a warning (that run is simply redone); any other bad line is an error."""
+    done: dict[str, dict] = {}
+    if not store.is_file():
+        return done
+    lines = store.read_text().splitlines()
+    for i, line in enumerate(lines, 1):
+        try:
+            run = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines):
+                print(f"strategies.py: {store}: the last line is incomplete (a crash while writing?); "
+                      "that run is redone", file=sys.stderr)
+                continue
+            raise SystemExit(f"strategies.py: {store}, line {i}, is not JSON; fix or delete that line and re-run")
+        done[run["key"]] = run
+    return done
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -242,7 +262,7 @@ def main() -> None:
     wanted_jobs = jobs(args.seeds, args.rounds, tuple(args.settings), tuple(args.methods))
     store = RESULTS / "strategies" / "runs.jsonl"
     store.parent.mkdir(parents=True, exist_ok=True)
-    done = {json.loads(x)["key"]: json.loads(x) for x in store.read_text().splitlines()} if store.is_file() else {}
+    done = load_runs(store)
     todo = [j for j in wanted_jobs if key(j) not in done]
     print(f"{len(done)} runs done, {len(todo)} to go", file=sys.stderr, flush=True)
     cmd = shlex.join(["python", "benchmarks/strategies.py", *sys.argv[1:]])
@@ -255,7 +275,10 @@ def main() -> None:
             print(f"{res['key']}: accuracy {res['accuracy'][-1]:.3f} ({res['total_seconds']:.0f} s)", file=sys.stderr, flush=True)
     # every stored run of this length and these seeds, so that grids run piecewise render together
     results = [r for r in done.values() if r.get("rounds", ROUNDS) == args.rounds and r["seed"] in args.seeds]
-    plot(results, RESULTS / f"{stem}.png")
+    if not results:
+        sys.exit(f"strategies.py: no stored runs of {args.rounds} rounds for seeds {args.seeds}; nothing to report")
+    png = out_md.with_suffix(".png")
+    plot(results, png)
     commands = list(dict.fromkeys(r.get("command", cmd) for r in results))
     text = "\n".join([
         "# Aggregation strategies compared on the embedded task",
@@ -272,7 +295,7 @@ def main() -> None:
         f"seeds {args.seeds}. Bytes are tensor bytes (float32) a deployment would send.",
         *table(results),
         "",
-        f"![accuracy per round]({stem}.png)",
+        f"![accuracy per round]({png.name})",
     ]) + "\n"
     print(text)
     out_md.write_text(text)

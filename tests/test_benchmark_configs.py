@@ -3,6 +3,8 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 from privlora.config import config_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,3 +67,14 @@ def test_a_longer_grid_is_stored_under_its_own_keys_and_filters_settings():
     assert all(config_from_dict(j["config"]).federation.rounds == 15 for j in long)
     assert not {bench.key(j) for j in long} & {bench.key(j) for j in short}
     assert bench.key(short[0]) == "FedIT|dp=False|het=False|seed=0"  # the stored main grid keeps its keys
+
+
+def test_a_run_store_cut_by_a_crash_loses_only_the_cut_run(tmp_path, capsys):
+    bench = load_benchmark()
+    store = tmp_path / "runs.jsonl"
+    store.write_text('{"key": "a", "x": 1}\n{"key": "b", "x": 2}\n{"key": "c", "x"')
+    assert set(bench.load_runs(store)) == {"a", "b"}
+    assert "incomplete" in capsys.readouterr().err
+    store.write_text('{"key": "a"\n{"key": "b"}\n')
+    with pytest.raises(SystemExit, match="line 1"):
+        bench.load_runs(store)
