@@ -57,11 +57,18 @@ def cross_term_error(contributions: list[State], start: State) -> float:
     for _, a_key, b_key in lora_pairs(start):
         As = [c[a_key] / w for c, w in zip(contributions, weights)]
         Bs = [c[b_key] / w for c, w in zip(contributions, weights)]
-        mean_of_products = sum(pk * (b @ a) for pk, a, b in zip(p, As, Bs))
-        product_of_means = sum(pk * b for pk, b in zip(p, Bs)) @ sum(pk * a for pk, a in zip(p, As))
-        base = start[b_key].astype(np.float64) @ start[a_key].astype(np.float64)
-        missed += float(np.sum((product_of_means - mean_of_products) ** 2))
-        moved += float(np.sum((mean_of_products - base) ** 2))
-    if moved == 0:
-        return 0.0 if missed == 0 else float("inf")
-    return float(np.sqrt(missed / moved))
+        pB = [pk * b for pk, b in zip(p, Bs)]
+        a_mean = sum(pk * a for pk, a in zip(p, As))
+        # both differences are products of stacked factors, B̄Ā - sum p_k B_k A_k = [B̄, -p_k B_k][Ā; A_k],
+        # so their norms come from (rank x rank) Gram matrices, never from a dense d_out x d_in matrix
+        missed += _squared_norm_of_product(np.hstack([sum(pB)] + [-b for b in pB]), np.vstack([a_mean] + As))
+        moved += _squared_norm_of_product(np.hstack(pB + [-start[b_key].astype(np.float64)]),
+                                          np.vstack(As + [start[a_key].astype(np.float64)]))
+    if moved <= 0:
+        return 0.0 if missed <= 0 else float("inf")
+    return float(np.sqrt(max(missed, 0.0) / moved))
+
+
+def _squared_norm_of_product(u: np.ndarray, v: np.ndarray) -> float:
+    """||u v||_F^2 = trace((u^T u)(v v^T)), in O((d_out + d_in) k^2) for u: d_out x k, v: k x d_in."""
+    return float(np.sum((u.T @ u) * (v @ v.T)))
