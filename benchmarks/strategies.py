@@ -25,7 +25,7 @@ updates||_F / ||the mean update||_F, per round).
     python benchmarks/strategies.py [--seeds 0 1 2] [--workers 2]      # the main grid, 5 rounds
     # longer runs on the two claims, rendered together into strategies_15rounds.md:
     python benchmarks/strategies.py --rounds 15 --settings nodp-het --methods FFA-LoRA "FLoRA (product)" HetLoRA
-    python benchmarks/strategies.py --rounds 15 --settings dp-hom --methods FedIT FFA-LoRA
+    python benchmarks/strategies.py --rounds 15 --settings dp-hom --methods FedIT FFA-LoRA "FLoRA (product)" HetLoRA
 
 Finished runs are kept in benchmarks/results/strategies/runs.jsonl, with the command that ran
 them; re-running skips them, and the report lists every stored run of that length.
