@@ -78,6 +78,16 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 1
 
 
+def _cmd_keys(args: argparse.Namespace) -> int:
+    from .keys import generate_keys
+
+    registry = generate_keys(args.clients, Path(args.out))
+    print(f"privlora: wrote {registry} (public: set secagg.key_registry to it) and {args.clients} private keys "
+          f"client-K.key beside it (each for its own client's node config only)", file=sys.stderr)
+    print(registry)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="privlora", description="Federated LoRA fine-tuning with differential privacy.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -94,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     ver = sub.add_parser("verify", help="check a run's ledger hash chain and recompute every epsilon from it")
     ver.add_argument("dir")
     ver.set_defaults(func=_cmd_verify)
+    keys = sub.add_parser("keys", help="generate pinned Ed25519 signing keys for secure aggregation (a registry and one private key per client)")
+    keys.add_argument("--clients", type=int, required=True, help="number of clients (ids 0..N-1)")
+    keys.add_argument("--out", required=True, help="folder for registry.json and client-K.key")
+    keys.set_defaults(func=_cmd_keys)
     return parser
 
 

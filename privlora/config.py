@@ -110,6 +110,9 @@ class FederationConfig:
     server_momentum: float = 0.7
     """FedAvgM momentum on the server (0 = plain aggregation); post-processing only."""
     server_lr: float = 1.0
+    train_timeout: float = 0.0
+    """Seconds a networked transport waits for the clients' updates in a round; a client that
+    has not answered by then is a dropout (0 = no limit; ignored in simulation)."""
     min_clients: int = 1
     """Fewest admitted clients a round may run with; when budgets leave fewer, the run stops
     cleanly (and says so) instead of training on too few."""
@@ -196,6 +199,15 @@ class SecAggConfig:
     max_weight: float = 100000.0
     """Public bound on a client's weight (its number of examples with weighting =
     'num_examples'): sets the fixed-point range, so it must hold for every client."""
+    key_registry: str = ""
+    """A key registry (``privlora keys`` writes one): every client's Ed25519 public key, pinned
+    in advance, so that clients authenticate each other against a malicious server. Empty = keys
+    are advertised per session (honest-but-curious server only). In simulation the private keys
+    are read from the files beside the registry; on Flower each node reads its own from its
+    node config (``signing-key``)."""
+    stage_timeout: float = 120.0
+    """Seconds a networked transport waits for the clients' replies in each secure-aggregation
+    stage; a client that has not answered by then is a dropout (ignored in simulation)."""
 
 
 @dataclass(frozen=True)
@@ -360,6 +372,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _require(0.0 <= f.server_momentum < 1.0, "federation.server_momentum", f"must be in [0, 1), found {f.server_momentum}")
     _require(f.server_lr > 0, "federation.server_lr", f"must be > 0, found {f.server_lr}")
     _require(f.rounds >= 1, "federation.rounds", f"must be >= 1, found {f.rounds}")
+    _require(f.train_timeout >= 0, "federation.train_timeout", f"must be >= 0 seconds (0 = no limit), found {f.train_timeout}")
     _require(
         1 <= f.clients_per_round <= d.num_clients,
         "federation.clients_per_round",
@@ -420,6 +433,8 @@ def _validate_secagg(cfg: ExperimentConfig) -> None:
     _require(s.threshold >= 0, "secagg.threshold", f"must be >= 0 (0 = smallest secure value), found {s.threshold}")
     _require(s.value_bound > 0 and math.isfinite(s.value_bound), "secagg.value_bound", f"must be a finite number > 0, found {s.value_bound}")
     _require(s.max_weight >= 1 and math.isfinite(s.max_weight), "secagg.max_weight", f"must be a finite number >= 1, found {s.max_weight}")
+    _require(s.stage_timeout > 0, "secagg.stage_timeout", f"must be > 0 seconds, found {s.stage_timeout}")
+    _require(not s.key_registry or s.enabled, "secagg.key_registry", "is set but secagg.enabled is false; enable secure aggregation or remove the registry")
     if s.enabled:
         _require(cfg.federation.clients_per_round >= 3, "federation.clients_per_round",
                  f"secure aggregation needs at least 3 clients per round (a sum of two reveals each to the other), found {cfg.federation.clients_per_round}")

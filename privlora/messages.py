@@ -16,7 +16,15 @@ import numpy as np
 
 VERSION = 1
 MAX_MESSAGE_BYTES = 1 << 31
-KINDS = ("round_instruction", "client_update")
+KINDS = (
+    "describe",  # server -> client: tell me your planned release and what you can do
+    "client_description",  # client -> server: the reply to describe
+    "round_instruction",  # server -> client: train this round from this global state
+    "client_update",  # client -> server: the contribution (or, under secure aggregation, its header)
+    "refusal",  # client -> server: the client will not train this round, and why
+    "secagg_request",  # server -> client: one secure-aggregation stage (the secagg bytes inside)
+    "secagg_reply",  # client -> server: the client's secagg message for that stage
+)
 
 
 class MessageError(ValueError):
@@ -43,7 +51,7 @@ class Message:
         return save(tensors, metadata=meta)
 
     @classmethod
-    def from_bytes(cls, blob: bytes, expect_kind: str) -> "Message":
+    def from_bytes(cls, blob: bytes, expect_kind: "str | tuple[str, ...]") -> "Message":
         from safetensors import SafetensorError
         from safetensors.numpy import load
 
@@ -64,12 +72,27 @@ class Message:
             raise MessageError(f"malformed message: {exc}") from exc
         if meta.get("privlora.version") != str(VERSION):
             raise MessageError(f"message version {meta.get('privlora.version')!r} is not {VERSION}")
-        if meta.get("privlora.kind") != expect_kind:
-            raise MessageError(f"expected a {expect_kind!r} message, found {meta.get('privlora.kind')!r}")
+        kinds = (expect_kind,) if isinstance(expect_kind, str) else tuple(expect_kind)
+        if meta.get("privlora.kind") not in kinds:
+            want = repr(kinds[0]) if len(kinds) == 1 else " or ".join(map(repr, kinds))
+            raise MessageError(f"expected a {want} message, found {meta.get('privlora.kind')!r}")
         try:
             header = json.loads(meta["privlora.header"])
         except (KeyError, ValueError) as exc:
             raise MessageError(f"message header is missing or not JSON: {exc}") from exc
         if not isinstance(header, dict):
             raise MessageError("message header is not a JSON object")
-        return cls(kind=expect_kind, header=header, tensors=dict(tensors))
+        return cls(kind=meta["privlora.kind"], header=header, tensors=dict(tensors))
+
+
+def bytes_tensor(blob: bytes) -> np.ndarray:
+    """Opaque bytes (a secagg message) as a uint8 tensor, to travel inside a `Message`."""
+    return np.frombuffer(bytes(blob), dtype=np.uint8).copy()
+
+
+def tensor_bytes(msg: Message, key: str = "blob") -> bytes:
+    """The opaque bytes `bytes_tensor` packed under ``key``; MessageError if absent or not uint8."""
+    arr = msg.tensors.get(key)
+    if arr is None or arr.dtype != np.uint8 or arr.ndim != 1:
+        raise MessageError(f"{msg.kind} message carries no byte payload {key!r}")
+    return arr.tobytes()

@@ -113,7 +113,7 @@ def write_report(out: str | Path) -> Path:
     p = cfg.privacy
     final = next(r for r in reversed(rows) if "stopped" not in r)
     stopped = next((r["stopped"] for r in rows if "stopped" in r), None)
-    sizes = {i: n for i, n in enumerate(rows[0].get("client_sizes", []))}
+    sizes = {i: n for i, n in enumerate(rows[0].get("client_sizes") or []) if n is not None}
     packages = package_versions()
     privacy: dict = {"enabled": False}
     statement = ""

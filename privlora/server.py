@@ -87,11 +87,14 @@ class Server:
         n, k = self.cfg.data.num_clients, self.cfg.federation.clients_per_round
         return sorted(int(c) for c in self.rng.choice(n, size=k, replace=False))
 
-    def instruction(self, rnd: int, client_id: int) -> bytes:
+    def instruction(self, rnd: int, client_id: int, mechanism: SubsampledGaussian | None = None) -> bytes:
+        """The round_instruction for one client: its rank, the strategy's broadcast payload and,
+        under DP, the release the server charged it for (a guarded client refuses any other)."""
         rank = self.client_ranks[client_id]
         payload = self.strategy.broadcast(self.global_state, rank)
         self.download_bytes[client_id] = self.strategy.download_bytes(payload)
-        header = {"round": rnd, "client_id": client_id, "rank": rank, "strategy": self.strategy.name}
+        header = {"round": rnd, "client_id": client_id, "rank": rank, "strategy": self.strategy.name,
+                  "mechanism": None if mechanism is None else mechanism.to_dict()}
         return Message("round_instruction", header, payload).to_bytes()
 
     def read_update(self, blob: bytes, rnd: int, expected_clients: set[int]) -> tuple[ClientReport, dict[str, np.ndarray]]:

@@ -1,0 +1,115 @@
+"""How the round engine reaches clients: send messages to a set of clients, collect the replies.
+
+The engine (`privlora.engine`) knows clients only through a `Transport`. One call does all it
+needs: ``exchange(stage, messages, timeout)`` sends ``messages[c]`` (bytes) to each client ``c``
+and returns the replies that arrived within ``timeout`` seconds. A client that does not answer
+in time, or whose node reports an error, is simply absent from the result (a dropout); the
+engine and the secure-aggregation protocol decide what an absence means. Nothing else crosses:
+no shared memory, no Python objects, only the bytes of `privlora.messages`.
+
+Transports:
+
+- `InProcessTransport` (here): every client is a `privlora.node.ClientNode` in this process;
+  the embedded default, experiments and tests. ``drop`` makes chosen clients fall silent from
+  a chosen stage on, the in-process stand-in for a node that dies.
+- `privlora.flower.FlowerTransport`: the same calls over Flower's Message API (a SuperLink and
+  SuperNodes over gRPC, or Flower's simulation engine).
+"""
+
+from __future__ import annotations
+
+import sys
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+STAGE_DESCRIBE = "describe"
+STAGE_TRAIN = "train"
+"""Stage names besides the secure-aggregation stages of `secagg.STAGES`."""
+
+
+@dataclass
+class ExchangeStats:
+    """Bytes that crossed, per client, summed over every exchange so far."""
+
+    bytes_up: dict[int, int] = field(default_factory=dict)
+    bytes_down: dict[int, int] = field(default_factory=dict)
+
+    def add(self, down: Mapping[int, bytes], up: Mapping[int, bytes]) -> None:
+        for c, blob in down.items():
+            self.bytes_down[c] = self.bytes_down.get(c, 0) + len(blob)
+        for c, blob in up.items():
+            self.bytes_up[c] = self.bytes_up.get(c, 0) + len(blob)
+
+
+class Transport(ABC):
+    """Delivers bytes to clients and brings their replies back."""
+
+    name: str = "transport"
+
+    def __init__(self) -> None:
+        self.stats = ExchangeStats()
+
+    @abstractmethod
+    def clients(self) -> list[int]:
+        """The client ids this transport can reach now (sorted)."""
+
+    @abstractmethod
+    def _exchange(self, stage: str, messages: dict[int, bytes], timeout: float | None) -> dict[int, bytes]:
+        """Send and collect; the subclass's one job."""
+
+    def exchange(self, stage: str, messages: Mapping[int, bytes], timeout: float | None = None) -> dict[int, bytes]:
+        """Send ``messages[c]`` to every client ``c``; return ``{c: reply}`` for the clients that
+        answered within ``timeout`` seconds (None: no limit). Replies come back keyed by client
+        id in sorted order, whatever order they arrived in."""
+        messages = {int(c): bytes(b) for c, b in sorted(messages.items())}
+        if not messages:
+            return {}
+        replies = self._exchange(stage, messages, timeout)
+        replies = {c: replies[c] for c in sorted(replies) if c in messages}
+        self.stats.add({c: messages[c] for c in messages}, replies)
+        return replies
+
+    def close(self) -> None:
+        """Release whatever the transport holds (connections, processes)."""
+
+
+class InProcessTransport(Transport):
+    """Every client is a `ClientNode` in this process; messages are handed over as bytes.
+
+    ``drop``: ``{stage: client ids}``; from that stage on those clients never answer again (as
+    a node that was killed). A node that raises a `secagg.SecAggError` (it aborted the protocol)
+    sends nothing back, as a real node that aborts. Any other exception propagates: in one
+    process a bug must not pass for a dropout.
+    """
+
+    name = "in-process"
+
+    def __init__(self, nodes: Mapping[int, "object"], drop: Mapping[str, set[int]] | None = None, progress=None):
+        super().__init__()
+        self.nodes = dict(nodes)
+        self.drop = {s: set(c) for s, c in (drop or {}).items()}
+        self.dead: set[int] = set()
+        self.progress = progress
+        """A callable (stage, client) -> a progress bar for that client's work, or None."""
+
+    def clients(self) -> list[int]:
+        return sorted(c for c in self.nodes if c not in self.dead)
+
+    def _exchange(self, stage: str, messages: dict[int, bytes], timeout: float | None) -> dict[int, bytes]:
+        from secagg import SecAggError
+
+        self.dead |= self.drop.get(stage, set())
+        out = {}
+        for c, blob in messages.items():
+            if c in self.dead or c not in self.nodes:
+                continue
+            bar = self.progress(stage, c) if self.progress is not None else None
+            try:
+                out[c] = self.nodes[c].handle(blob, progress=bar)
+            except SecAggError as exc:
+                print(f"privlora: client {c} aborted secure aggregation: {type(exc).__name__}: {exc}", file=sys.stderr)
+            finally:
+                if bar is not None:
+                    bar.close()
+        return out
