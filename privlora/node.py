@@ -103,21 +103,51 @@ class _Pending:
 class ClientNode:
     """One client behind the bytes interface. ``noise`` is "seeded" or "secure" (`privlora.noise`);
     ``signing_key`` is this client's pinned Ed25519 private key (secure aggregation with a key
-    registry); ``guard`` its own ledger (deployments)."""
+    registry); ``guard`` its own ledger (deployments).
 
-    def __init__(self, client: Client, guard: ClientGuard | None = None, signing_key=None, noise: str = "seeded"):
+    ``client`` is a `Client`, or a zero-argument callable that builds one (a Flower node starts a
+    new process for every message: the secure-aggregation stages then never load the model);
+    give ``cfg`` and ``client_id`` with a callable. `export_state`/`import_state` carry what a
+    node must remember between messages (this round's contribution, the secagg session)."""
+
+    def __init__(self, client, guard: ClientGuard | None = None, signing_key=None, noise: str = "seeded",
+                 label_names: list[str] | None = None, config_sha256: str | None = None, *, cfg=None, client_id: int | None = None):
         from .noise import NOISE_SOURCES
 
         if noise not in NOISE_SOURCES:
             raise ValueError(f"noise must be one of {NOISE_SOURCES}, found {noise!r}")
-        self.client = client
-        self.cfg = client.cfg
-        self.client_id = client.client_id
+        if isinstance(client, Client):
+            self._client, self._load = client, None
+            self.cfg, self.client_id = client.cfg, client.client_id
+        else:
+            if cfg is None or client_id is None:
+                raise ValueError("a ClientNode built from a loader needs cfg and client_id")
+            self._client, self._load = None, client
+            self.cfg, self.client_id = cfg, int(client_id)
         self.guard = guard
         self.signing_key = signing_key
         self.noise = noise
+        self.label_names = label_names
+        """This node's label names, checked against the server's (None: not checked)."""
+        self.config_sha256 = config_sha256
+        """The hash of this node's own resolved config, checked against the server's (None: not checked)."""
         self._pending: _Pending | None = None
         self._session = None  # (round, SecAggClient)
+
+    @property
+    def client(self) -> Client:
+        if self._client is None:
+            self._client = self._load()
+            if self._client.client_id != self.client_id:
+                raise ValueError(f"the loader built client {self._client.client_id}, not {self.client_id}")
+        return self._client
+
+    def export_state(self) -> dict:
+        """What must survive until the next message of this run (no model, no data)."""
+        return {"pending": self._pending, "session": self._session}
+
+    def import_state(self, state: dict) -> None:
+        self._pending, self._session = state.get("pending"), state.get("session")
 
     # ------------------------------------------------------------------ dispatch
     def handle(self, blob: bytes, progress=None) -> bytes:
@@ -126,12 +156,21 @@ class ClientNode:
         if cid != self.client_id:
             raise MessageError(f"a {msg.kind} message for client {cid} was delivered to client {self.client_id}")
         if msg.kind == "describe":
-            return self._describe()
+            return self._describe(msg.header)
         if msg.kind == "round_instruction":
             return self._train(msg, blob, progress)
         return self._secagg(msg)
 
-    def _describe(self) -> bytes:
+    def _describe(self, asked: dict) -> bytes:
+        theirs = asked.get("config_sha256")
+        if self.config_sha256 is not None and theirs is not None and theirs != self.config_sha256:
+            raise MessageError(f"client {self.client_id}: the server runs a config (sha256 {str(theirs)[:12]}…) other than "
+                               f"this node's ({self.config_sha256[:12]}…); both must hold the same federation TOML")
+        labels = asked.get("labels")
+        mine = self.label_names if self.label_names is not None else getattr(self.client, "label_names", None)
+        if mine is not None and labels is not None and list(labels) != list(mine):
+            raise MessageError(f"client {self.client_id}: this node's data has labels {list(mine)} but the federation's "
+                               f"are {list(labels)}; give the node data with exactly those labels")
         planned = self.client.planned_mechanism() if self.cfg.privacy.enabled else None
         header = {
             "client_id": self.client_id,

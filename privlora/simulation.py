@@ -58,8 +58,18 @@ class Federation:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def build_federation(cfg: ExperimentConfig, base_model=None, tokenizer=None) -> Federation:
-    """Load data and model, partition, tokenize; return a server and its clients."""
+def build_server(cfg: ExperimentConfig, test, tokenizer, base_model) -> Server:
+    """The server of a run: the global adapter on ``base_model`` and the held-out ``test`` split.
+    Every transport builds it this way, so the same seed gives the same initial adapter."""
+    import torch
+
+    test_ds = tokenize(test, tokenizer, cfg.model.max_length)
+    torch.manual_seed(cfg.seed)
+    return Server(cfg, strategy_from_config(cfg), base_model, test_ds)
+
+
+def load_split(cfg: ExperimentConfig):
+    """(data, train, test) of ``data.source`` as every party of the run splits it."""
     quiet_hf()
     import torch
 
@@ -67,15 +77,18 @@ def build_federation(cfg: ExperimentConfig, base_model=None, tokenizer=None) -> 
         torch.set_num_threads(cfg.threads)
     data = load_labelled_data(cfg.data)
     train, test = train_test_split(data, cfg.data.test_fraction, cfg.seed, cfg.data.max_examples)
+    return data, train, test
+
+
+def build_federation(cfg: ExperimentConfig, base_model=None, tokenizer=None) -> Federation:
+    """Load data and model, partition, tokenize; return a server and its clients."""
+    data, train, test = load_split(cfg)
     shards = partition(train, cfg.data.partition, cfg.data.num_clients, cfg.seed, cfg.data.dirichlet_alpha)
     if tokenizer is None:
         tokenizer = load_tokenizer(cfg.model.path)
     if base_model is None:
         base_model = load_classifier(cfg.model.path, data.num_labels, cfg.seed)
-    strategy = strategy_from_config(cfg)
-    test_ds = tokenize(test, tokenizer, cfg.model.max_length)
-    torch.manual_seed(cfg.seed)
-    server = Server(cfg, strategy, base_model, test_ds)
+    server = build_server(cfg, test, tokenizer, base_model)
     clients = []
     for k, idx in enumerate(shards):
         # each client gets its own strategy object: nothing is shared with the server
@@ -128,6 +141,18 @@ def client_nodes(cfg: ExperimentConfig, clients: list[Client]) -> dict[int, Clie
     return {c.client_id: ClientNode(c, signing_key=keys.get(c.client_id)) for c in clients}
 
 
+def open_output(cfg: ExperimentConfig | None, out: Path, overwrite: bool, resume: bool) -> ExperimentConfig:
+    """The run's config: read from ``out`` on resume, else written into a fresh ``out``."""
+    if resume:
+        if not (out / "config.toml").is_file():
+            raise OutputDirError(f"--resume: {out} holds no config.toml; is it a privlora run folder?")
+        return load_config(out / "config.toml")
+    assert cfg is not None
+    prepare_out_dir(out, overwrite)
+    (out / "config.toml").write_text(config_to_toml(cfg), encoding="utf-8")
+    return cfg
+
+
 def run_experiment(
     cfg: ExperimentConfig | None,
     out_dir: str | Path,
@@ -146,14 +171,7 @@ def run_experiment(
     stage on, as nodes that die (tests of dropout recovery).
     """
     out = Path(out_dir)
-    if resume:
-        if not (out / "config.toml").is_file():
-            raise OutputDirError(f"--resume: {out} holds no config.toml; is it a privlora run folder?")
-        cfg = load_config(out / "config.toml")
-    else:
-        assert cfg is not None
-        prepare_out_dir(out, overwrite)
-        (out / "config.toml").write_text(config_to_toml(cfg), encoding="utf-8")
+    cfg = open_output(cfg, out, overwrite, resume)
     fed = build_federation(cfg)
     if cfg.secagg.enabled:
         fed.server.strategy.check_secure_aggregation()
@@ -170,5 +188,6 @@ def run_experiment(
                 return None
             return _bar(cfg.training.local_steps, f"client {cid}", 1, True)
     transport = InProcessTransport(nodes, drop=drop, progress=bars)
-    engine = RoundEngine(cfg, fed.server, transport, out, majority_baseline=fed.majority_baseline, progress=progress)
+    engine = RoundEngine(cfg, fed.server, transport, out, majority_baseline=fed.majority_baseline,
+                         label_names=fed.label_names, progress=progress)
     return engine.run(resume=resume, stop_after=stop_after)

@@ -1,0 +1,135 @@
+"""A client node of a deployment, built from its own node config: its data, ledger and key.
+
+A node (a hospital, a branch) holds its own copy of the federation's agreed config and reads
+everything else from its node config (Flower's ``--node-config``), never from the server:
+
+=============== ===================================================================
+``config``      path to the federation's TOML, the same file the server runs; the node refuses
+                to take part if the server's resolved config differs from its own
+``client-id``   this client's id, 0 .. data.num_clients - 1 (its budget and rank in the config)
+``data``        ``"partition"`` (demo: this client's share of ``data.source`` split exactly as
+                the simulation splits it) or a local csv/json/jsonl/parquet file with the
+                config's text and label columns (all of it is this node's training data)
+``node-dir``    this node's own folder: its ledger (DP runs), the updates it released and the
+                key that seals its memory between messages; default ``privlora-node``
+``signing-key`` this client's Ed25519 private key file (``privlora keys``), required when
+                the config pins a key registry
+``noise``       ``"secure"`` (default: ChaCha20 from the OS, `privlora.noise`) or
+                ``"seeded"`` (reproducible, for tests and experiments only)
+=============== ===================================================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import ConfigError, config_to_toml, load_config
+
+NODE_KEYS = ("config", "client-id", "data", "node-dir", "signing-key", "noise")
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    config: Path
+    client_id: int
+    data: str = "partition"
+    node_dir: Path = Path("privlora-node")
+    signing_key: str = ""
+    noise: str = "secure"
+
+
+def node_settings(node_config: Mapping) -> NodeSettings:
+    """Validate a node config; ConfigError names the key and the fix."""
+    from .noise import NOISE_SOURCES
+
+    unknown = sorted(set(node_config) - set(NODE_KEYS) - {"partition-id", "num-partitions"})
+    if unknown:
+        raise ConfigError(f"node config: unknown keys {unknown}; allowed: {', '.join(NODE_KEYS)}")
+    if "config" not in node_config:
+        raise ConfigError("node config: 'config' is missing: give the path of the federation's TOML (--node-config 'config=\"...\"')")
+    cid = node_config.get("client-id", node_config.get("partition-id"))
+    if cid is None:
+        raise ConfigError("node config: 'client-id' is missing: give this node's client id (--node-config 'client-id=0')")
+    try:
+        cid = int(cid)
+    except (TypeError, ValueError):
+        raise ConfigError(f"node config: 'client-id' must be an integer, found {cid!r}") from None
+    noise = str(node_config.get("noise", "secure"))
+    if noise not in NOISE_SOURCES:
+        raise ConfigError(f"node config: 'noise' must be one of {NOISE_SOURCES}, found {noise!r}")
+    return NodeSettings(
+        config=Path(str(node_config["config"])),
+        client_id=cid,
+        data=str(node_config.get("data", "partition")),
+        node_dir=Path(str(node_config.get("node-dir", "privlora-node"))),
+        signing_key=str(node_config.get("signing-key", "")),
+        noise=noise,
+    )
+
+
+def node_training_data(cfg, settings: NodeSettings):
+    """This node's training examples (a `LabelledData`)."""
+    from .data import DataError, load_labelled_data, train_test_split
+    from .partition import partition
+
+    if settings.data == "partition":
+        data = load_labelled_data(cfg.data)
+        train, _ = train_test_split(data, cfg.data.test_fraction, cfg.seed, cfg.data.max_examples)
+        shards = partition(train, cfg.data.partition, cfg.data.num_clients, cfg.seed, cfg.data.dirichlet_alpha)
+        return train.subset(shards[settings.client_id])
+    path = Path(settings.data).expanduser()
+    if not path.is_file():
+        raise DataError(f"node config 'data': {settings.data!r} is neither 'partition' nor an existing file")
+    return load_labelled_data(dataclasses.replace(cfg.data, source=str(path), partition="iid", group_column=""))
+
+
+def build_client_node(settings: NodeSettings):
+    """The `ClientNode` this node runs: its own ledger and signing key now, its data and base
+    model when a message first needs them."""
+    from .client import Client
+    from .data import tokenize
+    from .models import load_classifier, load_tokenizer, quiet_hf
+    from .node import ClientGuard, ClientNode, ledger_folder, run_identity
+    from .strategies import strategy_from_config
+
+    quiet_hf()
+    cfg = load_config(settings.config)
+    if not 0 <= settings.client_id < cfg.data.num_clients:
+        raise ConfigError(f"node config: client-id {settings.client_id} is outside 0..{cfg.data.num_clients - 1} (data.num_clients)")
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+
+    def load_client() -> Client:
+        data = node_training_data(cfg, settings)
+        tokenizer = load_tokenizer(cfg.model.path)
+        base = load_classifier(cfg.model.path, data.num_labels, cfg.seed)
+        client = Client(settings.client_id, cfg, base, tokenize(data, tokenizer, cfg.model.max_length), strategy_from_config(cfg))
+        client.label_names = data.label_names
+        return client
+
+    text = config_to_toml(cfg)
+    guard = None
+    if cfg.privacy.enabled:
+        guard = ClientGuard(ledger_folder(settings.node_dir, cfg, text), settings.client_id, cfg.client_budget(settings.client_id),
+                            cfg.privacy.delta, cfg.privacy.accountant, run_identity(cfg, text))
+    key = None
+    if cfg.secagg.enabled and cfg.secagg.key_registry:
+        from .keys import load_private_key, load_registry
+
+        if not settings.signing_key:
+            raise ConfigError("node config: 'signing-key' is missing but the config pins a key registry; "
+                              "give this client's private key file (written by `privlora keys`)")
+        key = load_private_key(settings.signing_key, settings.client_id, load_registry(cfg.secagg.key_registry))
+    return ClientNode(load_client, guard=guard, signing_key=key, noise=settings.noise,
+                      config_sha256=config_digest(text), cfg=cfg, client_id=settings.client_id)
+
+
+def config_digest(config_text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(config_text.encode()).hexdigest()

@@ -1,0 +1,58 @@
+"""The ClientApp: one privlora client node behind Flower's Message API.
+
+Each message is handled by a fresh process (Flower's SuperNode starts one per message): the node
+rebuilds its `ClientNode` from its node config (`privlora.deploy`, cheap: no model is loaded
+until a message needs training), restores what it remembered from ``context.state`` (sealed
+with this node's own key, `privlora.flower.state`), answers, and saves its memory again.
+A ``whoami`` record is answered with the node's client id alone (the server's address book).
+"""
+
+from __future__ import annotations
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from . import RECORD
+
+app = ClientApp()
+STATE = "privlora-node"
+
+
+def node_for(context: Context):
+    """(settings, node) for this node: from its node config, or under Flower's simulation engine
+    (virtual nodes have only a partition id) from the run config."""
+    from ..deploy import build_client_node, node_settings
+
+    settings = node_settings(_node_config(context))
+    return settings, build_client_node(settings)
+
+
+def _node_config(context: Context) -> dict:
+    nc = dict(context.node_config)
+    rc = dict(context.run_config)
+    if "config" not in nc and "config" in rc:  # a virtual node of the simulation engine
+        cid = int(nc.get("partition-id", -1))
+        nc = {"config": rc["config"], "client-id": cid, "data": "partition",
+              "node-dir": f"{rc.get('node-root', 'privlora-nodes')}/client-{cid}", "noise": rc.get("noise", "seeded")}
+        if rc.get("key-dir"):
+            nc["signing-key"] = f"{rc['key-dir']}/client-{cid}.key"
+    return {k: v for k, v in nc.items() if k not in ("partition-id", "num-partitions")}
+
+
+@app.query("privlora")
+def handle(msg: Message, context: Context) -> Message:
+    from .state import node_key, seal, unseal
+
+    record = msg.content[RECORD]
+    if "whoami" in record:
+        from ..deploy import node_settings
+
+        return Message(RecordDict({RECORD: ConfigRecord({"client-id": node_settings(_node_config(context)).client_id})}), reply_to=msg)
+    settings, node = node_for(context)
+    key = node_key(settings.node_dir)
+    saved = context.state.get(STATE)
+    if saved is not None:
+        node.import_state(unseal(saved["blob"], key))
+    reply = node.handle(bytes(record["blob"]))
+    context.state[STATE] = ConfigRecord({"blob": seal(node.export_state(), key)})
+    return Message(RecordDict({RECORD: ConfigRecord({"blob": reply})}), reply_to=msg)
