@@ -16,7 +16,13 @@ everything else from its node config (Flower's ``--node-config``), never from th
                 the config pins a key registry
 ``noise``       ``"secure"`` (default: ChaCha20 from the OS, `privlora.noise`) or
                 ``"seeded"`` (reproducible, for tests and experiments only)
+``pause-at``    fault injection for tests: on the first message of this secure-aggregation
+                stage the node writes ``NODE-DIR/paused-at-STAGE`` and stops answering (so that
+                a test can kill it exactly there); never set it in a deployment
 =============== ===================================================================
+
+Every message the node answers is appended to ``NODE-DIR/activity.jsonl`` (time, kind, round,
+stage): the node's own record of what it was asked and what it sent back.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from pathlib import Path
 
 from .config import ConfigError, config_to_toml, load_config
 
-NODE_KEYS = ("config", "client-id", "data", "node-dir", "signing-key", "noise")
+NODE_KEYS = ("config", "client-id", "data", "node-dir", "signing-key", "noise", "pause-at")
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,7 @@ class NodeSettings:
     node_dir: Path = Path("privlora-node")
     signing_key: str = ""
     noise: str = "secure"
+    pause_at: str = ""
 
 
 def node_settings(node_config: Mapping) -> NodeSettings:
@@ -67,6 +74,7 @@ def node_settings(node_config: Mapping) -> NodeSettings:
         node_dir=Path(str(node_config.get("node-dir", "privlora-node"))),
         signing_key=str(node_config.get("signing-key", "")),
         noise=noise,
+        pause_at=str(node_config.get("pause-at", "")),
     )
 
 
@@ -95,16 +103,16 @@ def build_client_node(settings: NodeSettings):
     from .node import ClientGuard, ClientNode, ledger_folder, run_identity
     from .strategies import strategy_from_config
 
-    quiet_hf()
     cfg = load_config(settings.config)
     if not 0 <= settings.client_id < cfg.data.num_clients:
         raise ConfigError(f"node config: client-id {settings.client_id} is outside 0..{cfg.data.num_clients - 1} (data.num_clients)")
-    if cfg.threads:
-        import torch
-
-        torch.set_num_threads(cfg.threads)
 
     def load_client() -> Client:
+        if cfg.threads:
+            import torch
+
+            torch.set_num_threads(cfg.threads)
+        quiet_hf()
         data = node_training_data(cfg, settings)
         tokenizer = load_tokenizer(cfg.model.path)
         base = load_classifier(cfg.model.path, data.num_labels, cfg.seed)

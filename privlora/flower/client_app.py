@@ -53,6 +53,36 @@ def handle(msg: Message, context: Context) -> Message:
     saved = context.state.get(STATE)
     if saved is not None:
         node.import_state(unseal(saved["blob"], key))
-    reply = node.handle(bytes(record["blob"]))
+    blob = bytes(record["blob"])
+    seen = _activity(settings, blob)
+    if settings.pause_at and seen.get("stage") == settings.pause_at:
+        _pause(settings)
+    reply = node.handle(blob)
     context.state[STATE] = ConfigRecord({"blob": seal(node.export_state(), key)})
+    _activity(settings, reply)
     return Message(RecordDict({RECORD: ConfigRecord({"blob": reply})}), reply_to=msg)
+
+
+def _activity(settings, blob: bytes) -> dict:
+    """Append (time, kind, round, stage) of a message this node received or sent to its log."""
+    import json
+    import time
+
+    from ..messages import KINDS
+    from ..messages import Message as PrivloraMessage
+
+    msg = PrivloraMessage.from_bytes(blob, KINDS)
+    entry = {"time": time.time(), "kind": msg.kind, "round": msg.header.get("round"), "stage": msg.header.get("stage")}
+    settings.node_dir.mkdir(parents=True, exist_ok=True)
+    with open(settings.node_dir / "activity.jsonl", "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(entry) + "\n")
+    return entry
+
+
+def _pause(settings) -> None:
+    """Fault injection (`pause-at`): mark the spot and stop answering, so a test can kill the node."""
+    import time
+
+    (settings.node_dir / f"paused-at-{settings.pause_at}").write_text("paused\n", encoding="utf-8")
+    time.sleep(600)
+    raise RuntimeError(f"node paused at {settings.pause_at} (pause-at) and was not killed")

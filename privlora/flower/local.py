@@ -247,6 +247,9 @@ class LocalDeployment:
         self._flwr("stop", str(run_id), "local")
         return "timeout"
 
+    def stop(self, run_id: int) -> None:
+        self._flwr("stop", str(run_id), "local")
+
     def logs(self, run_id: int) -> str:
         res = self._flwr("log", str(run_id), "local", "--show")
         return res.stdout + res.stderr

@@ -1,0 +1,164 @@
+"""Seconds per round and bytes on the wire: the in-process transport against Flower on loopback,
+with and without secure aggregation, in one run; and one round of 100 virtual clients on
+Flower's simulation engine (a tiny model).
+
+    .venv/bin/python benchmarks/flower.py [--rounds 1] [--skip-sim] [--out benchmarks/results/flower.md]
+
+Setting: the embedded default config (MiniLM, 10 clients by movie, 5 per round, 10 DP-SGD steps)
+with ``federation.rounds`` set to ``--rounds``; the Flower runs use 10 SuperNodes and one
+SuperLink on 127.0.0.1 (``--insecure``), nodes with seeded noise so both transports compute
+the same thing. "privlora bytes" is what the round engine's messages carry (the same on both
+transports); "loopback bytes" is the growth of the loopback interface's received-byte counter
+(/proc/net/dev) over the Flower run: everything Flower sends, its polling, heartbeats and app
+bundle included. Seconds per round are the rounds' own ``seconds`` in metrics.jsonl (round 0,
+loading and describing, is reported apart).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def lo_bytes() -> int:
+    for line in Path("/proc/net/dev").read_text().splitlines():
+        name, _, rest = line.partition(":")
+        if name.strip() == "lo":
+            return int(rest.split()[0])
+    return 0
+
+
+def summary(out: Path) -> dict:
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    rounds = [r for r in rows[1:] if "stopped" not in r]
+    return {
+        "round0_s": rows[0]["seconds"],
+        "round_s": statistics.mean(r["seconds"] for r in rounds) if rounds else float("nan"),
+        "privlora_mb_up": statistics.mean(r["bytes_up"] + (sum(pc["upload_bytes"] for pc in r["per_client"]) if r.get("secagg") else 0)
+                                          for r in rounds) / 1e6 if rounds else float("nan"),
+        "privlora_mb_down": statistics.mean(r["bytes_down"] for r in rounds) / 1e6 if rounds else float("nan"),
+        "accuracy": rows[-1]["test_accuracy"],
+        "epsilon_max": rows[-1].get("epsilon_max"),
+    }
+
+
+def write_cfg(cfg, path: Path) -> Path:
+    from privlora.config import config_to_toml
+
+    path.write_text(config_to_toml(cfg), encoding="utf-8")
+    return path
+
+
+def run_inprocess(cfg_path: Path, out: Path) -> dict:
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "privlora", "run", str(cfg_path), "--out", str(out), "--quiet"], check=True,
+                   cwd=ROOT, stdout=subprocess.DEVNULL)
+    return {**summary(out), "wall_s": time.perf_counter() - t, "loopback_mb": None}
+
+
+def run_flower(cfg_path: Path, out: Path, n: int) -> dict:
+    from privlora.flower.local import LocalDeployment, node_configs
+
+    work = out.parent / f"{out.name}-flower"
+    t = time.perf_counter()
+    before = lo_bytes()
+    with LocalDeployment(node_configs(cfg_path, n, work / "nodes", noise="seeded"), work) as dep:
+        run_id = dep.submit({"config": str(cfg_path), "out": str(out)})
+        status = dep.wait(run_id, 7200)
+    if status != "finished:completed":
+        raise RuntimeError(f"the Flower run ended {status}; logs in {work}")
+    return {**summary(out), "wall_s": time.perf_counter() - t, "loopback_mb": (lo_bytes() - before) / 1e6}
+
+
+def run_sim100(work: Path, secure: bool) -> dict:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import TOKENIZER_FILES, tiny_bert
+
+    from privlora.config import config_from_dict
+    from privlora.models import resolve_model_path
+
+    model = work / "tiny-bert"
+    if not model.exists():
+        tiny_bert().save_pretrained(model)
+        src = resolve_model_path("embedded:minilm")
+        for name in TOKENIZER_FILES:
+            if (src / name).is_file():
+                shutil.copy(src / name, model / name)
+    cfg = config_from_dict({
+        "name": "sim100", "seed": 0, "threads": 1,
+        "model": {"path": str(model), "max_length": 32},
+        "data": {"max_examples": 4400, "num_clients": 100, "partition": "iid", "test_fraction": 0.1},
+        "lora": {"r": 2, "alpha": 4.0},
+        "federation": {"strategy": "ffa", "rounds": 1, "clients_per_round": 100, "server_momentum": 0.0},
+        "training": {"local_steps": 2, "batch_size": 16, "physical_batch_size": 16},
+        "privacy": {"noise_multiplier": 1.0},
+        "secagg": {"enabled": secure, "bits": 64, "value_bound": 8.0, "max_weight": 1000.0, "stage_timeout": 600.0},
+    })
+    path = write_cfg(cfg, work / f"sim100-{'secure' if secure else 'clear'}.toml")
+    out = work / f"sim100-{'secure' if secure else 'clear'}"
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "privlora.flower.local", str(path), "--out", str(out), "--simulation"], check=True,
+                   cwd=ROOT, stdout=subprocess.DEVNULL)
+    return {**summary(out), "wall_s": time.perf_counter() - t, "loopback_mb": None}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--skip-sim", action="store_true")
+    ap.add_argument("--skip-default", action="store_true")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "flower.md"))
+    args = ap.parse_args()
+    from privlora.config import ExperimentConfig
+
+    work = Path(tempfile.mkdtemp(prefix="privlora-flower-bench-"))
+    rows = []
+    if not args.skip_default:
+        base = ExperimentConfig()
+        for secure in (False, True):
+            cfg = dataclasses.replace(base, federation=dataclasses.replace(base.federation, rounds=args.rounds),
+                                      secagg=dataclasses.replace(base.secagg, enabled=secure, stage_timeout=600.0))
+            path = write_cfg(cfg, work / f"default-{'secure' if secure else 'clear'}.toml")
+            for transport in ("in-process", "flower"):
+                out = work / f"{transport}-{'secure' if secure else 'clear'}"
+                print(f"running {transport}, secagg={secure} ...", file=sys.stderr, flush=True)
+                res = run_inprocess(path, out) if transport == "in-process" else run_flower(path, out, cfg.data.num_clients)
+                rows.append({"setting": "default config, 10 clients, 5 per round", "transport": transport, "secagg": secure, **res})
+    if not args.skip_sim:
+        for secure in (False, True):
+            print(f"running 100 virtual clients, secagg={secure} ...", file=sys.stderr, flush=True)
+            rows.append({"setting": "tiny model, 100 virtual clients, all per round", "transport": "flower simulation engine (Ray, 1 CPU)",
+                         "secagg": secure, **run_sim100(work, secure)})
+    cmd = "python benchmarks/flower.py " + " ".join(sys.argv[1:])
+    lines = [
+        "# Flower vs in-process: seconds per round and bytes", "",
+        f"Command: `{cmd}` ({time.strftime('%Y-%m-%d')}; {platform.machine()}, {platform.python_version()}, 2 cores).", "",
+        "| setting | transport | secagg | round 0 s | s / round | privlora MB up / round | MB down / round | loopback MB (whole run) | wall s | accuracy | max epsilon |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lo = "" if r["loopback_mb"] is None else f"{r['loopback_mb']:.1f}"
+        eps = "" if r["epsilon_max"] is None else f"{r['epsilon_max']:.2f}"
+        lines.append(f"| {r['setting']} | {r['transport']} | {'yes' if r['secagg'] else 'no'} | {r['round0_s']:.1f} | {r['round_s']:.1f} | "
+                     f"{r['privlora_mb_up']:.2f} | {r['privlora_mb_down']:.2f} | {lo} | {r['wall_s']:.0f} | {r['accuracy']:.3f} | {eps} |")
+    lines += ["", __doc__.split("\n\n", 2)[2].strip(), ""]
+    text = "\n".join(lines)
+    Path(args.out).write_text(text, encoding="utf-8")
+    (Path(args.out).with_suffix(".json")).write_text(json.dumps(rows, indent=1), encoding="utf-8")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
