@@ -16,12 +16,13 @@ from .calibration import calibrate_noise
 from .ledger import Charge, Ledger, LedgerError
 from .mechanism import SubsampledGaussian
 from .report import plot_epsilon, privacy_summary, render_privacy_statement
-from .verify import VerifyResult, verify_run
+from .verify import ClientLedgerResult, VerifyResult, verify_client_ledger, verify_run
 
 __all__ = [
     "Accountant",
     "Admission",
     "Charge",
+    "ClientLedgerResult",
     "Decision",
     "Ledger",
     "LedgerError",
@@ -38,5 +39,6 @@ __all__ = [
     "privacy_summary",
     "register_accountant",
     "render_privacy_statement",
+    "verify_client_ledger",
     "verify_run",
 ]

@@ -147,3 +147,89 @@ def verify_run(run_dir: str | Path, rel_tol: float = 1e-6) -> VerifyResult:
         if top is None or abs(float(top) - want) > rel_tol * max(1.0, want):
             res.problems.append(f"report.json's record-level ε {top} differs from the ledger's maximum {want:.6f}")
     return res
+
+
+@dataclass
+class ClientLedgerResult:
+    """`verify_client_ledger`'s findings for one client's own ledger."""
+
+    client: int | None = None
+    problems: list[str] = field(default_factory=list)
+    epsilon: float = 0.0
+    """The client's epsilon by its own ledger (the ledger's accountant, at its delta)."""
+    reported: float | None = None
+    """The server's report.json epsilon for that client."""
+    charges: int = 0
+    unclaimed: list[int] = field(default_factory=list)
+    """Rounds the server charged this client for but the client never charged itself (it refused
+    or never received the instruction): the server's mirror over-counts, which is conservative."""
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify_client_ledger(run_dir: str | Path, client_ledger: str | Path, rel_tol: float = 1e-6) -> ClientLedgerResult:
+    """Check a client's own ledger (a deployment node's ``ledger.jsonl``) against the server's run:
+
+    1. the client's hash chain holds, and it is the ledger of one client of this run (same config
+       hash, same delta);
+    2. every release the client charged itself appears in the server's ledger for that client and
+       round with the same mechanism (otherwise the server's report understates what it spent);
+    3. the server's reported epsilon for the client is at least the epsilon of the client's own
+       ledger (the report is an upper bound on what the client really released).
+    """
+    out = ClientLedgerResult()
+    path = Path(client_ledger)
+    if not path.is_file():
+        out.problems.append(f"{path}: no client ledger here")
+        return out
+    header, charges, problems = check_chain(path.read_bytes().decode("utf-8", errors="replace").splitlines())
+    out.problems += [f"{path.name} {p}" for p in problems]
+    if not header:
+        return out
+    budgets = list(header.get("budgets", {}))
+    if len(budgets) != 1:
+        out.problems.append(f"{path}: budgets name {len(budgets)} clients; a client's own ledger names exactly one")
+        return out
+    cid = out.client = int(budgets[0])
+    run = Path(run_dir)
+    server_lines = (run / LEDGER_FILE).read_bytes().decode("utf-8", errors="replace").splitlines() if (run / LEDGER_FILE).is_file() else []
+    s_header, s_charges, s_problems = check_chain(server_lines)
+    if s_problems or not s_header:
+        out.problems.append(f"the server's {LEDGER_FILE} does not verify (run `privlora verify {run}` first)")
+        return out
+    mine_run, theirs_run = header.get("run", {}), s_header.get("run", {})
+    if mine_run.get("config_sha256") != theirs_run.get("config_sha256"):
+        out.problems.append(f"client {cid}'s ledger belongs to a run of another config (sha256 {str(mine_run.get('config_sha256'))[:12]}…, "
+                            f"the server's {str(theirs_run.get('config_sha256'))[:12]}…)")
+    if header.get("delta") != s_header.get("delta"):
+        out.problems.append(f"client {cid}'s ledger is at delta {header.get('delta')}, the server's at {s_header.get('delta')}")
+    server = {(c.client, c.round): c.mechanism for c in s_charges}
+    for c in charges:
+        if c.client != cid:
+            out.problems.append(f"client {cid}'s ledger holds a charge for client {c.client} (round {c.round})")
+        elif (cid, c.round) not in server:
+            out.problems.append(f"client {cid} charged itself for round {c.round} but the server's ledger has no such charge")
+        elif server[(cid, c.round)] != c.mechanism:
+            out.problems.append(f"client {cid}, round {c.round}: it charged {c.mechanism}, the server {server[(cid, c.round)]}")
+    own_rounds = {c.round for c in charges}
+    out.unclaimed = sorted(r for (k, r) in server if k == cid and r not in own_rounds)
+    out.charges = len(charges)
+    try:
+        acc = get_accountant(str(header.get("accountant", "pld")))
+    except ValueError as exc:
+        out.problems.append(f"{path}: {exc}")
+        return out
+    out.epsilon = acc.epsilon(history_key([c.mechanism for c in charges]), float(header.get("delta", 0)))
+    try:
+        report = json.loads((run / "report.json").read_text(encoding="utf-8"))
+        got = report["privacy"]["clients"][str(cid)]["epsilon"]
+        out.reported = float(got)
+    except (OSError, ValueError, KeyError, TypeError):
+        out.problems.append(f"report.json has no epsilon for client {cid} to compare with")
+        return out
+    if out.reported < out.epsilon - rel_tol * max(1.0, out.epsilon):
+        out.problems.append(f"client {cid}: the server reports ε = {out.reported:.6f} but the client's own ledger gives "
+                            f"{out.epsilon:.6f}: the report understates what it spent")
+    return out

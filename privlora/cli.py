@@ -66,6 +66,21 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     res = verify_run(Path(args.dir))
     for problem in res.problems:
         print(f"FAIL: {problem}")
+    client_problems = 0
+    for path in args.client_ledger or []:
+        from accounting import verify_client_ledger
+
+        cl = verify_client_ledger(Path(args.dir), Path(path))
+        for problem in cl.problems:
+            print(f"FAIL: client ledger {path}: {problem}")
+        client_problems += len(cl.problems)
+        if cl.ok:
+            extra = f"; the server also charged it for rounds {cl.unclaimed} it never charged itself (over-counted, conservative)" if cl.unclaimed else ""
+            print(f"OK: client {cl.client}'s own ledger ({cl.charges} charges, ε = {cl.epsilon:.4f}) matches the server's "
+                  f"ledger charge for charge, and report.json's ε = {cl.reported:.4f} covers it{extra}")
+    if res.ok and client_problems:
+        print(f"privlora verify: {client_problems} problem(s) in the client ledgers", file=sys.stderr)
+        return 1
     if res.ok:
         eps = max(res.epsilons.values(), default=0.0)
         print(
@@ -103,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.set_defaults(func=_cmd_report)
     ver = sub.add_parser("verify", help="check a run's ledger hash chain and recompute every epsilon from it")
     ver.add_argument("dir")
+    ver.add_argument("--client-ledger", action="append", metavar="PATH",
+                     help="also check a client's own ledger.jsonl (a deployment node's) against this run; repeatable")
     ver.set_defaults(func=_cmd_verify)
     keys = sub.add_parser("keys", help="generate pinned Ed25519 signing keys for secure aggregation (a registry and one private key per client)")
     keys.add_argument("--clients", type=int, required=True, help="number of clients (ids 0..N-1)")

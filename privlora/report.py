@@ -98,6 +98,22 @@ def secagg_statement(cfg) -> str:
     )
 
 
+def noise_statement(first: dict) -> str:
+    """Which generator drew each client's DP noise (from round 0 of metrics.jsonl)."""
+    sources = first.get("noise_source") or {}
+    if not sources:
+        return ""
+    by = {}
+    for c, src in sorted(sources.items(), key=lambda kv: int(kv[0])):
+        by.setdefault(src, []).append(int(c))
+    words = {"seeded": "torch's seeded generator (reproducible, not for a real release)",
+             "secure": "the secure source (ChaCha20 keyed from os.urandom, `privlora.noise`)"}
+    parts = [f"clients {ids} from {words.get(src, src)}" for src, ids in by.items()]
+    transport = first.get("transport")
+    where = f" The rounds ran over the {transport} transport." if transport else ""
+    return f"\nNoise: {'; '.join(parts)}.{where}\n"
+
+
 def write_report(out: str | Path) -> Path:
     """Write report.json, report.md and the plots from the run folder's files alone."""
     from accounting import Ledger, plot_epsilon, privacy_summary, render_privacy_statement
@@ -134,7 +150,7 @@ def write_report(out: str | Path) -> Path:
                 "packages": packages,
                 "epsilon_plot": "privacy_epsilon.png",
             },
-        ) + f"\n{calibration} The plot's left panel shows {caption}.\n"
+        ) + f"\n{calibration} The plot's left panel shows {caption}.\n" + noise_statement(rows[0])
     report = {
         "format": "privlora-run-report/1",
         "run": {
@@ -152,6 +168,8 @@ def write_report(out: str | Path) -> Path:
             "per_round": [r["test_accuracy"] for r in rows if "stopped" not in r],
         },
         "privacy": privacy,
+        "noise_source": rows[0].get("noise_source") or {},
+        "transport": rows[0].get("transport", "in-process"),
         "packages": packages,
     }
     atomic_write(out / "report.json", json.dumps(report, indent=1, sort_keys=True) + "\n")

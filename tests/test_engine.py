@@ -201,3 +201,39 @@ def test_the_secure_noise_source_is_standard_normal_and_replaces_opacus_noise():
     assert 1.8 < float(a.std()) < 2.2
     torch.manual_seed(0)
     assert torch.equal(mod._generate_noise(2.0, ref), seeded)  # restored after the block
+
+
+# ---------------------------------------------------------------- a client's ledger against the server's
+
+
+def test_verify_checks_a_client_ledger_against_the_servers_report(tiny_model_dir, tmp_path, capsys):
+    from accounting import verify_client_ledger
+    from privlora.simulation import run_experiment
+
+    out = tmp_path / "run"
+    run_experiment(cfg_for(tiny_model_dir, secagg={"enabled": False}), out, progress=False)
+    server = Ledger.open(out / "ledger.jsonl")
+    mine = [c for c in server.charges if c.client == 1]
+
+    def client_ledger(name, config_sha256=server.header["run"]["config_sha256"], extra_round=None):
+        led = Ledger.create(tmp_path / name / "ledger.jsonl", server.delta, server.header["accountant"], {1: 8.0},
+                            run={"config_sha256": config_sha256})
+        for c in mine:
+            led.append(1, c.round, c.mechanism)
+        if extra_round is not None:
+            led.append(1, extra_round, mine[0].mechanism)
+        return led.path
+
+    good = client_ledger("good")
+    res = verify_client_ledger(out, good)
+    assert res.ok and res.client == 1 and res.reported >= res.epsilon > 0
+    assert main(["verify", str(out), "--client-ledger", str(good)]) == 0
+    assert "client 1's own ledger" in capsys.readouterr().out
+
+    # a charge the server never recorded: its report would understate what client 1 spent
+    extra = verify_client_ledger(out, client_ledger("extra", extra_round=7))
+    assert any("round 7 but the server's ledger has no such charge" in p for p in extra.problems)
+    assert any("understates" in p for p in extra.problems)
+    other = verify_client_ledger(out, client_ledger("other", config_sha256="0" * 64))
+    assert any("another config" in p for p in other.problems)
+    assert main(["verify", str(out), "--client-ledger", str(tmp_path / "extra" / "ledger.jsonl")]) == 1

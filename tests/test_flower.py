@@ -88,11 +88,13 @@ def test_two_dp_rounds_with_secure_aggregation_and_pinned_keys(tmp_path, tiny_mo
     assert last["round"] == 2 and last["secagg"]["survivors"] == [0, 1, 2]
     assert rows(out)[0]["transport"] == "flower" and rows(out)[0]["client_sizes"] is None  # sizes never left the nodes
 
-    # every client's own ledger holds exactly what the server charged it
+    # every client's own ledger holds exactly what the server charged it, and verify says so
     server = Ledger.open(out / "ledger.jsonl")
     for k in range(3):
         own = client_ledger(tmp_path, k)
         assert [(c.round, c.mechanism) for c in own.charges] == [(c.round, c.mechanism) for c in server.charges if c.client == k]
+        assert main(["verify", str(out), "--client-ledger", str(own.path)]) == 0
+    assert report["noise_source"] == {"0": "seeded", "1": "seeded", "2": "seeded"} and report["transport"] == "flower"
 
     # the same config and seed in one process: the same adapter within the fixed-point quantisation
     inproc = tmp_path / "in-process"

@@ -22,8 +22,8 @@ from pathlib import Path
 from types import MappingProxyType
 
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from ..messages import MessageError
 
@@ -42,6 +42,18 @@ def _ed25519(raw: bytes) -> Ed25519PrivateKey:
     return Ed25519PrivateKey.from_private_bytes(raw)
 
 
+def _raw_public(key) -> bytes:
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def _x25519_public(raw: bytes) -> X25519PublicKey:
+    return X25519PublicKey.from_public_bytes(raw)
+
+
+def _ed25519_public(raw: bytes) -> Ed25519PublicKey:
+    return Ed25519PublicKey.from_public_bytes(raw)
+
+
 def _mappingproxy(d: dict) -> MappingProxyType:
     return MappingProxyType(d)
 
@@ -50,6 +62,8 @@ class _Pickler(pickle.Pickler):
     dispatch_table = copyreg.dispatch_table.copy()
     dispatch_table[type(X25519PrivateKey.generate())] = lambda k: (_x25519, (_raw(k),))
     dispatch_table[type(Ed25519PrivateKey.generate())] = lambda k: (_ed25519, (_raw(k),))
+    dispatch_table[type(X25519PrivateKey.generate().public_key())] = lambda k: (_x25519_public, (_raw_public(k),))
+    dispatch_table[type(Ed25519PrivateKey.generate().public_key())] = lambda k: (_ed25519_public, (_raw_public(k),))
     dispatch_table[MappingProxyType] = lambda mp: (_mappingproxy, (dict(mp),))
 
 
