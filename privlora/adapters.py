@@ -17,7 +17,7 @@ import copy
 
 import numpy as np
 
-from .config import ExperimentConfig
+from .config import ConfigError, ExperimentConfig
 
 def peft_lora_config(cfg: ExperimentConfig, rank: int):
     from peft import LoraConfig
@@ -37,7 +37,7 @@ def peft_lora_config(cfg: ExperimentConfig, rank: int):
 def make_peft_model(base_model, cfg: ExperimentConfig, rank: int, copy_base: bool = True):
     """Wrap (a copy of) ``base_model`` with a fresh LoRA adapter of ``rank``.
 
-    Raises ValueError naming ``lora.target_modules`` when none of them exists in the model.
+    Raises ConfigError (a ValueError) naming ``lora.target_modules`` when none of them exists in the model.
     """
     from peft import get_peft_model
 
@@ -46,7 +46,7 @@ def make_peft_model(base_model, cfg: ExperimentConfig, rank: int, copy_base: boo
         peft_model = get_peft_model(model, peft_lora_config(cfg, rank))
     except ValueError as exc:
         names = sorted({n.rsplit(".", 1)[-1] for n, _ in base_model.named_modules() if n})
-        raise ValueError(
+        raise ConfigError(
             f"lora.target_modules: {list(cfg.lora.target_modules)} did not match the model ({exc}). "
             f"Module names in this model include: {', '.join(names[:30])}"
         ) from exc

@@ -38,7 +38,7 @@ from accounting import SubsampledGaussian
 
 from .adapters import adapter_state, load_adapter_state, make_peft_model, merge_into_base
 from .config import ExperimentConfig
-from .data import trim_batch
+from .data import DataError, trim_batch
 from .messages import Message
 from .privacy import calibrate_noise
 from .strategies import Strategy
@@ -91,7 +91,7 @@ class Client:
         self.strategy = strategy
         self.num_examples = len(train_dataset)
         if self.num_examples == 0:
-            raise ValueError(f"client {client_id} has no training examples; lower data.num_clients")
+            raise DataError(f"data.num_clients: client {client_id} has no training examples; lower data.num_clients")
         self._noise_multiplier: float | None = None
 
     # ------------------------------------------------------------------ DP parameters

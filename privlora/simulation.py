@@ -40,7 +40,10 @@ from .client import Client
 from .config import ExperimentConfig, config_to_toml, load_config
 from .privacy import get_accountant
 from .data import load_labelled_data, tokenize, train_test_split
-from .models import load_classifier, load_tokenizer, quiet_hf
+from .models import load_classifier, load_tokenizer, quiet_hf, write_model_card
+from . import preflight
+from .errors import OutputDirError
+from .progress import Progress, first_evaluation_stage
 from .partition import partition
 from .checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
 from .messages import Message
@@ -49,8 +52,6 @@ from .server import Server
 from .strategies import cross_term_error, strategy_from_config
 
 
-class OutputDirError(ValueError):
-    """The output folder already holds a run, or cannot be written."""
 
 
 @dataclass
@@ -64,29 +65,36 @@ class Federation:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def build_federation(cfg: ExperimentConfig, base_model=None, tokenizer=None) -> Federation:
-    """Load data and model, partition, tokenize; return a server and its clients."""
+def build_federation(cfg: ExperimentConfig, base_model=None, tokenizer=None, reporter: Progress | None = None) -> Federation:
+    """Load data and model, partition, tokenize; return a server and its clients.
+
+    ``reporter`` shows each stage (loading, tokenizing) on stderr; None = silent."""
     quiet_hf()
     import torch
 
+    stage = (reporter or Progress(False)).stage
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    data = load_labelled_data(cfg.data)
+    with stage(f"loading data ({cfg.data.source})"):
+        data = load_labelled_data(cfg.data)
     train, test = train_test_split(data, cfg.data.test_fraction, cfg.seed, cfg.data.max_examples)
     shards = partition(train, cfg.data.partition, cfg.data.num_clients, cfg.seed, cfg.data.dirichlet_alpha)
-    if tokenizer is None:
-        tokenizer = load_tokenizer(cfg.model.path)
-    if base_model is None:
-        base_model = load_classifier(cfg.model.path, data.num_labels, cfg.seed)
+    with stage(f"loading the model ({cfg.model.path})"):
+        if tokenizer is None:
+            tokenizer = load_tokenizer(cfg.model.path)
+        if base_model is None:
+            base_model = load_classifier(cfg.model.path, data.num_labels, cfg.seed)
     strategy = strategy_from_config(cfg)
-    test_ds = tokenize(test, tokenizer, cfg.model.max_length)
+    with stage(f"tokenizing {len(train) + len(test)} examples"):
+        test_ds = tokenize(test, tokenizer, cfg.model.max_length)
+        shard_ds = [tokenize(train.subset(idx), tokenizer, cfg.model.max_length) for idx in shards]
     torch.manual_seed(cfg.seed)
     server = Server(cfg, strategy, base_model, test_ds)
     clients = []
-    for k, idx in enumerate(shards):
+    for k, ds in enumerate(shard_ds):
         # each client gets its own strategy object: nothing is shared with the server
         client_strategy = strategy_from_config(cfg)
-        clients.append(Client(k, cfg, base_model, tokenize(train.subset(idx), tokenizer, cfg.model.max_length), client_strategy))
+        clients.append(Client(k, cfg, base_model, ds, client_strategy))
     return Federation(
         cfg=cfg,
         server=server,
@@ -98,7 +106,7 @@ def build_federation(cfg: ExperimentConfig, base_model=None, tokenizer=None) -> 
 
 
 def prepare_out_dir(out: Path, overwrite: bool = False) -> None:
-    if out.exists() and any(out.iterdir()):
+    if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise OutputDirError(
                 f"--out: {out} already holds files; choose a new folder or pass --overwrite to replace that run"
@@ -106,7 +114,10 @@ def prepare_out_dir(out: Path, overwrite: bool = False) -> None:
         if not (out / "config.toml").is_file():
             raise OutputDirError(f"--out: {out} is not empty and does not look like a privlora run; refusing to delete it")
         shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputDirError(f"--out: cannot create {out} ({exc.strerror}); choose a folder you can write to") from exc
 
 
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
@@ -120,7 +131,8 @@ def _atomic_save_adapter(model, out: Path) -> None:
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(str(tmp), safe_serialization=True)
+    # the vocabulary is never resized, so no embedding layer is saved (and peft need not look up the base)
+    model.save_pretrained(str(tmp), safe_serialization=True, save_embedding_layers=False)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
@@ -197,22 +209,29 @@ def run_experiment(
     """
     out = Path(out_dir)
     metrics_path = out / "metrics.jsonl"
+    # pre-flight: nothing is written until config, data, model, folder and budgets are checked
     if resume:
-        if not (out / "config.toml").is_file():
-            raise OutputDirError(f"--resume: {out} holds no config.toml; is it a privlora run folder?")
+        preflight.check_resume_folder(out)
         cfg = load_config(out / "config.toml")
     else:
         assert cfg is not None
-        prepare_out_dir(out, overwrite)
-        (out / "config.toml").write_text(config_to_toml(cfg), encoding="utf-8")
-    chash = config_sha256(out)
+        preflight.check_out_dir(out, overwrite)
     t_start = time.perf_counter()
     dp = cfg.privacy.enabled
-
-    fed = build_federation(cfg)
+    reporter = Progress(progress)
+    fed = build_federation(cfg, reporter=reporter)
     server, clients = fed.server, fed.clients
     if cfg.secagg.enabled:
         server.strategy.check_secure_aggregation()
+    preflight.check_budgets(cfg, clients, reporter)
+    if (warning := preflight.momentum_warning(cfg)) and not resume:
+        print(f"privlora: warning: {warning}", file=sys.stderr)
+    if not resume:
+        prepare_out_dir(out, overwrite or preflight.is_failed_start(out))
+        (out / "config.toml").write_text(config_to_toml(cfg), encoding="utf-8")
+    write_model_card(out, cfg, fed.label_names)
+    first_evaluation_stage(server, reporter, len(server.test_dataset))
+    chash = config_sha256(out)
     sigmas = {c.client_id: (c.noise_multiplier if dp else 0.0) for c in clients}
     ledger: Ledger | None = None
     admission: Admission | None = None
