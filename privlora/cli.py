@@ -39,7 +39,7 @@ def _checkpoint_next_step(exc: CheckpointError, out: Path) -> str:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .simulation import OutputDirError, run_experiment
+    from .simulation import run_experiment
 
     if args.resume:
         if args.config or args.out or args.overwrite:
@@ -52,8 +52,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"privlora: running {'the embedded default' if args.config is None else args.config} -> {out}", file=sys.stderr)
     try:
         final = run_experiment(cfg, out, progress=not args.quiet, overwrite=args.overwrite, resume=bool(args.resume))
-    except OutputDirError as exc:
-        raise ConfigError(str(exc)) from exc
     except CheckpointError as exc:
         raise CheckpointError(_checkpoint_next_step(exc, out) if args.resume else str(exc)) from exc
     except KeyboardInterrupt:
@@ -201,6 +199,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print("privlora: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug, not the user's doing: one line, and how to get the traceback
+        if debug:
+            raise
+        print(
+            f"privlora: internal error: {type(exc).__name__}: {exc}; this is a bug in privlora, not in your input: "
+            f"run the same command with --debug for the traceback and report it",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

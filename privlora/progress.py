@@ -89,10 +89,13 @@ class Progress:
             self.stream.flush()
 
 
-def first_evaluation_stage(server, reporter: Progress, size: int) -> None:
+def first_evaluation_stage(server, reporter: Progress, size: int, enabled: bool = True) -> None:
     """Show the server's next evaluation (the untrained model's, before round 1) as a stage.
 
-    Wraps ``server.evaluate`` for one call only; later evaluations run under the rounds bar."""
+    Wraps ``server.evaluate`` for one call only; later evaluations run under the rounds bar.
+    Not ``enabled`` (a resumed run, which does not evaluate round 0 again): does nothing."""
+    if not (enabled and reporter.enabled):
+        return
     evaluate = server.evaluate
 
     def once(*args, **kwargs):

@@ -230,7 +230,7 @@ def run_experiment(
         prepare_out_dir(out, overwrite or preflight.is_failed_start(out))
         (out / "config.toml").write_text(config_to_toml(cfg), encoding="utf-8")
     write_model_card(out, cfg, fed.label_names)
-    first_evaluation_stage(server, reporter, len(server.test_dataset))
+    first_evaluation_stage(server, reporter, len(server.test_dataset), enabled=not resume)
     chash = config_sha256(out)
     sigmas = {c.client_id: (c.noise_multiplier if dp else 0.0) for c in clients}
     ledger: Ledger | None = None

@@ -364,3 +364,52 @@ def test_the_default_strategies_keep_server_momentum(tiny_cfg):
     assert ExperimentConfig().federation.server_momentum == 0.7  # the measured default run (FFA-LoRA)
     assert tiny_cfg(federation={"strategy": "fedit"}).federation.server_momentum == 0.7
     assert tiny_cfg(federation={"strategy": "hetlora"}).federation.server_momentum == 0.0
+
+
+def test_debug_shows_the_traceback_a_plain_run_hides(tmp_path, capsys, tiny_cfg):
+    path = write_cfg(tmp_path, tiny_cfg())
+    target = tmp_path / "notes.txt"
+    target.write_text("mine\n")
+    from privlora.errors import OutputDirError
+
+    with pytest.raises(OutputDirError, match="is a file, not a folder"):
+        main(["run", str(path), "--out", str(target), "--quiet", "--debug"])
+    assert target.read_text() == "mine\n"
+
+
+def test_an_unexpected_error_is_one_line_that_says_it_is_a_bug(tmp_path, capsys, tiny_cfg, monkeypatch):
+    import privlora.server
+
+    def broken(self):
+        raise RuntimeError("evaluation exploded")
+
+    monkeypatch.setattr(privlora.server.Server, "evaluate", broken)
+    path = write_cfg(tmp_path, tiny_cfg())
+    assert main(["run", str(path), "--out", str(tmp_path / "run"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "privlora: internal error: RuntimeError: evaluation exploded; this is a bug in privlora" in err and "--debug" in err
+
+
+def test_a_spinner_on_a_terminal_ends_in_a_line_with_the_time_taken():
+    import io
+    import time as _time
+
+    from privlora.progress import Progress
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Tty()
+    with Progress(True, stream, interval=0.01).stage("calibrating noise", total=3) as st:
+        for _ in range(3):
+            _time.sleep(0.03)
+            st.advance()
+    text = stream.getvalue()
+    assert "calibrating noise 3/3" in text or "calibrating noise 2/3" in text  # the spinner drew a count
+    assert text.rstrip("\n").endswith("\033[K") and "\rcalibrating noise: done in 0." in text
+    quiet = Tty()
+    with Progress(False, quiet).stage("loading"):
+        pass
+    assert quiet.getvalue() == ""
