@@ -59,7 +59,9 @@ def adapter_state(peft_model) -> dict[str, np.ndarray]:
 
     return {
         k: v.detach().to("cpu").float().numpy().copy()
-        for k, v in get_peft_model_state_dict(peft_model).items()
+        # the vocabulary is never resized: no embedding layer to save, and no need for peft to
+        # reload the base model's config (by its name) to find that out on every call
+        for k, v in get_peft_model_state_dict(peft_model, save_embedding_layers=False).items()
     }
 
 

@@ -31,6 +31,11 @@ def _checkpoint_next_step(exc: CheckpointError, out: Path) -> str:
     msg = str(exc)
     if "different config.toml" in msg:
         return msg
+    if "ledger" in msg and "altered" in msg:
+        return (
+            f"{msg}; restore {out / 'ledger.jsonl'} from a backup and resume again; `privlora verify {out}` shows "
+            "where the chain breaks"
+        )
     return (
         f"{msg}; the run cannot continue from it: restore {out / 'checkpoint'} from a backup and resume again, or "
         f"start over in a new folder (`privlora run {out / 'config.toml'} --out NEW_DIR`), which spends the "

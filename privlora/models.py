@@ -22,8 +22,12 @@ def quiet_hf() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
     import transformers
 
+    # peft asks every model this on load (transformers 5 deprecates it); harmless, and it hides real warnings
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     try:
@@ -137,10 +141,9 @@ def read_model_card(run_dir: str | Path) -> dict:
     if not run.is_dir():
         raise ModelError(f"{run} is not a folder; give the --out folder of a privlora run")
     if not path.is_file():
-        raise ModelError(
-            f"{path} is missing: the run was made by an older privlora or did not get past its start; "
-            f"run it again with this version (`privlora run {run / 'config.toml'} --out NEW_DIR`)"
-        )
+        if (run / "config.toml").is_file():
+            return card_from_config(run)
+        raise ModelError(f"{path} is missing and {run} holds no config.toml; give the --out folder of a privlora run")
     try:
         card = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as exc:
@@ -151,6 +154,25 @@ def read_model_card(run_dir: str | Path) -> dict:
     if not (isinstance(names, list) and len(names) == card.get("num_labels") and len(names) >= 2):
         raise ModelError(f"{path}: label_names and num_labels disagree; the file was edited or damaged")
     return card
+
+
+def card_from_config(run_dir: str | Path) -> dict:
+    """The model card of a run made before ``model.json`` existed, rebuilt from its config.toml:
+    the label names come from loading the run's data again (labels are mapped in a fixed,
+    sorted order, so this gives the run's own order). Raises ModelError if the data is gone."""
+    from .config import load_config
+    from .data import DataError, load_labelled_data
+
+    run = Path(run_dir)
+    cfg = load_config(run / "config.toml")
+    try:
+        names = load_labelled_data(cfg.data).label_names
+    except DataError as exc:
+        raise ModelError(
+            f"{run / MODEL_CARD} is missing (the run predates it) and its label names cannot be recovered from its "
+            f"data ({exc}); make the data available at data.source again"
+        ) from exc
+    return model_card(cfg, names)
 
 
 def load_base_for_run(run_dir: str | Path):

@@ -61,8 +61,7 @@ class Progress:
             yield st
             return
         if not self._tty():
-            count = f" ({total})" if total else ""
-            print(f"privlora: {name}{count}…", file=self.stream, flush=True)
+            print(f"privlora: {name}…", file=self.stream, flush=True)
             yield st
             return
         stop = threading.Event()

@@ -413,3 +413,18 @@ def test_a_spinner_on_a_terminal_ends_in_a_line_with_the_time_taken():
     with Progress(False, quiet).stage("loading"):
         pass
     assert quiet.getvalue() == ""
+
+
+def test_a_ledger_cut_behind_the_checkpoints_back_says_to_restore_the_ledger(tiny_cfg, tmp_path, capsys):
+    from privlora.simulation import run_experiment
+
+    out = tmp_path / "run"
+    run_experiment(tiny_cfg(), out, progress=False, stop_after=1)
+    lines = (out / "ledger.jsonl").read_text().splitlines(keepends=True)
+    (out / "ledger.jsonl").write_text("".join(lines[:-1]))
+    before = snapshot(out)
+    assert main(["run", "--resume", str(out), "--quiet"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "was altered" in line and f"restore {out / 'ledger.jsonl'} from a backup" in line
+    assert f"privlora verify {out}" in line
+    assert snapshot(out) == before
