@@ -455,12 +455,17 @@ def load_config(path: str | Path | None = None) -> ExperimentConfig:
     if path is None:
         return ExperimentConfig()
     path = Path(path)
+    if path.is_dir():
+        hint = f" (the run's config is {path / 'config.toml'})" if (path / "config.toml").is_file() else ""
+        raise ConfigError(f"config: {path} is a folder; pass the path of a .toml file{hint}")
     if not path.is_file():
         raise ConfigError(f"config: file {str(path)!r} does not exist; pass the path of a .toml file")
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config: {path} is not valid TOML ({exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config: {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from exc
     return config_from_dict(raw)
 
 

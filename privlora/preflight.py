@@ -6,8 +6,9 @@ refused therefore leaves nothing behind: fix the config and run the same command
 
 - `check_out_dir`: ``--out`` is a folder (or can be created as one) and holds no earlier run
   (unless ``--overwrite``). Nothing is created here.
-- `check_budgets`: every client's first round fits its budget. Noise is calibrated here (the
-  slow part for a large delta or many clients, shown as a stage), and each client's one-round
+- `check_budgets`: every client's first round fits its budget, checked right after the data is
+  partitioned (before the model loads). Noise is calibrated here (the slow part for a large
+  delta or many clients, shown as a stage), and each client's one-round
   release is put to `accounting.Admission`, the same admission every round uses. A client whose
   budget is below one round's cost could never train; the run is refused with the numbers and
   the fix instead of exiting 0 with an untrained adapter.
@@ -127,22 +128,32 @@ def _budget_field(cfg: ExperimentConfig, client: int) -> str:
     return f"privacy.target_epsilon = {p.target_epsilon:g} (the budget, as privacy.budget_epsilon is 0)"
 
 
-def check_budgets(cfg: ExperimentConfig, clients, reporter: Progress | None = None) -> None:
+def check_budgets(cfg: ExperimentConfig, client_sizes: list[int], reporter: Progress | None = None) -> None:
     """Calibrate every client's noise and refuse the run if any client's budget is below the
-    cost of one round (that client could never train). ``clients`` are `privlora.client.Client`s."""
+    cost of one round (that client could never train). ``client_sizes[k]`` is client k's number
+    of training records; this needs neither the model nor tokenized data, so it runs right after
+    the data is partitioned."""
+    empty = [k for k, n in enumerate(client_sizes) if n == 0]
+    if empty:
+        raise PreflightError(
+            f"data.num_clients: the {cfg.data.partition} partition leaves client {empty[0]} with no training "
+            f"examples ({len(empty)} of {len(client_sizes)} clients); lower data.num_clients or use more data"
+        )
     if not cfg.privacy.enabled:
         return
     from accounting import Admission
 
+    from .client import planned_mechanism
     from .privacy import get_accountant
 
     p = cfg.privacy
     reporter = reporter or Progress(False)
-    name = "calibrating noise" if p.noise_multiplier == 0 else "checking budgets"
+    calibrating = p.noise_multiplier == 0
+    name = "calibrating noise" if calibrating else "checking budgets"
     planned = {}
-    with reporter.stage(f"{name} for {len(clients)} clients ({p.accountant})", total=len(clients)) as st:
-        for c in clients:
-            planned[c.client_id] = c.planned_mechanism()  # calibrates sigma when noise_multiplier is 0
+    with reporter.stage(f"{name} for {len(client_sizes)} clients ({p.accountant})", total=len(client_sizes)) as st:
+        for k, n in enumerate(client_sizes):
+            planned[k] = planned_mechanism(cfg, n)  # the same release Client.planned_mechanism charges
             st.advance()
     acc = get_accountant(p.accountant)
     admission = Admission(acc, p.delta, {k: cfg.client_budget(k) for k in planned})
@@ -150,17 +161,22 @@ def check_budgets(cfg: ExperimentConfig, clients, reporter: Progress | None = No
     if not refused:
         return
     cost = {d.client: acc.epsilon([planned[d.client]], p.delta) for d in refused}
-    worst = max(refused, key=lambda d: cost[d.client] - d.budget)
+    worst = max(refused, key=lambda d: (cost[d.client] - d.budget, -d.client))
     m = planned[worst.client]
     others = len(refused) - 1
     more = f"; {others} other client{'s' if others != 1 else ''} cannot train either" if others else ""
-    sigma = (f"sigma {m.noise_multiplier:.4g}, calibrated for privacy.target_epsilon = {p.target_epsilon:g} over "
-             f"{cfg.federation.rounds} rounds" if p.noise_multiplier == 0 else f"sigma {m.noise_multiplier:g}")
+    if calibrating:
+        sigma = (f"sigma {m.noise_multiplier:.4g}, calibrated for privacy.target_epsilon = {p.target_epsilon:g} over "
+                 f"{cfg.federation.rounds} rounds")
+        noise = "or add noise per round (lower privacy.target_epsilon, which sigma is calibrated to, or set privacy.noise_multiplier)"
+    else:
+        sigma = f"sigma {m.noise_multiplier:g}"
+        noise = "or raise privacy.noise_multiplier"
     raise PreflightError(
         f"{_budget_field(cfg, worst.client)} but one round costs epsilon {cost[worst.client]:.2f} for client "
         f"{worst.client} ({sigma}, q {m.sample_rate:.4g}, {m.steps} steps, delta {p.delta:g}, {p.accountant}){more}; "
-        "no client can train past its budget, so the run would only save an untrained adapter: raise the budget, "
-        "lower training.local_steps, or raise privacy.noise_multiplier"
+        "no client may train past its budget, so the run would only save an untrained adapter: raise the budget, "
+        f"lower training.local_steps, {noise}"
     )
 
 

@@ -79,6 +79,7 @@ def build_federation(cfg: ExperimentConfig, base_model=None, tokenizer=None, rep
         data = load_labelled_data(cfg.data)
     train, test = train_test_split(data, cfg.data.test_fraction, cfg.seed, cfg.data.max_examples)
     shards = partition(train, cfg.data.partition, cfg.data.num_clients, cfg.seed, cfg.data.dirichlet_alpha)
+    preflight.check_budgets(cfg, [len(s) for s in shards], reporter)  # before the model loads
     with stage(f"loading the model ({cfg.model.path})"):
         if tokenizer is None:
             tokenizer = load_tokenizer(cfg.model.path)
@@ -223,7 +224,6 @@ def run_experiment(
     server, clients = fed.server, fed.clients
     if cfg.secagg.enabled:
         server.strategy.check_secure_aggregation()
-    preflight.check_budgets(cfg, clients, reporter)
     if (warning := preflight.momentum_warning(cfg)) and not resume:
         print(f"privlora: warning: {warning}", file=sys.stderr)
     if not resume:

@@ -205,6 +205,23 @@ def test_a_budget_below_one_rounds_cost_is_refused_before_anything_is_written(tm
     assert "raise the budget, lower training.local_steps, or raise privacy.noise_multiplier" in line
     assert "of at most 0" not in line
     assert not out.exists()
+    assert "loading the model" not in capsys.readouterr().err  # refused before the model was loaded
+
+
+def test_a_calibrated_run_whose_budget_is_below_one_round_names_the_target(tmp_path, capsys, tiny_cfg, monkeypatch):
+    import privlora.simulation
+
+    loaded = []
+    monkeypatch.setattr(privlora.simulation, "load_classifier", lambda *a, **k: loaded.append(a))
+    cfg = tiny_cfg(privacy={"noise_multiplier": 0.0, "target_epsilon": 8.0, "budget_epsilon": 0.5})
+    path = write_cfg(tmp_path, cfg)
+    assert main(["run", str(path), "--out", str(tmp_path / "run")]) == 2
+    captured = capsys.readouterr()
+    line = one_error_line(captured.err)
+    assert "privacy.budget_epsilon = 0.5 but one round costs epsilon" in line
+    assert "calibrated for privacy.target_epsilon = 8 over 2 rounds" in line and "lower privacy.target_epsilon" in line
+    assert "privlora: calibrating noise for 4 clients (pld)" in captured.err
+    assert loaded == [] and not (tmp_path / "run").exists()
 
 
 # ---------------------------------------------------------------- 5. data errors in the user's words
@@ -291,7 +308,7 @@ def test_stages_before_round_1_show_on_stderr_unless_quiet(tmp_path, capsys, tin
     path = write_cfg(tmp_path, tiny_cfg(federation={"rounds": 1}))
     assert main(["run", str(path), "--out", str(tmp_path / "a")]) == 0
     err = capsys.readouterr().err
-    stages = ["loading data", "loading the model", "tokenizing 400 examples", "checking budgets for 4 clients",
+    stages = ["loading data", "checking budgets for 4 clients", "loading the model", "tokenizing 400 examples",
               "evaluating the untrained model on 100 held-out examples"]
     positions = [err.find(f"privlora: {s}") for s in stages]
     assert all(p >= 0 for p in positions), err
@@ -428,3 +445,15 @@ def test_a_ledger_cut_behind_the_checkpoints_back_says_to_restore_the_ledger(tin
     assert "was altered" in line and f"restore {out / 'ledger.jsonl'} from a backup" in line
     assert f"privlora verify {out}" in line
     assert snapshot(out) == before
+
+
+def test_a_run_folder_or_a_non_utf8_file_given_as_config_is_named(finished, tmp_path, capsys):
+    cfg, path, out = finished
+    assert main(["run", str(out), "--out", str(tmp_path / "x"), "--quiet"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"config: {out} is a folder; pass the path of a .toml file (the run's config is {out / 'config.toml'})" in line
+    bad = tmp_path / "bad.toml"
+    bad.write_bytes(b'name = "caf\xe9"\n')
+    assert main(["run", str(bad), "--out", str(tmp_path / "x"), "--quiet"]) == 2
+    assert "is not UTF-8 text" in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "x").exists()
