@@ -44,8 +44,6 @@ def _checkpoint_next_step(exc: CheckpointError, out: Path) -> str:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .simulation import run_experiment
-
     if args.resume:
         if args.config or args.out or args.overwrite:
             raise ConfigError("--resume DIR continues the run in DIR with its own config.toml; give no CONFIG, --out or --overwrite")
@@ -55,6 +53,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         cfg = load_config(args.config)
         out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         print(f"privlora: running {'the embedded default' if args.config is None else args.config} -> {out}", file=sys.stderr)
+    from .simulation import run_experiment  # torch and friends: seconds, so after the first line
+
     try:
         final = run_experiment(cfg, out, progress=not args.quiet, overwrite=args.overwrite, resume=bool(args.resume))
     except CheckpointError as exc:
@@ -146,6 +146,16 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, found {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, found {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
@@ -171,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--file", default=None, help="a csv/tsv/jsonl/json/txt file of texts")
     pre.add_argument("--column", default=None, help="the text column in --file (default: the run's data.text_column)")
     pre.add_argument("--json", action="store_true", help="one JSON object per text, with every label's probability")
-    pre.add_argument("--batch-size", type=int, default=32, help="texts per forward pass")
+    pre.add_argument("--batch-size", type=_positive_int, default=32, help="texts per forward pass")
     pre.set_defaults(func=_cmd_predict)
     return parser
 

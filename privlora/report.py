@@ -159,16 +159,23 @@ def write_report(out: str | Path) -> Path:
     cfg = load_config(out / "config.toml")
     chash = hashlib.sha256((out / "config.toml").read_bytes()).hexdigest()
     rows = read_metrics(out)
-    plot(rows, out / "accuracy_epsilon.png")
     p = cfg.privacy
+    ledger = None
+    if p.enabled:  # everything is read before anything is written
+        if not (out / LEDGER_FILE).is_file():
+            raise RunFolderError(
+                f"report: {out / LEDGER_FILE} is missing but the run's config enables privacy, and every epsilon in the "
+                "report is computed from it: restore it from a backup (no file was written)"
+            )
+        ledger = Ledger.open(out / LEDGER_FILE)
+    plot(rows, out / "accuracy_epsilon.png")
     final = next(r for r in reversed(rows) if "stopped" not in r)
     stopped = next((r["stopped"] for r in rows if "stopped" in r), None)
     sizes = {i: n for i, n in enumerate(rows[0].get("client_sizes", []))}
     packages = package_versions()
     privacy: dict = {"enabled": False}
     statement = ""
-    if p.enabled:
-        ledger = Ledger.open(out / LEDGER_FILE)
+    if ledger is not None:
         privacy = {"enabled": True, **privacy_summary(ledger, p.accountant, cross_checks=("pld", "rdp", "prv"), client_sizes=sizes)}
         caption = plot_epsilon(ledger, p.accountant, out / "privacy_epsilon.png", rounds=final["round"])
         calibration = (

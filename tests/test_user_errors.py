@@ -457,3 +457,13 @@ def test_a_run_folder_or_a_non_utf8_file_given_as_config_is_named(finished, tmp_
     assert main(["run", str(bad), "--out", str(tmp_path / "x"), "--quiet"]) == 2
     assert "is not UTF-8 text" in one_error_line(capsys.readouterr().err)
     assert not (tmp_path / "x").exists()
+
+
+def test_report_on_a_private_run_without_its_ledger_writes_nothing(finished, tmp_path, capsys):
+    run = copy_run(finished, tmp_path)
+    (run / "ledger.jsonl").unlink()
+    before = snapshot(run)
+    assert main(["report", str(run)]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "ledger.jsonl is missing but the run's config enables privacy" in line and "restore it from a backup" in line
+    assert snapshot(run) == before
