@@ -95,9 +95,15 @@ def check_resume_folder(out: Path) -> None:
     if not (out / "config.toml").is_file():
         raise RunFolderError(f"--resume: {out} holds no config.toml; is it a privlora run folder (the --out of privlora run)?")
     if not (out / "checkpoint" / "state.json").is_file():
+        if is_failed_start(out):
+            raise RunFolderError(
+                f"--resume: {out} holds a start that never finished round 0 (nothing was trained or charged), so there "
+                f"is nothing to resume; start it with `privlora run {out / 'config.toml'} --out {out}`"
+            )
         raise RunFolderError(
-            f"--resume: {out / 'checkpoint' / 'state.json'} is missing: the run stopped before round 0 finished, so "
-            f"nothing was trained; start it again with `privlora run {out / 'config.toml'} --out {out} --overwrite`"
+            f"--resume: {out / 'checkpoint' / 'state.json'} is missing although the run has finished rounds; restore "
+            f"{out / 'checkpoint'} from a backup, or start over in a new folder (`privlora run {out / 'config.toml'} "
+            f"--out NEW_DIR`), which spends the clients' privacy budgets again"
         )
     metrics = out / "metrics.jsonl"
     first = None

@@ -167,11 +167,16 @@ def test_a_failed_start_leaves_nothing_and_the_same_command_works_once_fixed(tmp
 
 def test_a_folder_left_by_a_start_that_never_finished_round_0_is_reused(tmp_path, capsys, tiny_cfg):
     cfg = tiny_cfg(federation={"rounds": 1})
-    path = write_cfg(tmp_path, cfg)
     out = tmp_path / "run"
     out.mkdir()
     (out / "config.toml").write_text(config_to_toml(cfg))  # what an older privlora left behind
-    assert main(["run", str(path), "--out", str(out), "--quiet"]) == 0
+    before = snapshot(out)
+    assert main(["run", "--resume", str(out), "--quiet"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    command = f"privlora run {out / 'config.toml'} --out {out}"
+    assert "never finished round 0 (nothing was trained or charged)" in line and line.endswith(f"`{command}`")
+    assert snapshot(out) == before
+    assert main(command.split()[1:] + ["--quiet"]) == 0  # the command the message gave
     assert [r["round"] for r in metrics(out)] == [0, 1]
 
 
