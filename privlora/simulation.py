@@ -52,8 +52,6 @@ from .server import Server
 from .strategies import cross_term_error, strategy_from_config
 
 
-
-
 @dataclass
 class Federation:
     cfg: ExperimentConfig
