@@ -37,18 +37,26 @@ def peft_lora_config(cfg: ExperimentConfig, rank: int):
 def make_peft_model(base_model, cfg: ExperimentConfig, rank: int, copy_base: bool = True):
     """Wrap (a copy of) ``base_model`` with a fresh LoRA adapter of ``rank``.
 
-    Raises ConfigError (a ValueError) naming ``lora.target_modules`` when none of them exists in the model.
+    Raises ConfigError (a ValueError) naming ``lora.layers`` when a layer does not exist, and
+    ``lora.target_modules`` when none of them exists in the model.
     """
     from peft import get_peft_model
 
+    layers = getattr(getattr(base_model, "config", None), "num_hidden_layers", None)
+    missing = [i for i in cfg.lora.layers if layers is not None and i >= layers]
+    if missing:
+        raise ConfigError(
+            f"lora.layers: layer {missing[0]} does not exist; the model has {layers} layers (0 to {layers - 1}); "
+            "list layers in that range, or leave lora.layers empty for all"
+        )
     model = copy.deepcopy(base_model) if copy_base else base_model
     try:
         peft_model = get_peft_model(model, peft_lora_config(cfg, rank))
     except ValueError as exc:
         names = sorted({n.rsplit(".", 1)[-1] for n, _ in base_model.named_modules() if n})
         raise ConfigError(
-            f"lora.target_modules: {list(cfg.lora.target_modules)} did not match the model ({exc}). "
-            f"Module names in this model include: {', '.join(names[:30])}"
+            f"lora.target_modules: {list(cfg.lora.target_modules)} did not match any module of the model; use names "
+            f"from those it has: {', '.join(names[:30])} (peft: {exc})"
         ) from exc
     return peft_model
 

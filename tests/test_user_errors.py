@@ -472,3 +472,15 @@ def test_report_on_a_private_run_without_its_ledger_writes_nothing(finished, tmp
     line = one_error_line(capsys.readouterr().err)
     assert "ledger.jsonl is missing but the run's config enables privacy" in line and "restore it from a backup" in line
     assert snapshot(run) == before
+
+
+@pytest.mark.parametrize("lora, expected", [
+    ({"target_modules": ["qkv"]}, "lora.target_modules: ['qkv'] did not match any module of the model; use names from"),
+    ({"layers": [7]}, "lora.layers: layer 7 does not exist; the model has 2 layers (0 to 1)"),
+])
+def test_lora_settings_the_model_does_not_have_are_named_before_anything_is_written(tmp_path, capsys, tiny_cfg, lora, expected):
+    path = write_cfg(tmp_path, tiny_cfg(lora=lora))
+    out = tmp_path / "run"
+    assert main(["run", str(path), "--out", str(out), "--quiet"]) == 2
+    assert expected in one_error_line(capsys.readouterr().err)
+    assert not out.exists()
