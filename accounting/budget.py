@@ -142,7 +142,8 @@ class Admission:
         if k <= kmax:
             # epsilon(release^k) <= epsilon(release^kmax) <= budget
             return Decision(client, True, self._eps_k(m, k) if k == kmax else eps_fit, budget, f"{name}, {k} of at most {kmax} rounds")
-        return Decision(client, False, self._eps_k(m, k) if k == kmax + 1 else eps_over, budget, f"{name}, round {k} of at most {kmax}")
+        how = f"{name}, not even one round fits" if kmax == 0 else f"{name}, round {k} of at most {kmax}"
+        return Decision(client, False, self._eps_k(m, k) if k == kmax + 1 else eps_over, budget, how)
 
     def admit(self, planned: Mapping[int, SubsampledGaussian]) -> tuple[list[int], list[Decision]]:
         """(admitted clients sorted, every decision) for the clients and releases in ``planned``."""

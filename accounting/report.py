@@ -177,13 +177,21 @@ def plot_epsilon(ledger: Ledger, accountant: str, path: str | Path, rounds: int 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import MaxNLocator
+
     acc = get_accountant(accountant)
     histories = ledger.histories()
     final = {c: acc.epsilon(history_key(h), ledger.delta) for c, h in histories.items()}
-    shown = sorted(final, key=lambda c: -final[c])[:max_clients]
+    everyone = sorted(set(ledger.budgets) | set(histories))
+    # a client that never trained spent nothing: it is drawn (flat at 0) and named, not left out
+    shown = sorted(everyone, key=lambda c: (-final.get(c, 0.0), c))[:max_clients]
+    idle = [c for c in shown if c not in histories]
     last_round = rounds or max((ch.round for ch in ledger.charges), default=0)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for c in sorted(shown):
+        if c in idle:
+            ax1.plot([0, last_round], [0.0, 0.0], ls=":", label=f"client {c} (never trained)")
+            continue
         mine = [ch for ch in ledger.charges if ch.client == c]
         # at most `max_points` tight computations per curve: every k-th charge and the last
         stride = max(1, -(-len(mine) // max_points))
@@ -199,6 +207,7 @@ def plot_epsilon(ledger: Ledger, accountant: str, path: str | Path, rounds: int 
     if budgets and len(set(budgets.values())) == 1:
         ax1.axhline(next(iter(budgets.values())), color="k", ls="--", lw=1, label="budget")
     ax1.set_xlabel("round")
+    ax1.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
     ax1.set_ylabel(f"ε at δ={ledger.delta:g} ({accountant})")
     ax1.set_title("privacy spent per client")
     ax1.legend(fontsize=7, ncol=2)
@@ -216,6 +225,7 @@ def plot_epsilon(ledger: Ledger, accountant: str, path: str | Path, rounds: int 
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    if len(shown) < len(histories):
-        return f"the {len(shown)} clients with the largest ε (of {len(histories)})"
-    return "every client"
+    never = f"; never trained, so at ε = 0: client{'s' if len(idle) > 1 else ''} {', '.join(map(str, idle))}" if idle else ""
+    if len(shown) < len(everyone):
+        return f"the {len(shown)} clients with the largest ε (of {len(everyone)}){never}"
+    return f"every client{never}"

@@ -34,6 +34,8 @@ class VerifyResult:
     entries: int = 0
     head: str = ""
     checked_anchors: int = 0
+    not_private: bool = False
+    """The run's config.toml says ``privacy.enabled = false``: no ledger, no claim, nothing to verify."""
 
     @property
     def ok(self) -> bool:
@@ -54,12 +56,30 @@ def _anchor_problem(where: str, anchor: Any, heads: list[str]) -> str | None:
     return None
 
 
+def _privacy_disabled(run: Path) -> bool:
+    """True if the run's config.toml sets ``[privacy] enabled = false`` (read with tomllib)."""
+    import tomllib
+
+    try:
+        raw = tomllib.loads((run / "config.toml").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    privacy = raw.get("privacy", {})
+    return isinstance(privacy, dict) and privacy.get("enabled") is False
+
+
 def verify_run(run_dir: str | Path, rel_tol: float = 1e-6) -> VerifyResult:
     run = Path(run_dir)
     res = VerifyResult()
     ledger_path = run / LEDGER_FILE
     if not ledger_path.is_file():
-        res.problems.append(f"{ledger_path}: no ledger (was privacy enabled for this run?)")
+        if _privacy_disabled(run):
+            res.not_private = True
+            return res
+        res.problems.append(
+            f"{ledger_path}: no ledger, but the run's config enables privacy: the ledger was deleted or moved, "
+            "so no epsilon of this run can be verified"
+        )
         return res
     lines = ledger_path.read_bytes().decode("utf-8", errors="replace").splitlines()
     header, charges, problems = check_chain(lines)

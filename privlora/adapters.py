@@ -17,7 +17,7 @@ import copy
 
 import numpy as np
 
-from .config import ExperimentConfig
+from .config import ConfigError, ExperimentConfig
 
 def peft_lora_config(cfg: ExperimentConfig, rank: int):
     from peft import LoraConfig
@@ -37,18 +37,26 @@ def peft_lora_config(cfg: ExperimentConfig, rank: int):
 def make_peft_model(base_model, cfg: ExperimentConfig, rank: int, copy_base: bool = True):
     """Wrap (a copy of) ``base_model`` with a fresh LoRA adapter of ``rank``.
 
-    Raises ValueError naming ``lora.target_modules`` when none of them exists in the model.
+    Raises ConfigError (a ValueError) naming ``lora.layers`` when a layer does not exist, and
+    ``lora.target_modules`` when none of them exists in the model.
     """
     from peft import get_peft_model
 
+    layers = getattr(getattr(base_model, "config", None), "num_hidden_layers", None)
+    missing = [i for i in cfg.lora.layers if layers is not None and i >= layers]
+    if missing:
+        raise ConfigError(
+            f"lora.layers: layer {missing[0]} does not exist; the model has {layers} layers (0 to {layers - 1}); "
+            "list layers in that range, or leave lora.layers empty for all"
+        )
     model = copy.deepcopy(base_model) if copy_base else base_model
     try:
         peft_model = get_peft_model(model, peft_lora_config(cfg, rank))
     except ValueError as exc:
         names = sorted({n.rsplit(".", 1)[-1] for n, _ in base_model.named_modules() if n})
-        raise ValueError(
-            f"lora.target_modules: {list(cfg.lora.target_modules)} did not match the model ({exc}). "
-            f"Module names in this model include: {', '.join(names[:30])}"
+        raise ConfigError(
+            f"lora.target_modules: {list(cfg.lora.target_modules)} did not match any module of the model; use names "
+            f"from those it has: {', '.join(names[:30])} (peft: {exc})"
         ) from exc
     return peft_model
 
@@ -59,7 +67,9 @@ def adapter_state(peft_model) -> dict[str, np.ndarray]:
 
     return {
         k: v.detach().to("cpu").float().numpy().copy()
-        for k, v in get_peft_model_state_dict(peft_model).items()
+        # the vocabulary is never resized: no embedding layer to save, and no need for peft to
+        # reload the base model's config (by its name) to find that out on every call
+        for k, v in get_peft_model_state_dict(peft_model, save_embedding_layers=False).items()
     }
 
 

@@ -1,5 +1,9 @@
-"""Command line: ``privlora run [CONFIG] --out DIR`` (or ``--resume DIR``), ``privlora report DIR``
-and ``privlora verify DIR``."""
+"""Command line: ``privlora run [CONFIG] --out DIR`` (or ``--resume DIR``), ``privlora report DIR``,
+``privlora verify DIR`` and ``privlora predict DIR TEXT...``.
+
+Every failure a user can cause prints one line, ``privlora: error: <problem>; <fix>``, and exits
+non-zero (2 for bad input, 130 for Ctrl-C), without a traceback; ``--debug`` shows it.
+"""
 
 from __future__ import annotations
 
@@ -15,15 +19,31 @@ from accounting import LedgerError
 from .checkpoint import CheckpointError
 from .config import ConfigError, load_config
 from .data import DataError
+from .errors import RunFolderError, UserError, explain_os_error, interrupted_message
 from .messages import MessageError
 from .models import ModelError
 
-USER_ERRORS = (ConfigError, DataError, ModelError, MessageError, CheckpointError, LedgerError)
+USER_ERRORS = (ConfigError, DataError, ModelError, MessageError, CheckpointError, LedgerError, UserError)
+
+
+def _checkpoint_next_step(exc: CheckpointError, out: Path) -> str:
+    """A damaged or foreign checkpoint: what it is, and the two ways on."""
+    msg = str(exc)
+    if "different config.toml" in msg:
+        return msg
+    if "ledger" in msg and "altered" in msg:
+        return (
+            f"{msg}; restore {out / 'ledger.jsonl'} from a backup and resume again; `privlora verify {out}` shows "
+            "where the chain breaks"
+        )
+    return (
+        f"{msg}; the run cannot continue from it: restore {out / 'checkpoint'} from a backup and resume again, or "
+        f"start over in a new folder (`privlora run {out / 'config.toml'} --out NEW_DIR`), which spends the "
+        f"clients' privacy budgets again ({out / 'ledger.jsonl'} records what this run already spent)"
+    )
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .simulation import OutputDirError, run_experiment
-
     if args.resume:
         if args.config or args.out or args.overwrite:
             raise ConfigError("--resume DIR continues the run in DIR with its own config.toml; give no CONFIG, --out or --overwrite")
@@ -33,10 +53,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
         cfg = load_config(args.config)
         out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         print(f"privlora: running {'the embedded default' if args.config is None else args.config} -> {out}", file=sys.stderr)
+    from .simulation import run_experiment  # torch and friends: seconds, so after the first line
+
     try:
         final = run_experiment(cfg, out, progress=not args.quiet, overwrite=args.overwrite, resume=bool(args.resume))
-    except OutputDirError as exc:
-        raise ConfigError(str(exc)) from exc
+    except CheckpointError as exc:
+        raise CheckpointError(_checkpoint_next_step(exc, out) if args.resume else str(exc)) from exc
+    except KeyboardInterrupt:
+        print(f"privlora: {interrupted_message(out)}", file=sys.stderr)
+        return 130
+    except OSError as exc:
+        raise UserError(explain_os_error(exc, out)) from exc
     if cfg is None:
         cfg = load_config(out / "config.toml")
     summary = {
@@ -46,14 +73,32 @@ def _cmd_run(args: argparse.Namespace) -> int:
         "delta": cfg.privacy.delta if cfg.privacy.enabled else None,
         "seconds": round(final["total_seconds"], 1),
     }
+    if final.get("stopped"):
+        summary["stopped"] = final["stopped"]
     print(json.dumps(summary))
     return 0
+
+
+def _run_folder(path: str, command: str) -> Path:
+    """A run folder for report/verify: it exists and holds a config.toml."""
+    run = Path(path)
+    if not run.exists():
+        raise RunFolderError(f"{command}: {run} does not exist; give the --out folder of a privlora run")
+    if not run.is_dir():
+        raise RunFolderError(f"{command}: {run} is a file; give the --out folder of a privlora run, not a file in it")
+    if not (run / "config.toml").is_file():
+        raise RunFolderError(f"{command}: {run} holds no config.toml; is it a privlora run folder (the --out of privlora run)?")
+    return run
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
 
-    path = write_report(Path(args.dir))
+    run = _run_folder(args.dir, "report")
+    try:
+        path = write_report(run)
+    except OSError as exc:
+        raise UserError(explain_os_error(exc)) from exc
     print(path)
     return 0
 
@@ -63,7 +108,14 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
     from .privacy import get_accountant  # noqa: F401  (registers the "prv" accountant)
 
-    res = verify_run(Path(args.dir))
+    run = _run_folder(args.dir, "verify")
+    res = verify_run(run)
+    if res.not_private:
+        print(
+            f"NOTHING TO VERIFY: {args.dir} is a non-private run (privacy.enabled = false in its config.toml): it makes "
+            "no privacy claim and has no ledger; only DP runs have an epsilon to recompute"
+        )
+        return 0
     for problem in res.problems:
         print(f"FAIL: {problem}")
     client_problems = 0
@@ -103,28 +155,65 @@ def _cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from .models import read_model_card
+    from .predict import format_prediction, load_run_model, predict, read_texts
+
+    texts = list(args.texts)
+    if args.file:
+        card = read_model_card(args.dir) if Path(args.dir, "model.json").is_file() else {}
+        texts += read_texts(args.file, args.column or card.get("text_column", "text"))
+    if not texts:
+        raise UserError('predict: no text given; pass texts (privlora predict DIR "a text" ...) or --file texts.csv')
+    model, tokenizer, names = load_run_model(args.dir)
+    for p in predict(model, tokenizer, names, texts, batch_size=args.batch_size):
+        print(format_prediction(p, as_json=args.json))
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, found {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, found {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="privlora", description="Federated LoRA fine-tuning with differential privacy.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
+    parser = argparse.ArgumentParser(prog="privlora", description="Federated LoRA fine-tuning with differential privacy.",
+                                     parents=[common])
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run a federated experiment (the embedded default without CONFIG)")
+    run = sub.add_parser("run", parents=[common], help="run a federated experiment (the embedded default without CONFIG)")
     run.add_argument("config", nargs="?", default=None, help="TOML config; omit for the embedded default")
     run.add_argument("--out", default=None, help="output folder (default runs/NAME-TIMESTAMP)")
     run.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
-    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--quiet", action="store_true", help="no progress stages or bars")
     run.add_argument("--resume", metavar="DIR", default=None, help="continue an interrupted run from its checkpoint")
     run.set_defaults(func=_cmd_run)
-    rep = sub.add_parser("report", help="re-render report.md from a run folder")
+    rep = sub.add_parser("report", parents=[common], help="re-render report.md from a run folder")
     rep.add_argument("dir")
     rep.set_defaults(func=_cmd_report)
-    ver = sub.add_parser("verify", help="check a run's ledger hash chain and recompute every epsilon from it")
+    ver = sub.add_parser("verify", parents=[common], help="check a run's ledger hash chain and recompute every epsilon from it")
     ver.add_argument("dir")
     ver.add_argument("--client-ledger", action="append", metavar="PATH",
                      help="also check a client's own ledger.jsonl (a deployment node's) against this run; repeatable")
     ver.set_defaults(func=_cmd_verify)
-    keys = sub.add_parser("keys", help="generate pinned Ed25519 signing keys for secure aggregation (a registry and one private key per client)")
+    keys = sub.add_parser("keys", parents=[common], help="generate pinned Ed25519 signing keys for secure aggregation (a registry and one private key per client)")
     keys.add_argument("--clients", type=int, required=True, help="number of clients (ids 0..N-1)")
     keys.add_argument("--out", required=True, help="folder for registry.json and client-K.key")
     keys.set_defaults(func=_cmd_keys)
+    pre = sub.add_parser("predict", parents=[common], help="label texts with a run's trained model")
+    pre.add_argument("dir", help="a finished run's folder (its --out)")
+    pre.add_argument("texts", nargs="*", help="texts to label")
+    pre.add_argument("--file", default=None, help="a csv/tsv/jsonl/json/txt file of texts")
+    pre.add_argument("--column", default=None, help="the text column in --file (default: the run's data.text_column)")
+    pre.add_argument("--json", action="store_true", help="one JSON object per text, with every label's probability")
+    pre.add_argument("--batch-size", type=_positive_int, default=32, help="texts per forward pass")
+    pre.set_defaults(func=_cmd_predict)
     return parser
 
 
@@ -137,15 +226,34 @@ def _quiet_library_warnings() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False)
     _quiet_library_warnings()
     try:
         return args.func(args)
     except USER_ERRORS as exc:
+        if debug:
+            raise
         print(f"privlora: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if debug:
+            raise
+        print(f"privlora: error: {explain_os_error(exc)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print("privlora: interrupted; every finished round is checkpointed: continue with privlora run --resume DIR", file=sys.stderr)
+        if debug:
+            raise
+        print("privlora: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug, not the user's doing: one line, and how to get the traceback
+        if debug:
+            raise
+        print(
+            f"privlora: internal error: {type(exc).__name__}: {exc}; this is a bug in privlora, not in your input: "
+            f"run the same command with --debug for the traceback and report it",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

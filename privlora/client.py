@@ -38,7 +38,7 @@ from accounting import SubsampledGaussian
 
 from .adapters import adapter_state, load_adapter_state, make_peft_model, merge_into_base
 from .config import ExperimentConfig
-from .data import trim_batch
+from .data import DataError, trim_batch
 from .messages import Message
 from .privacy import calibrate_noise
 from .strategies import Strategy
@@ -68,6 +68,35 @@ def penalty_step(model, penalty):
     return apply
 
 
+def poisson_sample_rate(num_examples: int, batch_size: int) -> float:
+    """q = 1 / ceil(n_k / batch_size): the rate Opacus's DPDataLoader samples at (1 / its length)."""
+    return 1.0 / math.ceil(num_examples / batch_size)
+
+
+def planned_noise_multiplier(cfg: ExperimentConfig, sample_rate: float) -> float:
+    """``privacy.noise_multiplier`` if set, else the smallest sigma keeping a client sampled at
+    ``sample_rate`` within ``target_epsilon`` over every planned round (cached per q)."""
+    p = cfg.privacy
+    if p.noise_multiplier > 0:
+        return p.noise_multiplier
+    planned = cfg.federation.rounds * cfg.training.local_steps
+    return calibrate_noise(p.target_epsilon, p.delta, sample_rate, planned, p.accountant)
+
+
+def planned_mechanism(cfg: ExperimentConfig, num_examples: int, noise_multiplier: float | None = None) -> SubsampledGaussian:
+    """One round of a client's local DP-SGD on ``num_examples`` records, as the ledger charges it."""
+    t, p = cfg.training, cfg.privacy
+    q = poisson_sample_rate(num_examples, t.batch_size)
+    sigma = planned_noise_multiplier(cfg, q) if noise_multiplier is None else noise_multiplier
+    return SubsampledGaussian(
+        noise_multiplier=float(sigma),
+        sample_rate=float(q),
+        steps=int(t.local_steps),
+        clip_norm=float(p.max_grad_norm),
+        delta=float(p.delta),
+    )
+
+
 @dataclass
 class LocalResult:
     state: dict[str, np.ndarray]
@@ -91,38 +120,26 @@ class Client:
         self.strategy = strategy
         self.num_examples = len(train_dataset)
         if self.num_examples == 0:
-            raise ValueError(f"client {client_id} has no training examples; lower data.num_clients")
+            raise DataError(f"data.num_clients: client {client_id} has no training examples; lower data.num_clients")
         self._noise_multiplier: float | None = None
 
     # ------------------------------------------------------------------ DP parameters
     @property
     def sample_rate(self) -> float:
         """Poisson sampling rate q = 1 / ceil(n_k / batch_size), exactly as Opacus derives it."""
-        return 1.0 / math.ceil(self.num_examples / self.cfg.training.batch_size)
+        return poisson_sample_rate(self.num_examples, self.cfg.training.batch_size)
 
     @property
     def noise_multiplier(self) -> float:
         """Explicit sigma, or the smallest sigma keeping this client within target_epsilon if it
         took part in every planned round (the worst case, so the target holds whatever sampling)."""
-        p = self.cfg.privacy
         if self._noise_multiplier is None:
-            if p.noise_multiplier > 0:
-                self._noise_multiplier = p.noise_multiplier
-            else:
-                planned = self.cfg.federation.rounds * self.cfg.training.local_steps
-                self._noise_multiplier = calibrate_noise(p.target_epsilon, p.delta, self.sample_rate, planned, p.accountant)
+            self._noise_multiplier = planned_noise_multiplier(self.cfg, self.sample_rate)
         return self._noise_multiplier
 
     def planned_mechanism(self) -> SubsampledGaussian:
         """The release one round of local DP-SGD makes: what the ledger charges before training."""
-        t, p = self.cfg.training, self.cfg.privacy
-        return SubsampledGaussian(
-            noise_multiplier=float(self.noise_multiplier),
-            sample_rate=float(self.sample_rate),
-            steps=int(t.local_steps),
-            clip_norm=float(p.max_grad_norm),
-            delta=float(p.delta),
-        )
+        return planned_mechanism(self.cfg, self.num_examples, self.noise_multiplier)
 
     # ------------------------------------------------------------------ protocol
     def handle(self, instruction: bytes, progress=None) -> bytes:

@@ -69,7 +69,55 @@ def embedded_rotten_tomatoes_path() -> Path:
     return path
 
 
-def _load_dataset(path: Path):
+def _open_raw(path: Path):
+    if path.suffix.lower() == ".bz2":
+        import bz2
+
+        return bz2.open(path, "rb")
+    return open(path, "rb")
+
+
+def check_text_file(path: Path, fmt: str, text_column: str = "text", label_column: str = "label") -> None:
+    """Refuse, in the user's words, a csv/json file that is empty, is not UTF-8 or (csv) has a
+    header but no rows, before `datasets` reports it as "An error occurred while generating the
+    dataset" or "Instruction 'train' corresponds to no data". Reads the file once, in chunks."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, line, nonempty, pending = 0, 1, 0, ""
+    try:
+        with _open_raw(path) as fh:
+            while chunk := fh.read(1 << 20):
+                try:
+                    text = decoder.decode(chunk)
+                except UnicodeDecodeError as exc:
+                    bad_at = offset + exc.start
+                    line += chunk[: exc.start].count(b"\n")
+                    raise DataError(
+                        f"data.source: {path} is not UTF-8 text (byte 0x{chunk[exc.start]:02x} at line {line}, byte "
+                        f"{bad_at}); save it as UTF-8, e.g. `iconv -f latin1 -t utf-8 {path.name} > utf8-{path.name}`"
+                    ) from None
+                offset += len(chunk)
+                line += text.count("\n")
+                if nonempty < 2:
+                    lines = (pending + text).split("\n")
+                    pending = lines.pop()
+                    nonempty += sum(1 for ln in lines if ln.strip())
+            decoder.decode(b"", final=True)
+    except OSError as exc:
+        raise DataError(f"data.source: could not read {path} ({exc.strerror or exc})") from exc
+    except UnicodeDecodeError:
+        raise DataError(f"data.source: {path} ends in the middle of a UTF-8 character; the file is cut off or not UTF-8") from None
+    nonempty += bool(pending.strip())
+    if nonempty == 0:
+        what = f"a header line ({text_column},{label_column}) and one row per example" if fmt == "csv" else \
+            f"one JSON record per example with {text_column!r} and {label_column!r}"
+        raise DataError(f"data.source: {path} is empty; give a file with {what}")
+    if fmt == "csv" and nonempty == 1:
+        raise DataError(f"data.source: {path} has a header line but no rows; add one row per labelled example")
+
+
+def _load_dataset(path: Path, text_column: str = "text", label_column: str = "label"):
     import datasets
 
     fmt = LOCAL_FORMATS.get(path.suffix.lower())
@@ -81,10 +129,14 @@ def _load_dataset(path: Path):
             f"{', '.join(sorted(LOCAL_FORMATS))}"
         )
     kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
+    if fmt in ("csv", "json"):
+        check_text_file(path, fmt, text_column, label_column)
     try:
         ds = datasets.load_dataset(fmt, data_files=str(path), split="train", **kwargs)
     except Exception as exc:  # datasets raises many types; name the file and the cause
-        raise DataError(f"data.source: could not read {path} as {fmt}: {exc}") from exc
+        raise DataError(f"data.source: could not read {path} as {fmt} ({type(exc).__name__}: {exc}); check that it is a valid {fmt} file") from exc
+    if len(ds) == 0:
+        raise DataError(f"data.source: {path} holds no examples; add one record per labelled example")
     return ds
 
 
@@ -113,7 +165,7 @@ def load_labelled_data(cfg: DataConfig) -> LabelledData:
             raise DataError(
                 f"data.source: {cfg.source!r} is neither {EMBEDDED_DATA!r} nor an existing file"
             )
-        ds = _load_dataset(path)
+        ds = _load_dataset(path, cfg.text_column, cfg.label_column)
         text_col, label_col, group_col = cfg.text_column, cfg.label_column, cfg.group_column
         label_names = None
 

@@ -22,8 +22,12 @@ def quiet_hf() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
     import transformers
 
+    # peft asks every model this on load (transformers 5 deprecates it); harmless, and it hides real warnings
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     try:
@@ -58,7 +62,14 @@ def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
     quiet_hf()
-    return AutoTokenizer.from_pretrained(str(resolve_model_path(path)), local_files_only=True)
+    folder = resolve_model_path(path)
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ModelError(
+            f"model.path: no usable tokenizer in {folder} ({exc}); save the tokenizer beside the model "
+            "(tokenizer.save_pretrained(folder))"
+        ) from exc
 
 
 def load_classifier(path: str, num_labels: int, seed: int):
@@ -68,8 +79,122 @@ def load_classifier(path: str, num_labels: int, seed: int):
 
     quiet_hf()
     torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        str(resolve_model_path(path)), num_labels=num_labels, local_files_only=True
-    )
+    folder = resolve_model_path(path)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(str(folder), num_labels=num_labels, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ModelError(
+            f"model.path: {path!r} ({folder}) has a config.json but could not be loaded as a sequence classifier: {exc}; "
+            "use a folder saved with save_pretrained (config, weights and tokenizer)"
+        ) from exc
+    # the identity peft writes into adapter_config.json: the configured name, not this machine's path
+    model.name_or_path = model.config._name_or_path = base_model_identity(path)
     model.eval()
     return model
+
+
+# --------------------------------------------------------------------------- a run's model
+
+MODEL_CARD = "model.json"
+MODEL_CARD_FORMAT = "privlora-model/1"
+
+
+def base_model_identity(path: str) -> str:
+    """How a run names its base model: ``embedded:minilm`` as is (never the site-packages path it
+    resolves to on this machine), a local folder as its absolute path."""
+    if path == EMBEDDED_MODEL:
+        return path
+    return str(Path(path).expanduser().resolve())
+
+
+def model_card(cfg, label_names: list[str]) -> dict:
+    """What ``model.json`` in a run folder holds: enough to use the trained model."""
+    return {
+        "format": MODEL_CARD_FORMAT,
+        "task": "sequence-classification",
+        "base_model": base_model_identity(cfg.model.path),
+        "num_labels": len(label_names),
+        "label_names": list(label_names),
+        "max_length": cfg.model.max_length,
+        "text_column": cfg.data.text_column,
+        "adapter": "adapter",
+    }
+
+
+def write_model_card(run_dir: str | Path, cfg, label_names: list[str]) -> Path:
+    """Write ``model.json`` (label names, base model identity, max length) into the run folder."""
+    import json
+
+    from .checkpoint import atomic_write
+
+    path = Path(run_dir) / MODEL_CARD
+    atomic_write(path, json.dumps(model_card(cfg, label_names), indent=1) + "\n")
+    return path
+
+
+def read_model_card(run_dir: str | Path) -> dict:
+    """``model.json`` of a run, checked; ModelError naming the file and the fix otherwise."""
+    import json
+
+    run = Path(run_dir)
+    path = run / MODEL_CARD
+    if not run.is_dir():
+        raise ModelError(f"{run} is not a folder; give the --out folder of a privlora run")
+    if not path.is_file():
+        if (run / "config.toml").is_file():
+            return card_from_config(run)
+        raise ModelError(f"{path} is missing and {run} holds no config.toml; give the --out folder of a privlora run")
+    try:
+        card = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ModelError(f"{path} is not valid JSON ({exc}); it was edited or damaged") from exc
+    if not isinstance(card, dict) or card.get("format") != MODEL_CARD_FORMAT:
+        raise ModelError(f"{path}: expected format {MODEL_CARD_FORMAT!r}, found {card.get('format') if isinstance(card, dict) else card!r}")
+    names = card.get("label_names")
+    if not (isinstance(names, list) and len(names) == card.get("num_labels") and len(names) >= 2):
+        raise ModelError(f"{path}: label_names and num_labels disagree; the file was edited or damaged")
+    return card
+
+
+def card_from_config(run_dir: str | Path) -> dict:
+    """The model card of a run made before ``model.json`` existed, rebuilt from its config.toml:
+    the label names come from loading the run's data again (labels are mapped in a fixed,
+    sorted order, so this gives the run's own order). Raises ModelError if the data is gone."""
+    from .config import load_config
+    from .data import DataError, load_labelled_data
+
+    run = Path(run_dir)
+    cfg = load_config(run / "config.toml")
+    try:
+        names = load_labelled_data(cfg.data).label_names
+    except DataError as exc:
+        raise ModelError(
+            f"{run / MODEL_CARD} is missing (the run predates it) and its label names cannot be recovered from its "
+            f"data ({exc}); make the data available at data.source again"
+        ) from exc
+    return model_card(cfg, names)
+
+
+def load_base_for_run(run_dir: str | Path):
+    """``(base_model, tokenizer, label_names)`` for the run in ``run_dir``: the base model the run
+    started from, with the run's number of labels and its label names in ``config.id2label``,
+    loaded quietly from local disk. Put the run's adapter on it with
+    ``PeftModel.from_pretrained(base_model, run_dir / "adapter")``: that adapter holds the trained
+    LoRA factors and the trained classification head (the base's new head is replaced)."""
+    card = read_model_card(run_dir)
+    names = [str(n) for n in card["label_names"]]
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    quiet_hf()
+    path = resolve_model_path(card["base_model"])
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(path), num_labels=len(names), id2label=dict(enumerate(names)),
+            label2id={n: i for i, n in enumerate(names)}, local_files_only=True,
+        )
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"model.path: could not load the run's base model {card['base_model']!r} from {path}: {exc}") from exc
+    tokenizer.model_max_length = int(card.get("max_length", tokenizer.model_max_length))
+    model.config._name_or_path = card["base_model"]
+    return model.eval(), tokenizer, names

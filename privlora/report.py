@@ -15,19 +15,44 @@ from pathlib import Path
 
 from .checkpoint import atomic_write
 from .config import load_config
+from .errors import RunFolderError
+
+
+def _resume_hint(out: Path) -> str:
+    if (out / "checkpoint" / "state.json").is_file():
+        return f"continue the run with `privlora run --resume {out}` (it sets a cut-off line aside), then report again"
+    return f"run it again with `privlora run {out / 'config.toml'} --out NEW_DIR`"
 
 
 def read_metrics(out: Path) -> list[dict]:
-    path = Path(out) / "metrics.jsonl"
+    """Every round's metrics line; `RunFolderError` naming the problem and the fix when the file
+    is missing, empty, or has a line that is not a JSON object with a round number."""
+    out = Path(out)
+    path = out / "metrics.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; is {out} a privlora run folder?")
+        raise RunFolderError(
+            f"report: {path} is missing: the run never finished round 0 or the file was deleted; the report is made "
+            f"from it, so restore it from a backup or {_resume_hint(out)}"
+        )
     rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise RunFolderError(f"report: {path} is not UTF-8 text at byte {exc.start}; it was damaged: restore it from a backup") from exc
+    for i, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{i} is not valid JSON ({exc}); the run was cut off mid-write") from exc
+                raise RunFolderError(
+                    f"report: {path} line {i} is not valid JSON ({exc.msg}): the run was cut off while writing it; "
+                    f"{_resume_hint(out)}"
+                ) from exc
+            if not (isinstance(row, dict) and isinstance(row.get("round"), int) and "test_accuracy" in row):
+                raise RunFolderError(f"report: {path} line {i} is not a privlora metrics record; it was edited: restore it from a backup")
+            rows.append(row)
+    if not rows or rows[0]["round"] != 0:
+        raise RunFolderError(f"report: {path} has no round-0 line (the untrained model); restore it from a backup or {_resume_hint(out)}")
     return rows
 
 
@@ -57,9 +82,18 @@ def plot(rows: list[dict], path: Path) -> None:
         ax2.text(0.5, 0.5, "no differential privacy", ha="center", va="center", transform=ax2.transAxes)
         ax2.set_title("Epsilon")
     ax2.set_xlabel("round")
+    integer_round_axis(ax1, ax2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def integer_round_axis(*axes) -> None:
+    """Rounds are whole numbers: ticks only at integers (never at 0.25)."""
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 PACKAGES = ("privlora", "torch", "opacus", "peft", "transformers", "dp-accounting", "numpy", "cryptography")
@@ -114,6 +148,22 @@ def noise_statement(first: dict) -> str:
     return f"\nNoise: {'; '.join(parts)}.{where}\n"
 
 
+STRATEGY_NAMES = {"fedit": "FedIT", "ffa": "FFA-LoRA", "flora": "FLoRA", "hetlora": "HetLoRA"}
+
+
+def aggregation_statement(cfg) -> str:
+    """What the server applied to the strategy's aggregate each round, in one sentence."""
+    f = cfg.federation
+    name = STRATEGY_NAMES.get(f.strategy, f.strategy)
+    if f.server_momentum == 0 and f.server_lr == 1.0:
+        return f"no server momentum: each round's global update is {name}'s own aggregate."
+    text = (f"server momentum {f.server_momentum:g} (FedAvgM, server lr {f.server_lr:g}) applied after {name}'s "
+            "aggregate each round")
+    if f.strategy in ("flora", "hetlora"):
+        text += f", so the global update is **not** the {name} paper's aggregate (set federation.server_momentum = 0 for it)"
+    return text + "."
+
+
 def write_report(out: str | Path) -> Path:
     """Write report.json, report.md and the plots from the run folder's files alone."""
     from accounting import Ledger, plot_epsilon, privacy_summary, render_privacy_statement
@@ -125,16 +175,23 @@ def write_report(out: str | Path) -> Path:
     cfg = load_config(out / "config.toml")
     chash = hashlib.sha256((out / "config.toml").read_bytes()).hexdigest()
     rows = read_metrics(out)
-    plot(rows, out / "accuracy_epsilon.png")
     p = cfg.privacy
+    ledger = None
+    if p.enabled:  # everything is read before anything is written
+        if not (out / LEDGER_FILE).is_file():
+            raise RunFolderError(
+                f"report: {out / LEDGER_FILE} is missing but the run's config enables privacy, and every epsilon in the "
+                "report is computed from it: restore it from a backup (no file was written)"
+            )
+        ledger = Ledger.open(out / LEDGER_FILE)
+    plot(rows, out / "accuracy_epsilon.png")
     final = next(r for r in reversed(rows) if "stopped" not in r)
     stopped = next((r["stopped"] for r in rows if "stopped" in r), None)
     sizes = {i: n for i, n in enumerate(rows[0].get("client_sizes") or []) if n is not None}
     packages = package_versions()
     privacy: dict = {"enabled": False}
     statement = ""
-    if p.enabled:
-        ledger = Ledger.open(out / LEDGER_FILE)
+    if ledger is not None:
         privacy = {"enabled": True, **privacy_summary(ledger, p.accountant, cross_checks=("pld", "rdp", "prv"), client_sizes=sizes)}
         caption = plot_epsilon(ledger, p.accountant, out / "privacy_epsilon.png", rounds=final["round"])
         calibration = (
@@ -179,8 +236,8 @@ def write_report(out: str | Path) -> Path:
         f"- Strategy **{cfg.federation.strategy}**, {cfg.data.num_clients} clients "
         f"({cfg.data.partition} partition), {cfg.federation.clients_per_round} sampled per round, "
         f"{cfg.federation.rounds} rounds x {cfg.training.local_steps} local steps, LoRA rank "
-        f"{list(cfg.lora.ranks) or cfg.lora.r} on {list(cfg.lora.target_modules)}, server momentum "
-        f"{cfg.federation.server_momentum} (lr {cfg.federation.server_lr}), seed {cfg.seed}.",
+        f"{list(cfg.lora.ranks) or cfg.lora.r} on {list(cfg.lora.target_modules)}, seed {cfg.seed}.",
+        f"- Aggregation: {aggregation_statement(cfg)}",
         f"- Held-out accuracy: **{final['test_accuracy']:.4f}** after round {final['round']} "
         f"(untrained model {rows[0]['test_accuracy']:.4f}; always predicting the majority class "
         f"{rows[0]['majority_baseline']:.4f}).",

@@ -35,16 +35,15 @@ from .client import Client
 from .config import ConfigError, ExperimentConfig, config_to_toml, load_config
 from .data import load_labelled_data, tokenize, train_test_split
 from .engine import RoundEngine, _bar
-from .models import load_classifier, load_tokenizer, quiet_hf
+from .models import load_classifier, load_tokenizer, quiet_hf, write_model_card
 from .node import ClientNode
+from . import preflight
+from .errors import OutputDirError
+from .progress import Progress, first_evaluation_stage
 from .partition import partition
 from .server import Server
 from .strategies import strategy_from_config
 from .transport import STAGE_TRAIN, InProcessTransport
-
-
-class OutputDirError(ValueError):
-    """The output folder already holds a run, or cannot be written."""
 
 
 @dataclass
@@ -58,42 +57,57 @@ class Federation:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def build_server(cfg: ExperimentConfig, test, tokenizer, base_model) -> Server:
+def build_server(cfg: ExperimentConfig, test, tokenizer, base_model, reporter: Progress | None = None) -> Server:
     """The server of a run: the global adapter on ``base_model`` and the held-out ``test`` split.
     Every transport builds it this way, so the same seed gives the same initial adapter."""
     import torch
 
-    test_ds = tokenize(test, tokenizer, cfg.model.max_length)
+    stage = (reporter or Progress(False)).stage
+    with stage(f"tokenizing {len(test)} held-out examples"):
+        test_ds = tokenize(test, tokenizer, cfg.model.max_length)
     torch.manual_seed(cfg.seed)
     return Server(cfg, strategy_from_config(cfg), base_model, test_ds)
 
 
-def load_split(cfg: ExperimentConfig):
+def load_split(cfg: ExperimentConfig, reporter: Progress | None = None):
     """(data, train, test) of ``data.source`` as every party of the run splits it."""
     quiet_hf()
     import torch
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    data = load_labelled_data(cfg.data)
+    with (reporter or Progress(False)).stage(f"loading data ({cfg.data.source})"):
+        data = load_labelled_data(cfg.data)
     train, test = train_test_split(data, cfg.data.test_fraction, cfg.seed, cfg.data.max_examples)
     return data, train, test
 
 
-def build_federation(cfg: ExperimentConfig, base_model=None, tokenizer=None) -> Federation:
-    """Load data and model, partition, tokenize; return a server and its clients."""
-    data, train, test = load_split(cfg)
+def load_base(cfg: ExperimentConfig, num_labels: int, reporter: Progress | None = None, tokenizer=None, base_model=None):
+    """(tokenizer, base model) of the run, with a progress stage."""
+    with (reporter or Progress(False)).stage(f"loading the model ({cfg.model.path})"):
+        if tokenizer is None:
+            tokenizer = load_tokenizer(cfg.model.path)
+        if base_model is None:
+            base_model = load_classifier(cfg.model.path, num_labels, cfg.seed)
+    return tokenizer, base_model
+
+
+def build_federation(cfg: ExperimentConfig, base_model=None, tokenizer=None, reporter: Progress | None = None) -> Federation:
+    """Load data and model, partition, tokenize; return a server and its clients.
+
+    ``reporter`` shows each stage (loading, tokenizing) on stderr; None = silent."""
+    data, train, test = load_split(cfg, reporter)
     shards = partition(train, cfg.data.partition, cfg.data.num_clients, cfg.seed, cfg.data.dirichlet_alpha)
-    if tokenizer is None:
-        tokenizer = load_tokenizer(cfg.model.path)
-    if base_model is None:
-        base_model = load_classifier(cfg.model.path, data.num_labels, cfg.seed)
-    server = build_server(cfg, test, tokenizer, base_model)
+    preflight.check_budgets(cfg, [len(s) for s in shards], reporter)  # before the model loads
+    tokenizer, base_model = load_base(cfg, data.num_labels, reporter, tokenizer, base_model)
+    server = build_server(cfg, test, tokenizer, base_model, reporter)
+    with (reporter or Progress(False)).stage(f"tokenizing {len(train)} training examples"):
+        shard_ds = [tokenize(train.subset(idx), tokenizer, cfg.model.max_length) for idx in shards]
     clients = []
-    for k, idx in enumerate(shards):
+    for k, ds in enumerate(shard_ds):
         # each client gets its own strategy object: nothing is shared with the server
         client_strategy = strategy_from_config(cfg)
-        clients.append(Client(k, cfg, base_model, tokenize(train.subset(idx), tokenizer, cfg.model.max_length), client_strategy))
+        clients.append(Client(k, cfg, base_model, ds, client_strategy))
     return Federation(
         cfg=cfg,
         server=server,
@@ -105,7 +119,7 @@ def build_federation(cfg: ExperimentConfig, base_model=None, tokenizer=None) -> 
 
 
 def prepare_out_dir(out: Path, overwrite: bool = False) -> None:
-    if out.exists() and any(out.iterdir()):
+    if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise OutputDirError(
                 f"--out: {out} already holds files; choose a new folder or pass --overwrite to replace that run"
@@ -113,14 +127,18 @@ def prepare_out_dir(out: Path, overwrite: bool = False) -> None:
         if not (out / "config.toml").is_file():
             raise OutputDirError(f"--out: {out} is not empty and does not look like a privlora run; refusing to delete it")
         shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputDirError(f"--out: cannot create {out} ({exc.strerror}); choose a folder you can write to") from exc
 
 
 def atomic_save_adapter(model, out: Path) -> None:
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(str(tmp), safe_serialization=True)
+    # the vocabulary is never resized, so no embedding layer is saved (and peft need not look up the base)
+    model.save_pretrained(str(tmp), safe_serialization=True, save_embedding_layers=False)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
@@ -141,16 +159,23 @@ def client_nodes(cfg: ExperimentConfig, clients: list[Client]) -> dict[int, Clie
     return {c.client_id: ClientNode(c, signing_key=keys.get(c.client_id)) for c in clients}
 
 
-def open_output(cfg: ExperimentConfig | None, out: Path, overwrite: bool, resume: bool) -> ExperimentConfig:
-    """The run's config: read from ``out`` on resume, else written into a fresh ``out``."""
+def check_output(cfg: ExperimentConfig | None, out: Path, overwrite: bool, resume: bool) -> ExperimentConfig:
+    """Pre-flight of the run folder (nothing is written): the run's config, read from ``out``
+    on resume."""
     if resume:
-        if not (out / "config.toml").is_file():
-            raise OutputDirError(f"--resume: {out} holds no config.toml; is it a privlora run folder?")
+        preflight.check_resume_folder(out)
         return load_config(out / "config.toml")
     assert cfg is not None
-    prepare_out_dir(out, overwrite)
-    (out / "config.toml").write_text(config_to_toml(cfg), encoding="utf-8")
+    preflight.check_out_dir(out, overwrite)
     return cfg
+
+
+def start_output(cfg: ExperimentConfig, out: Path, overwrite: bool, resume: bool, label_names: list[str]) -> None:
+    """Once data and model have loaded: the fresh folder with its config.toml, and model.json."""
+    if not resume:
+        prepare_out_dir(out, overwrite or preflight.is_failed_start(out))
+        (out / "config.toml").write_text(config_to_toml(cfg), encoding="utf-8")
+    write_model_card(out, cfg, label_names)
 
 
 def run_experiment(
@@ -171,10 +196,16 @@ def run_experiment(
     stage on, as nodes that die (tests of dropout recovery).
     """
     out = Path(out_dir)
-    cfg = open_output(cfg, out, overwrite, resume)
-    fed = build_federation(cfg)
+    # pre-flight: nothing is written until config, data, model, folder and budgets are checked
+    cfg = check_output(cfg, out, overwrite, resume)
+    reporter = Progress(progress)
+    fed = build_federation(cfg, reporter=reporter)
     if cfg.secagg.enabled:
         fed.server.strategy.check_secure_aggregation()
+    if (warning := preflight.momentum_warning(cfg)) and not resume:
+        print(f"privlora: warning: {warning}", file=sys.stderr)
+    start_output(cfg, out, overwrite, resume, fed.label_names)
+    first_evaluation_stage(fed.server, reporter, len(fed.server.test_dataset), enabled=not resume)
     if cfg.privacy.enabled:
         for c in fed.clients:
             w = delta_warning(cfg.privacy.delta, c.num_examples)

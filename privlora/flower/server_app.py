@@ -34,20 +34,21 @@ def run_server(grid: Grid, settings: dict) -> dict:
     """Build the server side and run every round; returns the last metrics record."""
     from ..config import load_config
     from ..engine import RoundEngine
-    from ..models import load_classifier, load_tokenizer
-    from ..simulation import build_server, load_split, open_output
+    from ..simulation import build_server, check_output, load_base, load_split, start_output
     from .transport import FlowerTransport
 
     out = Path(str(settings["out"]))
     resume = _flag(settings.get("resume", False))
-    cfg = None if resume else load_config(str(settings["config"]))
-    cfg = open_output(cfg, out, _flag(settings.get("overwrite", False)), resume)
+    overwrite = _flag(settings.get("overwrite", False))
+    cfg = check_output(None if resume else load_config(str(settings["config"])), out, overwrite, resume)
     if cfg.secagg.enabled:
         from ..strategies import strategy_from_config
 
         strategy_from_config(cfg).check_secure_aggregation()
     data, _, test = load_split(cfg)
-    server = build_server(cfg, test, load_tokenizer(cfg.model.path), load_classifier(cfg.model.path, data.num_labels, cfg.seed))
+    tokenizer, base = load_base(cfg, data.num_labels)
+    server = build_server(cfg, test, tokenizer, base)
+    start_output(cfg, out, overwrite, resume, data.label_names)
     transport = FlowerTransport(grid, expected=cfg.data.num_clients, wait=float(settings.get("wait", 120.0)))
     engine = RoundEngine(cfg, server, transport, out, majority_baseline=test.majority_fraction(),
                          label_names=data.label_names, progress=False)

@@ -1,0 +1,81 @@
+"""What the command line tells a user when something they caused goes wrong.
+
+Every failure a user can cause ends in one line, ``privlora: error: <what was found>; <how to
+fix it>``, and a non-zero exit code, with no traceback (``privlora --debug`` shows it). The
+library raises precise exceptions (`ConfigError`, `DataError`, `CheckpointError`, ...) whose
+messages already name the problem; this module adds what only the command line knows: which
+run folder was involved and which command continues from where the failure left it.
+
+Operating-system errors (a full disk, a folder that cannot be written, a file in the place of a
+folder) are translated by `explain_os_error`. A failure while a run writes its folder never
+damages what was written before it: the ledger and metrics are append-only and fsynced, and the
+checkpoint is replaced atomically (`privlora.checkpoint`), so the message can say exactly how
+to continue.
+"""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+
+class UserError(ValueError):
+    """A failure the user can fix; its message names the problem and the fix."""
+
+
+class PreflightError(UserError):
+    """A run was refused before it wrote anything: config, data, model, folder or budget."""
+
+
+class OutputDirError(PreflightError):
+    """The output folder already holds a run, or cannot be written."""
+
+
+class RunFolderError(UserError):
+    """A run folder (for report, verify, predict or --resume) is missing or incomplete."""
+
+
+def _has_checkpoint(out: Path | None) -> bool:
+    return out is not None and (Path(out) / "checkpoint" / "state.json").is_file()
+
+
+def continue_hint(out: Path | None) -> str:
+    """How to go on after a run in ``out`` stopped part-way."""
+    if out is not None and _has_checkpoint(out):
+        return f"every finished round is kept: continue with `privlora run --resume {out}`"
+    if out is not None and (Path(out) / "config.toml").is_file():
+        return "no round had finished, so nothing was trained or spent: run the same command again"
+    return "nothing was written: run the same command again"
+
+
+def explain_os_error(exc: OSError, out: Path | None = None, writing: bool = True) -> str:
+    """One line for an OSError, naming the file, the cause and the fix."""
+    where = exc.filename or (str(out) if out is not None else "a file")
+    code = exc.errno
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return (
+            f"no space left on the device while writing {where}; free some space, then "
+            + continue_hint(out)
+        )
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return (
+            f"permission denied {'writing' if writing else 'reading'} {where}; "
+            "choose a folder you can write to (e.g. under your home folder) or fix its permissions"
+            + (f"; then {continue_hint(out)}" if out is not None and _has_checkpoint(out) else "")
+        )
+    if code == errno.ENOTDIR:
+        return f"{where}: a part of this path is a file, not a folder; choose another path"
+    if code == errno.EISDIR:
+        return f"{where} is a folder where a file was expected; choose a file path"
+    if code == errno.ENOENT:
+        return f"{where} does not exist; check the path"
+    reason = exc.strerror or str(exc)
+    tail = f"; {continue_hint(out)}" if out is not None and writing else ""
+    return f"{reason} ({where}){tail}"
+
+
+def interrupted_message(out: Path | None) -> str:
+    """What Ctrl-C during a run leaves, and how to continue (with the real folder)."""
+    if out is None:
+        return "interrupted"
+    return f"interrupted; {continue_hint(out)}"
