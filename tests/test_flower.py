@@ -172,7 +172,8 @@ def test_in_the_clear_a_killed_server_resumes_to_the_in_process_bits(tmp_path, t
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
     def same(path):
-        return [{k: v for k, v in r.items() if k not in ("seconds", "transport")} for r in rows(path)]
+        # the ledger anchors differ by the ledger header's creation time; the charges are compared below
+        return [{k: v for k, v in r.items() if k not in ("seconds", "transport", "ledger")} for r in rows(path)]
 
     assert same(out) == same(inproc)
     assert [(c.client, c.round, c.mechanism) for c in Ledger.open(out / "ledger.jsonl").charges] == \
