@@ -67,7 +67,6 @@ from .primitives import (
     LABEL,
     MaskExpander,
     agree,
-    check_x25519_public,
     ed25519_keypair,
     ed25519_public_bytes,
     open_sealed,
@@ -235,7 +234,7 @@ class SecAggClient:
 
     def _abort(self) -> None:
         """Abort for good: drop every secret and remember the abort."""
-        for name in ("_c_sk", "_s_sk", "_c_shared", "_b", "_own_shares", "_received", "_x", "_sign_sk"):
+        for name in ("_c_sk", "_s_sk", "_c_shared", "_s_shared", "_b", "_own_shares", "_received", "_x", "_sign_sk"):
             if hasattr(self, name):
                 setattr(self, name, None)
         self.stage = ClientStage.ABORTED
@@ -290,18 +289,17 @@ class SecAggClient:
             for v in sorted(self._neigh):
                 e = entries[v]
                 verify(self._signing_pk(v), e.signature, advertise_message(self.digest, self.round_id, v, e.c_pk, e.s_pk, e.sig_pk), f"client {v}'s key advertisement")
-        for v in sorted(self._neigh):
-            check_x25519_public(entries[v].c_pk, f"client {self.id}: client {v}'s encryption key (c_pk)")
-            check_x25519_public(entries[v].s_pk, f"client {self.id}: client {v}'s masking key (s_pk)")
+        # both agreements with every neighbour now, before anything is released: a low-order key
+        # (all-zero secret) is refused here by name (InvalidPublicKey), at no extra cost
+        self._s_shared = {v: agree(self._s_sk, entries[v].s_pk, f"client {self.id}: client {v}'s masking key (s_pk)") for v in sorted(self._neigh)}
+        self._c_shared = {v: agree(self._c_sk, entries[v].c_pk, f"client {self.id}: client {v}'s encryption key (c_pk)") for v in sorted(self._neigh)}
         self._b = random_seed()
         b_shares = shamir.share(self._b, [h + 1 for h in holders], t)
         k_shares = shamir.share(x25519_private_bytes(self._s_sk), [h + 1 for h in holders], t)
         self._own_shares = (b_shares[self.id + 1], k_shares[self.id + 1])
         out = []
-        self._c_shared = {}
         for v in sorted(self._neigh):
-            self._c_shared[v] = shared = agree(self._c_sk, entries[v].c_pk, f"client {v}'s c_pk")
-            key = share_key(shared, self._session, self.id, v)
+            key = share_key(self._c_shared[v], self._session, self.id, v)
             pt = struct.pack(">II", self.id, v) + b_shares[v + 1] + k_shares[v + 1]
             ad = associated_data(self._session, self.round_id, self.id, v, m.Stage.SHARE_KEYS)
             out.append((v, seal(key, pt, ad)))
@@ -328,12 +326,12 @@ class SecAggClient:
         self._received = received
         masks = [(self._b, +1)]  # the self mask, then +PRG(s_uv) for larger ids, -PRG(s_uv) for smaller
         for v in sorted(received):
-            seed = pair_mask_seed(agree(self._s_sk, self._entries[v].s_pk, f"client {v}'s s_pk"), self._session, self.id, v)
+            seed = pair_mask_seed(self._s_shared[v], self._session, self.id, v)
             masks.append((seed, +1 if self.id < v else -1))
         y, self._x = self._x, None  # mask the encoded input in place; it is not needed afterwards
         MaskExpander(self.spec.total_length, self.spec.dtype).apply(y, masks)
         del masks
-        self._b = self._s_sk = self._c_sk = self._c_shared = None  # no longer needed: forget them
+        self._b = self._s_sk = self._c_sk = self._c_shared = self._s_shared = None  # no longer needed: forget them
         self.stage = ClientStage.MASKED
         return self._send_signed(m.Kind.MASKED_INPUT, (memoryview(y).cast("B"),))
 
