@@ -44,6 +44,7 @@ from .errors import (
     ReplayedMessage,
     TooFewClients,
     TooFewSurvivors,
+    WrongRecipient,
     WrongSender,
     WrongStage,
 )
@@ -287,7 +288,17 @@ class SecAggServer:
             )
 
     def message_for(self, cid: int) -> bytes:
-        """The bytes to send to client `cid` for the stage just opened by `close_stage`."""
+        """The bytes to send to client `cid` for the stage just opened by `close_stage`.
+
+        Raises `WrongRecipient` for a client that `close_stage` did not return."""
+        allowed = {
+            ServerStage.SHARE_KEYS: lambda: self._adv,
+            ServerStage.MASKED_INPUT: lambda: self._u2,
+            ServerStage.CONSISTENCY_CHECK: lambda: self._u3,
+            ServerStage.UNMASKING: lambda: self._sigs,
+        }.get(self.stage)
+        if allowed is not None and not (is_client_id(cid) and cid in allowed()):
+            raise WrongRecipient(f"no {self.stage.value} message for {cid!r}: not one of the clients this stage addresses")
         if self.stage is ServerStage.SHARE_KEYS:
             body = self._cached(m.Kind.KEY_LIST, lambda: m.encode_body(m.KeyList(self.digest, tuple(
                 m.KeyEntry(c, a.c_pk, a.s_pk, a.sig_pk, a.signature) for c, a in sorted(self._adv.items())))))

@@ -33,6 +33,7 @@ from secagg import (
     SecAggParams,
     SecAggServer,
     TooFewSurvivors,
+    WrongRecipient,
     WrongSender,
     aggregate_in_process,
     generate_signing_keys,
@@ -413,6 +414,22 @@ def test_sender_id_that_is_not_a_client_id_is_a_named_error_at_every_stage(sende
     server.close_stage()
     with pytest.raises(WrongSender):
         server.receive(sender, clients[1].handle(server.message_for(1)))
+
+
+def test_message_for_a_client_the_stage_does_not_address_is_a_named_error():
+    plan, spec, xs, clients = make(5)
+    server = SecAggServer(plan, spec, 0, expected=range(5))
+    for c in (0, 1, 2, 3):  # 4 never advertises
+        server.receive(c, clients[c].advertise())
+    assert server.close_stage() == [0, 1, 2, 3]
+    for cid in (4, 99, None, "0", True):
+        with pytest.raises(WrongRecipient):
+            server.message_for(cid)
+    for c in (0, 1, 2):  # 3 shares no keys
+        server.receive(c, clients[c].handle(server.message_for(c)))
+    assert server.close_stage() == [0, 1, 2]
+    with pytest.raises(WrongRecipient):
+        server.message_for(3)
 
 
 def test_client_id_or_round_id_of_the_wrong_type_is_a_configuration_error():
