@@ -383,6 +383,16 @@ def test_bad_parameters_are_refused_as_configuration_errors(kwargs):
         aggregate_in_process({c: np.zeros(4) for c in range(10)}, 1.0, params)
 
 
+@pytest.mark.parametrize("precision_bits", [0, -1, 300, 1.5, 31])
+def test_precision_bits_outside_1_to_bits_minus_2_is_refused_when_the_parameters_are_made(precision_bits):
+    """Before, SecAggParams accepted them and a client failed later in struct.pack (struct.error)."""
+    with pytest.raises(ConfigurationError, match="precision_bits"):
+        SecAggParams(precision_bits=precision_bits)
+    plan = SecAggParams().resolve(4)
+    with pytest.raises(ConfigurationError, match="precision_bits"):
+        type(plan)(n_max=4, bits=32, degree=None, threshold=3, precision_bits=precision_bits)
+
+
 @pytest.mark.parametrize("n, min_clients", [(10, 5), (10, 11), (40, 4)])  # below t, above n_max
 def test_min_clients_outside_t_to_n_max_is_refused(n, min_clients):
     with pytest.raises(ConfigurationError, match="min_clients"):
