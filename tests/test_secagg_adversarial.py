@@ -188,6 +188,25 @@ def test_n2000_auto_full_session_with_10_percent_dropouts_is_exact():
     assert [int(v) for v in res.field_sum] == expected_field_sum(clients, survivors, 32)
 
 
+def test_secagg_plus_honest_run_with_the_assumed_dropouts_is_exact_and_absent_clients_leave_holes():
+    n = 150
+    plan, spec, xs, clients = make(n, m_len=8, params=SecAggParams(neighbours="auto"))
+    assert (plan.degree, plan.threshold, plan.min_clients) == (36, 23, 135)
+    rng = np.random.default_rng(5)
+    gone = rng.choice(n, 15, replace=False).tolist()  # 10% in all: 7 never advertise, 8 send no input
+    drop = {"advertise_keys": set(gone[:7]), "masked_input": set(gone[7:])}
+    server = SecAggServer(plan, spec, 0, expected=range(n))
+    res, _ = run_session(clients, server, drop)
+    survivors = sorted(set(range(n)) - set(gone))
+    assert list(res.survivors) == survivors and list(res.dropped) == sorted(gone[7:])
+    assert [int(v) for v in res.field_sum] == expected_field_sum(clients, survivors, 32)
+    degrees = [len(server._neigh[c]) for c in server._neigh]
+    assert max(degrees) == 36 and min(degrees) < 36  # the 7 absent clients are empty slots, not replaced
+    # an empty slot is one of the k nearest slots of exactly k slots, some of them empty too
+    assert 7 * (36 - 6) <= sum(36 - d for d in degrees) <= 7 * 36
+    assert all(u in server._neigh[v] for u in server._neigh for v in server._neigh[u])  # undirected
+
+
 def test_secagg_plus_survivor_list_shorter_than_min_clients_is_refused():
     plan, spec, xs, clients = make(40, params=SecAggParams(neighbours=8))
     assert plan.min_clients == 36
