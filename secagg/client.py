@@ -3,31 +3,39 @@
 Stages (Bonawitz et al. 2017, Fig. 4; SecAgg+ neighbourhoods of Bell et al. 2020):
 
 0. AdvertiseKeys   -> fresh X25519 pairs (c: share encryption, s: mask agreement), signed
-                      with the pinned Ed25519 key (or a per-session one when nothing is pinned).
+                      with the pinned Ed25519 key (or a per-session one when nothing is pinned)
+                      over the config digest, which binds the plan, the encoding, the round
+                      and the server's session nonce (if the transport passes one).
 1. ShareKeys       <- key list. Checks: our config digest, our own fresh keys are in it (else a
-                      replay), no duplicate public key, signatures, at least t share holders.
-                      Computes the session id and the neighbour graph, draws the self-mask seed
-                      b_u, Shamir-shares b_u and s_sk t-of-h among the holders (neighbours and
-                      itself) and encrypts each neighbour's pair of shares (AES-256-GCM, AD =
-                      session | round | sender | recipient | stage).
+                      replay), at least `plan.min_clients` entries (TooFewClients), no duplicate
+                      public key, pinned signing keys, our neighbours' advertisement signatures
+                      and X25519 points (InvalidPublicKey), at least t share holders.
+                      Computes the session id and the neighbour graph (n_max slots, see
+                      `secagg.graph`), draws the self-mask seed b_u, Shamir-shares b_u and s_sk
+                      t-of-h among the holders (neighbours and itself) and encrypts each
+                      neighbour's pair of shares (AES-256-GCM, AD = session | round | sender |
+                      recipient | stage). The signed reply carries a commitment to b_u.
 2. MaskedInput     <- routed shares (decrypted and checked) -> y = x + PRG(b_u)
-                      + sum_{v in U2, v neighbour} (+1 if u < v else -1) PRG(s_uv)  mod 2^b.
+                      + sum_{v in U2, v neighbour} (+1 if u < v else -1) PRG(s_uv)  mod 2^b,
+                      sent signed (a flipped bit in transit is refused by the server).
 3. ConsistencyCheck <- survivor list S (whose masked inputs the server holds). Checks we are in
-                      S, every neighbour in S shared keys with us, |S among our holders| >= t;
-                      signs (session, round, S) with Ed25519.
+                      S, |S| >= min_clients (TooFewClients), every neighbour in S shared keys
+                      with us, |S among our holders| >= t; signs (session, round, S).
 4. Unmasking       <- (S, dropped D, signatures). Refuses, before releasing anything: S differing
                       from the S we signed (InconsistentSurvivors), any id in both S and D
                       (SurvivedAndDropped), a signature that does not verify over our S
                       (InconsistentSurvivors), fewer than t valid signatures from our holders
                       (TooFewSurvivors). Then releases the b-share of each survivor and the
-                      s_sk-share of each dropped neighbour -- never both kinds for one client.
+                      s_sk-share of each dropped neighbour -- never both kinds for one client,
+                      in a signed message.
 
-Any error aborts the client for good: secrets are dropped and every later call raises
+Any error in `handle` aborts the client for good: secrets are dropped and every later call raises
 `ProtocolAborted`. A client never sends anything after it has aborted.
 """
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from enum import Enum
 
@@ -52,6 +60,7 @@ from .errors import (
     WrongSender,
     WrongStage,
 )
+from .errors import TooFewClients
 from .graph import neighbours
 from .params import MAX_CLIENT_ID, Plan
 from .primitives import (
@@ -106,8 +115,27 @@ def survivors_message(session: bytes, round_id: int, survivors) -> bytes:
     return LABEL + b"/consistency" + session + struct.pack(">QI", round_id, len(ids)) + b"".join(struct.pack(">I", i) for i in ids)
 
 
-def config_digest(plan: Plan, spec: EncodingSpec) -> bytes:
-    return plan.digest(spec.digest(), spec.total_length)
+def config_digest(plan: Plan, spec: EncodingSpec, session_nonce: bytes | None = None) -> bytes:
+    """SHA-256 binding the plan, the encoding and the server's session nonce (none: 32 zeros)."""
+    nonce = bytes(32) if session_nonce is None else session_nonce
+    return hashlib.sha256(LABEL + b"/config" + plan.digest(spec.digest(), spec.total_length) + nonce).digest()
+
+
+def check_session_nonce(nonce) -> bytes | None:
+    if nonce is None:
+        return None
+    if not isinstance(nonce, (bytes, bytearray)) or len(nonce) != 32:
+        raise ConfigurationError(f"session_nonce must be None or 32 bytes, found {type(nonce).__name__} of length {len(nonce) if hasattr(nonce, '__len__') else '?'}")
+    return bytes(nonce)
+
+
+def seed_commitment(session: bytes, cid: int, seed: bytes) -> bytes:
+    """A client's commitment to its self-mask seed: SHA-256(label | session | id | seed)."""
+    return hashlib.sha256(LABEL + b"/seed-commitment" + session + struct.pack(">I", cid) + seed).digest()
+
+
+def is_client_id(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= MAX_CLIENT_ID
 
 
 class SecAggClient:
@@ -115,20 +143,30 @@ class SecAggClient:
 
     `signing_key` is required when the plan pins signing keys and must match the registry entry
     for `client_id`. Give the input with `set_input` any time before the masked-input stage.
+    `session_nonce` (optional, 32 bytes): the server's fresh value for this session, passed by the
+    transport with the invitation; it is bound into the advertisement signature and the session
+    id, so an advertisement recorded in another session with the same round id is refused.
+    Without it, a round id must never repeat under one configuration (SECURITY.md).
     """
 
-    def __init__(self, client_id: int, plan: Plan, spec: EncodingSpec, round_id: int = 0, signing_key: Ed25519PrivateKey | None = None):
-        if not isinstance(client_id, int) or not 0 <= client_id <= MAX_CLIENT_ID:
+    def __init__(self, client_id: int, plan: Plan, spec: EncodingSpec, round_id: int = 0, signing_key: Ed25519PrivateKey | None = None,
+                 session_nonce: bytes | None = None):
+        if not is_client_id(client_id):
             raise ConfigurationError(f"client id must be an int in [0, {MAX_CLIENT_ID}], found {client_id!r}")
-        if not isinstance(round_id, int) or not 0 <= round_id < 1 << 64:
+        if not isinstance(round_id, int) or isinstance(round_id, bool) or not 0 <= round_id < 1 << 64:
             raise ConfigurationError(f"round id must be an int in [0, 2^64), found {round_id!r}")
+        if not isinstance(plan, Plan) or not isinstance(spec, EncodingSpec):
+            raise ConfigurationError(f"expected a Plan and an EncodingSpec, found {type(plan).__name__} and {type(spec).__name__}")
         if spec.bits != plan.bits or spec.max_clients != plan.n_max:
             raise ConfigurationError("encoding spec and plan disagree on bits or number of clients")
+        if signing_key is not None and not isinstance(signing_key, Ed25519PrivateKey):
+            raise ConfigurationError(f"signing_key must be an Ed25519PrivateKey, found {type(signing_key).__name__}")
         self.id = client_id
         self.plan = plan
         self.spec = spec
         self.round_id = round_id
-        self.digest = config_digest(plan, spec)
+        self.session_nonce = check_session_nonce(session_nonce)
+        self.digest = config_digest(plan, spec, self.session_nonce)
         if plan.pinned:
             if signing_key is None:
                 raise ConfigurationError(f"client {client_id}: signing keys are pinned, so its Ed25519 private key is required")
@@ -196,13 +234,20 @@ class SecAggClient:
 
     def _abort(self) -> None:
         """Abort for good: drop every secret and remember the abort."""
-        for name in ("_c_sk", "_s_sk", "_c_shared", "_b", "_own_shares", "_received", "_x", "_sign_sk"):
+        for name in ("_c_sk", "_s_sk", "_c_shared", "_s_shared", "_b", "_own_shares", "_received", "_x", "_sign_sk"):
             if hasattr(self, name):
                 setattr(self, name, None)
         self.stage = ClientStage.ABORTED
 
     def _send(self, body) -> bytes:
         return m.encode(body, round_id=self.round_id, session=self._session, sender=self.id, recipient=m.SERVER)
+
+    def _send_signed(self, kind: m.Kind, parts: tuple) -> bytes:
+        """A `SIGNED_KINDS` message: body parts, then the signature over `signed_digest`."""
+        content = b"".join(parts) if kind is not m.Kind.MASKED_INPUT else parts[0]
+        digest = m.signed_digest(kind, self.round_id, self._session, self.id, m.SERVER, content)
+        sig = self._sign_sk.sign(digest)
+        return m.frame(kind, (*parts, sig), round_id=self.round_id, session=self._session, sender=self.id, recipient=m.SERVER)
 
     def _signing_pk(self, cid: int) -> bytes:
         return self.plan.signing_keys[cid] if self.plan.pinned else self._entries[cid].sig_pk
@@ -215,6 +260,12 @@ class SecAggClient:
         mine = entries.get(self.id)
         if mine is None or (mine.c_pk, mine.s_pk, mine.sig_pk) != (self._c_pk, self._s_pk, self._sig_pk):
             raise ReplayedMessage(f"client {self.id}: the key list does not carry this client's fresh keys (replayed or substituted)")
+        if len(entries) < self.plan.min_clients:
+            raise TooFewClients(
+                f"client {self.id}: the key list names {len(entries)} clients, fewer than the {self.plan.min_clients} "
+                f"(min_clients) this session requires of n_max={self.plan.n_max}; a server that shows a short list "
+                "could choose who holds this client's shares"
+            )
         seen: set[bytes] = set()
         for e in kl.entries:
             keys = (e.c_pk, e.s_pk) if self.plan.pinned else (e.c_pk, e.s_pk, e.sig_pk)
@@ -230,7 +281,7 @@ class SecAggClient:
                     raise BadSignature(f"client {self.id}: client {e.client_id} advertised a signing key other than its pinned one")
         self._entries = entries
         self._session = session_id(self.digest, self.round_id, ((e.client_id, e.c_pk, e.s_pk, e.sig_pk) for e in kl.entries))
-        self._neigh = neighbours(list(entries), self.plan.degree, self._session, who=[self.id])[self.id]
+        self._neigh = neighbours(list(entries), self.plan.degree, self._session, who=[self.id], slots=self.plan.n_max)[self.id]
         holders = sorted(self._neigh | {self.id})
         if len(holders) < t:
             raise TooFewSurvivors(f"client {self.id}: {len(holders)} share holders in the key list, threshold is {t}")
@@ -238,20 +289,23 @@ class SecAggClient:
             for v in sorted(self._neigh):
                 e = entries[v]
                 verify(self._signing_pk(v), e.signature, advertise_message(self.digest, self.round_id, v, e.c_pk, e.s_pk, e.sig_pk), f"client {v}'s key advertisement")
+        # both agreements with every neighbour now, before anything is released: a low-order key
+        # (all-zero secret) is refused here by name (InvalidPublicKey), at no extra cost
+        self._s_shared = {v: agree(self._s_sk, entries[v].s_pk, f"client {self.id}: client {v}'s masking key (s_pk)") for v in sorted(self._neigh)}
+        self._c_shared = {v: agree(self._c_sk, entries[v].c_pk, f"client {self.id}: client {v}'s encryption key (c_pk)") for v in sorted(self._neigh)}
         self._b = random_seed()
         b_shares = shamir.share(self._b, [h + 1 for h in holders], t)
         k_shares = shamir.share(x25519_private_bytes(self._s_sk), [h + 1 for h in holders], t)
         self._own_shares = (b_shares[self.id + 1], k_shares[self.id + 1])
         out = []
-        self._c_shared = {}
         for v in sorted(self._neigh):
-            self._c_shared[v] = shared = agree(self._c_sk, entries[v].c_pk)
-            key = share_key(shared, self._session, self.id, v)
+            key = share_key(self._c_shared[v], self._session, self.id, v)
             pt = struct.pack(">II", self.id, v) + b_shares[v + 1] + k_shares[v + 1]
             ad = associated_data(self._session, self.round_id, self.id, v, m.Stage.SHARE_KEYS)
             out.append((v, seal(key, pt, ad)))
         self.stage = ClientStage.SHARED
-        return self._send(m.ShareKeys(tuple(out)))
+        body = m.encode_body(m.ShareKeys(tuple(out), seed_commitment(self._session, self.id, self._b)))
+        return self._send_signed(m.Kind.SHARE_KEYS, (body[: -m.SIG_BYTES],))
 
     def _on_routed_shares(self, rs: m.RoutedShares) -> bytes:
         t = self.plan.threshold
@@ -272,14 +326,14 @@ class SecAggClient:
         self._received = received
         masks = [(self._b, +1)]  # the self mask, then +PRG(s_uv) for larger ids, -PRG(s_uv) for smaller
         for v in sorted(received):
-            seed = pair_mask_seed(agree(self._s_sk, self._entries[v].s_pk), self._session, self.id, v)
+            seed = pair_mask_seed(self._s_shared[v], self._session, self.id, v)
             masks.append((seed, +1 if self.id < v else -1))
         y, self._x = self._x, None  # mask the encoded input in place; it is not needed afterwards
         MaskExpander(self.spec.total_length, self.spec.dtype).apply(y, masks)
         del masks
-        self._b = self._s_sk = self._c_sk = self._c_shared = None  # no longer needed: forget them
+        self._b = self._s_sk = self._c_sk = self._c_shared = self._s_shared = None  # no longer needed: forget them
         self.stage = ClientStage.MASKED
-        return self._send(m.MaskedInput(memoryview(y).cast("B")))
+        return self._send_signed(m.Kind.MASKED_INPUT, (memoryview(y).cast("B"),))
 
     def _on_survivors(self, sl: m.SurvivorList) -> bytes:
         t = self.plan.threshold
@@ -288,6 +342,11 @@ class SecAggClient:
             raise InconsistentSurvivors(f"client {self.id}: not in the survivor list although it sent its masked input")
         if not s <= set(self._entries):
             raise InconsistentSurvivors(f"client {self.id}: survivor list names clients that never advertised keys")
+        if len(s) < self.plan.min_clients:
+            raise TooFewClients(
+                f"client {self.id}: the survivor list names {len(s)} clients, fewer than the {self.plan.min_clients} "
+                f"(min_clients) this session requires of n_max={self.plan.n_max}"
+            )
         if not (s & self._neigh) <= set(self._received):
             raise InconsistentSurvivors(f"client {self.id}: survivor list names neighbours that never shared keys with it")
         live_holders = len(s & (self._neigh | {self.id}))
@@ -328,4 +387,5 @@ class SecAggClient:
         k_out = [(v, self._received[v][1]) for v in sorted(d & self._neigh)]
         self._own_shares = self._received = None
         self.stage = ClientStage.DONE
-        return self._send(m.UnmaskShares(tuple(b_out), tuple(k_out)))
+        body = m.encode_body(m.UnmaskShares(tuple(b_out), tuple(k_out)))
+        return self._send_signed(m.Kind.UNMASK_SHARES, (body[: -m.SIG_BYTES],))

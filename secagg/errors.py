@@ -14,11 +14,16 @@ to handle them all. The hierarchy:
     │   ├── ReplayedMessage                    from another round or session, or a duplicate
     │   ├── WrongStage                         a valid kind, but not the one this stage expects
     │   ├── WrongRecipient                     addressed to someone else
-    │   └── WrongSender                        claims a sender other than the one it came from
+    │   ├── WrongSender                        claims a sender other than the one it came from,
+    │   │                                      or a sender that is not a client id
+    │   └── InvalidPublicKey                   an X25519 key of low order (an all-zero secret)
     ├── DecryptionFailed                       AEAD tag check failed (tampering or wrong binding)
-    ├── BadSignature                           a key advertisement not signed by the pinned key
+    ├── BadSignature                           a signed message (key advertisement, shares, masked
+    │                                          input, unmasking shares) does not verify
     ├── DuplicateKey                           the same public key advertised twice
     ├── TooFewSurvivors                        fewer than t survivors: abort before unmasking
+    │   └── TooFewClients                      a key list or survivor list shorter than
+    │                                          `Plan.min_clients` (what a malicious server would send)
     ├── InconsistentSurvivors                  survivor views differ between clients
     │   └── SurvivedAndDropped                 one client listed as both survived and dropped
     ├── ReconstructionFailed                   Shamir shares do not reconstruct a valid secret
@@ -76,6 +81,10 @@ class WrongSender(MessageError):
     """A message whose claimed sender is not the party it arrived from, or not allowed here."""
 
 
+class InvalidPublicKey(MalformedMessage):
+    """An X25519 public key of small order: every key agreement with it gives the all-zero secret."""
+
+
 class DecryptionFailed(SecAggError):
     """An encrypted share failed authentication: tampered, or bound to another context."""
 
@@ -90,6 +99,13 @@ class DuplicateKey(SecAggError):
 
 class TooFewSurvivors(SecAggError):
     """Fewer than t parties remain; the protocol aborts before any unmasking share is released."""
+
+
+class TooFewClients(TooFewSurvivors):
+    """A key list or survivor list has fewer clients than the parameters allow (`Plan.min_clients`).
+
+    An honest server never sends one (it aborts first); a malicious server would, to shrink the
+    set an honest client's shares and masks are spread over."""
 
 
 class InconsistentSurvivors(SecAggError):
@@ -121,10 +137,12 @@ __all__ = [
     "WrongStage",
     "WrongRecipient",
     "WrongSender",
+    "InvalidPublicKey",
     "DecryptionFailed",
     "BadSignature",
     "DuplicateKey",
     "TooFewSurvivors",
+    "TooFewClients",
     "InconsistentSurvivors",
     "SurvivedAndDropped",
     "ReconstructionFailed",

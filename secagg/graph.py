@@ -5,10 +5,16 @@ and masks against, every other client.
 
 SecAgg+ (Bell et al. CCS 2020) replaces it with a k-regular graph of degree k = O(log n): a
 Harary graph H(k, n) -- a ring where each node is joined to the k/2 nearest nodes on each side --
-laid over a uniformly random permutation of the clients. Here the permutation is drawn from a
-PRG keyed by HKDF(session id), so every party computes the same graph from the advertised keys
-alone and the server cannot choose the neighbourhoods. (A server colluding with clients could
-still grind their public keys to bias the permutation; see SECURITY.md.)
+laid over a uniformly random permutation. Here the ring has n_max *slots*, one per client the
+session is planned for, whatever the length of the key list: the L listed clients and
+n_max - L empty slots are permuted together by a PRG keyed by HKDF(session id), so every party
+computes the same graph from the key list alone. An absent client leaves an empty slot -- it
+counts as a dropout -- and never pulls farther clients into anyone's neighbourhood: a server
+that shows a client a short list shrinks that client's neighbourhood, it cannot fill it with
+chosen clients. (Before, the graph was drawn over the list itself, and a list of 57 clients
+with degree 84 was the complete graph over whoever the server listed.) The server still
+chooses the list, and so the session id: each list it tries is a fresh random graph, which is
+why SECURITY.md states the bound per graph tried.
 
 A client u's *share holders* are its neighbours plus itself, h = k + 1 parties (h = n for the
 complete graph). Its self-mask seed and mask key are shared t-of-h among them. Following Bell et
@@ -18,9 +24,12 @@ so the server cannot collect both kinds of share of one client from honest holde
 `choose_degree` follows Bell et al.'s parameter search: the smallest even k such that (1) the
 graph stays connected, except with probability 2^-(sigma+1), after removing the assumed fractions
 of corrupt and dropped clients (a union bound over pairs of k/2-long gaps in the ring), and
-(2) some threshold t satisfies both security -- t exceeds (k + the corrupt neighbours)/2 except
-with probability 2^-(sigma+1)/n -- and correctness -- at least t neighbours survive except with
-probability 2^-eta/n (hypergeometric tails). sigma = 40 and eta = 20 as in the paper.
+(2) some threshold t satisfies both security -- 2t > h + (the corrupt neighbours), h = k + 1,
+except with probability 2^-(sigma+1)/n -- and correctness -- at least t neighbours survive except
+with probability 2^-eta/n (hypergeometric tails). sigma = 40 and eta = 20 as in the paper.
+The holders include the client itself (it keeps one share of each of its own secrets), hence
+h = k + 1: a malicious server needs t shares of each kind, honest holders release one kind
+each and the client releases its own self-mask share, so it needs 2t <= h + c corrupt holders.
 """
 
 from __future__ import annotations
@@ -56,9 +65,15 @@ class _WordStream:
                 return w % bound
 
 
-def permutation(ids: Sequence[int], session: bytes) -> list[int]:
-    """A uniformly random permutation of `ids` (sorted first) drawn from the session id."""
-    order = sorted(ids)
+def permutation(ids: Sequence[int], session: bytes, slots: int | None = None) -> list[int | None]:
+    """A uniformly random placement of `ids` (sorted first) on a ring of `slots` positions
+    (default: len(ids)), drawn from the session id; empty slots are None. With slots = len(ids)
+    this is a uniformly random permutation of `ids`."""
+    order: list[int | None] = sorted(ids)
+    if slots is not None:
+        if slots < len(order):
+            raise ConfigurationError(f"{len(order)} clients do not fit on a ring of {slots} slots")
+        order += [None] * (slots - len(order))
     stream = _WordStream(hkdf(session, LABEL + b"/graph"))
     for i in range(len(order) - 1, 0, -1):  # Fisher-Yates
         j = stream.below(i + 1)
@@ -66,26 +81,29 @@ def permutation(ids: Sequence[int], session: bytes) -> list[int]:
     return order
 
 
-def neighbours(ids: Sequence[int], degree: int | None, session: bytes, who: Sequence[int] | None = None) -> dict[int, frozenset[int]]:
+def neighbours(ids: Sequence[int], degree: int | None, session: bytes, who: Sequence[int] | None = None,
+               slots: int | None = None) -> dict[int, frozenset[int]]:
     """Neighbour sets (excluding the node itself) for the clients in `who` (default: all).
 
-    `degree` None, or >= len(ids) - 1, gives the complete graph.
+    `degree` None gives the complete graph over `ids`. Otherwise the Harary graph of `degree`
+    over a ring of `slots` positions (default: len(ids); the protocol uses n_max): a client's
+    neighbours are the listed clients in the `degree` slots nearest to it, so at most `degree`.
     """
     ids = sorted(ids)
     who = ids if who is None else list(who)
-    n = len(ids)
+    n = len(ids) if slots is None else slots
     if degree is None or degree >= n - 1:
         everyone = frozenset(ids)
         return {u: everyone - {u} for u in who}
     if degree < 2 or degree % 2:
         raise ConfigurationError(f"SecAgg+ degree must be an even number >= 2, found {degree}")
-    ring = permutation(ids, session)
-    pos = {u: i for i, u in enumerate(ring)}
+    ring = permutation(ids, session, n)
+    pos = {u: i for i, u in enumerate(ring) if u is not None}
     half = degree // 2
     out = {}
     for u in who:
         i = pos[u]
-        out[u] = frozenset(ring[(i + d) % n] for d in range(-half, half + 1) if d)
+        out[u] = frozenset(v for v in (ring[(i + d) % n] for d in range(-half, half + 1) if d) if v is not None)
     return out
 
 
@@ -143,7 +161,30 @@ def choose_degree(n: int, corrupt_rate: float, dropout_rate: float) -> tuple[int
                 t2 = x
                 break
             cdf += p
-        t_low = max(math.ceil((t1 + k - 1.25) / 2) + 1, k // 2 + 1, 2)
+        # more than t1 corrupt neighbours has probability <= eps_sec; a malicious server needs
+        # c >= 2t - (k + 1) of them (module docstring), so 2t >= t1 + k + 2 keeps it out
+        t_low = max(math.ceil((t1 + k + 2) / 2), k // 2 + 1, 2)
         if t_low <= t2:
             return k, t_low
     return None
+
+
+def neighbourhood_failure_log2(plan, corrupt_rate: float) -> float:
+    """log2 of an upper bound on the probability that, in one graph drawn for `plan`, some
+    client's k neighbour slots hold more than `plan.tolerated_colluders` of the
+    floor(corrupt_rate n_max) corrupt clients -- the event that lets a malicious server collect
+    both kinds of that client's shares. Union bound over the n_max clients of the hypergeometric
+    tail P[X >= 2t - h], X ~ HG(n_max - 1, corrupt, k). -inf when it cannot happen (there are
+    not enough corrupt clients). For the complete graph there is no randomness: None.
+    """
+    if plan.degree is None:
+        return None
+    n, k = plan.n_max, plan.degree
+    bad = math.floor(corrupt_rate * n + 1e-9)
+    need = plan.tolerated_colluders + 1
+    if need > min(k, bad):
+        return -math.inf
+    logs = [_log_hypergeom_pmf(n - 1, bad, k, x) for x in range(need, min(k, bad) + 1)]
+    top = max(logs)
+    tail = top + math.log(sum(math.exp(v - top) for v in logs))
+    return (math.log(n) + tail) / math.log(2)

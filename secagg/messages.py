@@ -17,18 +17,26 @@ are little-endian uint32/uint64.
 Bodies (counts are u32, ids u32):
     ADVERTISE_KEYS  c_pk 32 | s_pk 32 | sig_pk 32 | signature 64
     KEY_LIST        config digest 32 | count | count x (id | c_pk | s_pk | sig_pk | signature)
-    SHARE_KEYS      count | count x (recipient | encrypted shares 168)
+    SHARE_KEYS      count | count x (recipient | encrypted shares 168) | seed commitment 32 | signature 64
     ROUTED_SHARES   count | count x (sender | encrypted shares 168)
-    MASKED_INPUT    the masked vector, exactly (length x bits/8) bytes
+    MASKED_INPUT    the masked vector, exactly (length x bits/8) bytes | signature 64
     SURVIVOR_LIST   count | ids
     CONSISTENCY_SIGNATURE  signature 64
     UNMASK_REQUEST  count | survivor ids | count | dropped ids | count | count x (id | signature)
-    UNMASK_SHARES   count | count x (owner | share 66) | count | count x (owner | share 66)
+    UNMASK_SHARES   count | count x (owner | share 66) | count | count x (owner | share 66) | signature 64
                     (self-mask seed shares of survivors, then mask-key shares of dropped clients)
+
+Version 2 added the trailing signature of the three client messages that carry what the sum is
+made of (`SIGNED_KINDS`): Ed25519, by the sender's signing key, over `signed_digest` -- the
+envelope's kind, round, session, sender and recipient and SHA-256 of the body before the
+signature -- so a flipped bit anywhere in a masked vector or an unmasking share is refused by
+the server (`BadSignature`) instead of changing the sum. SHARE_KEYS also carries the client's
+commitment to its self-mask seed, against which the server checks the seed it reconstructs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
@@ -38,7 +46,7 @@ from .primitives import KEY_BYTES, NONCE_BYTES, SIG_BYTES, TAG_BYTES
 from .shamir import SHARE_BYTES
 
 MAGIC = b"PLSA"
-VERSION = 1
+VERSION = 2
 SERVER = 0xFFFFFFFF
 NO_SESSION = bytes(32)
 _ENVELOPE = struct.Struct(">4sBBHQ32sIIQ")
@@ -71,6 +79,17 @@ class Kind(IntEnum):
 
 
 PRE_SESSION_KINDS = (Kind.ADVERTISE_KEYS, Kind.KEY_LIST)
+SIGNED_KINDS = (Kind.SHARE_KEYS, Kind.MASKED_INPUT, Kind.UNMASK_SHARES)  # body ends in a signature
+COMMITMENT_BYTES = 32
+
+
+def signed_digest(kind: Kind, round_id: int, session: bytes, sender: int, recipient: int, content) -> bytes:
+    """What the sender of a `SIGNED_KINDS` message signs: SHA-256 over a label, the envelope's
+    binding fields and the body before its signature (`content`, bytes or a memoryview)."""
+    h = hashlib.sha256(b"privlora-secagg/v2/signed-message")
+    h.update(struct.pack(">BQ32sII", kind, round_id, session, sender, recipient))
+    h.update(content)
+    return h.digest()
 
 
 @dataclass(frozen=True)
@@ -123,6 +142,8 @@ class KeyList:
 @dataclass(frozen=True)
 class ShareKeys:
     shares: tuple[tuple[int, bytes], ...]  # (recipient, ciphertext), recipients increasing
+    commitment: bytes = bytes(COMMITMENT_BYTES)  # to the sender's self-mask seed
+    signature: bytes = bytes(SIG_BYTES)
 
 
 @dataclass(frozen=True)
@@ -133,6 +154,7 @@ class RoutedShares:
 @dataclass(frozen=True)
 class MaskedInput:
     vector: bytes | memoryview
+    signature: bytes = bytes(SIG_BYTES)
 
 
 @dataclass(frozen=True)
@@ -156,6 +178,7 @@ class UnmaskRequest:
 class UnmaskShares:
     self_mask_shares: tuple[tuple[int, bytes], ...]  # (owner, share) for survivors
     key_shares: tuple[tuple[int, bytes], ...]  # (owner, share) for dropped clients
+    signature: bytes = bytes(SIG_BYTES)
 
 
 Body = (
@@ -217,10 +240,13 @@ def encode_body(body: Body) -> bytes:
             + _fixed(e.sig_pk, KEY_BYTES, "sig_pk") + _fixed(e.signature, SIG_BYTES, "signature")
             for e in body.entries
         )
-    if isinstance(body, (ShareKeys, RoutedShares)):
+    if isinstance(body, ShareKeys):
+        return (_pairs(body.shares, SHARE_CIPHERTEXT_BYTES, "encrypted shares") + _fixed(body.commitment, COMMITMENT_BYTES, "commitment")
+                + _fixed(body.signature, SIG_BYTES, "signature"))
+    if isinstance(body, RoutedShares):
         return _pairs(body.shares, SHARE_CIPHERTEXT_BYTES, "encrypted shares")
     if isinstance(body, MaskedInput):
-        return bytes(body.vector)
+        return bytes(body.vector) + _fixed(body.signature, SIG_BYTES, "signature")
     if isinstance(body, SurvivorList):
         return _ids(body.survivors)
     if isinstance(body, ConsistencySignature):
@@ -228,22 +254,28 @@ def encode_body(body: Body) -> bytes:
     if isinstance(body, UnmaskRequest):
         return _ids(body.survivors) + _ids(body.dropped) + _pairs(body.signatures, SIG_BYTES, "signatures")
     if isinstance(body, UnmaskShares):
-        return _pairs(body.self_mask_shares, SHARE_BYTES, "self-mask shares") + _pairs(body.key_shares, SHARE_BYTES, "key shares")
+        return (_pairs(body.self_mask_shares, SHARE_BYTES, "self-mask shares") + _pairs(body.key_shares, SHARE_BYTES, "key shares")
+                + _fixed(body.signature, SIG_BYTES, "signature"))
     raise TypeError(f"not a message body: {type(body).__name__}")
 
 
-def frame(kind: Kind, payload: bytes | memoryview, *, round_id: int, session: bytes, sender: int, recipient: int) -> bytes:
-    """Envelope + an already encoded body."""
+def frame(kind: Kind, payload, *, round_id: int, session: bytes, sender: int, recipient: int) -> bytes:
+    """Envelope + an already encoded body (bytes, a memoryview, or a tuple of parts joined once)."""
     if len(session) != 32:
         raise ValueError("session ids are 32 bytes")
-    head = _ENVELOPE.pack(MAGIC, VERSION, kind, 0, round_id, session, sender, recipient, len(payload))
-    return b"".join((head, payload))
+    parts = tuple(payload) if isinstance(payload, tuple) else (payload,)
+    size = sum(memoryview(p).nbytes for p in parts)
+    head = _ENVELOPE.pack(MAGIC, VERSION, kind, 0, round_id, session, sender, recipient, size)
+    return b"".join((head, *parts))
 
 
 def encode(body: Body, *, round_id: int, session: bytes, sender: int, recipient: int) -> bytes:
     """Envelope + body as bytes. `session` is NO_SESSION for the two pre-session kinds."""
     kind = _KIND_OF[type(body)]
-    payload = body.vector if isinstance(body, MaskedInput) else encode_body(body)  # no copy of a vector
+    if isinstance(body, MaskedInput):  # no extra copy of a vector
+        payload = (memoryview(body.vector).cast("B"), _fixed(body.signature, SIG_BYTES, "signature"))
+    else:
+        payload = encode_body(body)
     return frame(kind, payload, round_id=round_id, session=session, sender=sender, recipient=recipient)
 
 
@@ -304,13 +336,13 @@ def max_body_bytes(kind: Kind, n_max: int, vector_bytes: int) -> int:
     return {
         Kind.ADVERTISE_KEYS: 3 * KEY_BYTES + SIG_BYTES,
         Kind.KEY_LIST: 36 + n * (4 + 3 * KEY_BYTES + SIG_BYTES),
-        Kind.SHARE_KEYS: 4 + n * (4 + SHARE_CIPHERTEXT_BYTES),
+        Kind.SHARE_KEYS: 4 + n * (4 + SHARE_CIPHERTEXT_BYTES) + COMMITMENT_BYTES + SIG_BYTES,
         Kind.ROUTED_SHARES: 4 + n * (4 + SHARE_CIPHERTEXT_BYTES),
-        Kind.MASKED_INPUT: vector_bytes,
+        Kind.MASKED_INPUT: vector_bytes + SIG_BYTES,
         Kind.SURVIVOR_LIST: 4 + 4 * n,
         Kind.CONSISTENCY_SIGNATURE: SIG_BYTES,
         Kind.UNMASK_REQUEST: 12 + 8 * n + n * (4 + SIG_BYTES),
-        Kind.UNMASK_SHARES: 8 + 2 * n * (4 + SHARE_BYTES),
+        Kind.UNMASK_SHARES: 8 + 2 * n * (4 + SHARE_BYTES) + SIG_BYTES,
     }[kind]
 
 
@@ -331,13 +363,13 @@ def decode_body(kind: Kind, body: memoryview | bytes, ctx: Context) -> Body:
         _check_increasing([e.client_id for e in entries], kind)
         out = KeyList(digest, entries)
     elif kind is Kind.SHARE_KEYS:
-        out = ShareKeys(r.pairs(SHARE_CIPHERTEXT_BYTES, n))
+        out = ShareKeys(r.pairs(SHARE_CIPHERTEXT_BYTES, n), r.take(COMMITMENT_BYTES), r.take(SIG_BYTES))
     elif kind is Kind.ROUTED_SHARES:
         out = RoutedShares(r.pairs(SHARE_CIPHERTEXT_BYTES, n))
     elif kind is Kind.MASKED_INPUT:
-        if len(body) != ctx.vector_bytes:
-            raise MalformedMessage(f"masked input is {len(body)} bytes, expected exactly {ctx.vector_bytes}")
-        return MaskedInput(body)
+        if len(body) != ctx.vector_bytes + SIG_BYTES:
+            raise MalformedMessage(f"masked input is {len(body)} bytes, expected exactly {ctx.vector_bytes} + a {SIG_BYTES}-byte signature")
+        return MaskedInput(body[:-SIG_BYTES], bytes(body[-SIG_BYTES:]))
     elif kind is Kind.SURVIVOR_LIST:
         out = SurvivorList(r.ids(n))
     elif kind is Kind.CONSISTENCY_SIGNATURE:
@@ -345,7 +377,7 @@ def decode_body(kind: Kind, body: memoryview | bytes, ctx: Context) -> Body:
     elif kind is Kind.UNMASK_REQUEST:
         out = UnmaskRequest(r.ids(n), r.ids(n), r.pairs(SIG_BYTES, n))
     elif kind is Kind.UNMASK_SHARES:
-        out = UnmaskShares(r.pairs(SHARE_BYTES, n), r.pairs(SHARE_BYTES, n))
+        out = UnmaskShares(r.pairs(SHARE_BYTES, n), r.pairs(SHARE_BYTES, n), r.take(SIG_BYTES))
     else:  # pragma: no cover - Kind is closed
         raise MalformedMessage(f"unknown kind {kind}")
     r.done()

@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PrivateFormat, PublicFormat, NoEncryption
 
-from .errors import BadSignature, DecryptionFailed, MalformedMessage
+from .errors import BadSignature, DecryptionFailed, InvalidPublicKey
 
 LABEL = b"privlora-secagg/v1"
 SEED_BYTES = 32
@@ -72,12 +72,28 @@ def x25519_from_private_bytes(raw: bytes) -> tuple[X25519PrivateKey, bytes]:
     return sk, sk.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
-def agree(sk: X25519PrivateKey, peer_public: bytes) -> bytes:
-    """X25519 shared secret; a low-order peer key (all-zero secret) is refused."""
+def agree(sk: X25519PrivateKey, peer_public: bytes, what: str = "a peer's key") -> bytes:
+    """X25519 shared secret; a low-order peer key (all-zero secret) is refused (`InvalidPublicKey`)."""
     try:
         return sk.exchange(X25519PublicKey.from_public_bytes(peer_public))
     except ValueError as exc:
-        raise MalformedMessage(f"unusable X25519 public key: {exc}") from exc
+        raise InvalidPublicKey(f"{what} is not a usable X25519 public key (low-order point: all-zero shared secret): {exc}") from exc
+
+
+_PROBE = X25519PrivateKey.generate()  # its secrecy does not matter: only zero / non-zero is looked at
+
+
+def check_x25519_public(peer_public: bytes, what: str) -> None:
+    """Refuse a small-order X25519 public key (`InvalidPublicKey`).
+
+    X25519 clamps every private scalar to a multiple of the cofactor 8, so the shared secret with
+    a point of order 1, 2, 4 or 8 (u = 0, 1, p - 1, the two order-8 u's, and their non-canonical
+    encodings >= p) is all zero for *every* private key, and OpenSSL (through `cryptography`)
+    raises on it. One agreement with a throw-away key therefore decides it for everyone.
+    """
+    if not isinstance(peer_public, (bytes, bytearray)) or len(peer_public) != KEY_BYTES:
+        raise InvalidPublicKey(f"{what} must be {KEY_BYTES} bytes")
+    agree(_PROBE, bytes(peer_public), what)
 
 
 def hkdf(secret: bytes, info: bytes, length: int = 32) -> bytes:

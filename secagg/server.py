@@ -6,14 +6,19 @@ bytes. Clients that sent nothing before the stage was closed have dropped out. A
 close, `result` holds the sum mod 2^b of the survivors' encoded inputs.
 
 The server checks the threshold at every stage and raises `TooFewSurvivors` -- before sending
-any unmasking request -- when fewer than t clients remain. A message that fails a check raises
-its named error and leaves the server's state untouched, so a caller may ignore that client and
-go on. Masked inputs are added into one running sum as they arrive (memory: one vector).
+any unmasking request -- when fewer than t clients remain, or `TooFewClients` when fewer than
+`plan.min_clients` advertised keys or sent masked inputs (clients would refuse such lists).
+Those, and a failed reconstruction, abort the server for good (`ProtocolAborted` afterwards).
+A *message* that fails a check (malformed, replayed, unsigned or badly signed, a low-order
+X25519 key, a sender that is not a client id) raises its named error and leaves the server's
+state untouched: the server does not abort, and a caller may ignore that client and go on (it
+then counts as dropped). Masked inputs are added into one running sum as they arrive, after
+their signature is checked (memory: one vector).
 
-Unmasking (Bonawitz et al.): for each survivor w, reconstruct b_w from t shares and subtract
-PRG(b_w); for each dropped client v (shared keys, sent no masked input), reconstruct s_sk_v,
-check it against v's advertised s_pk, and remove the pairwise masks its surviving neighbours
-added for it.
+Unmasking (Bonawitz et al.): for each survivor w, reconstruct b_w from t shares (checked against
+one more share when there is one, and against w's commitment to b_w) and subtract PRG(b_w); for
+each dropped client v (shared keys, sent no masked input), reconstruct s_sk_v, check it against
+v's advertised s_pk, and remove the pairwise masks its surviving neighbours added for it.
 """
 
 from __future__ import annotations
@@ -26,23 +31,26 @@ import numpy as np
 
 from . import messages as m
 from . import shamir
-from .client import advertise_message, config_digest, survivors_message
+from .client import advertise_message, check_session_nonce, config_digest, is_client_id, seed_commitment, survivors_message
 from .encoding import EncodingSpec
 from .errors import (
     BadSignature,
+    ConfigurationError,
     DuplicateKey,
     InconsistentSurvivors,
     MalformedMessage,
     ProtocolAborted,
     ReconstructionFailed,
     ReplayedMessage,
+    TooFewClients,
     TooFewSurvivors,
+    WrongRecipient,
     WrongSender,
     WrongStage,
 )
 from .graph import neighbours
 from .params import MAX_CLIENT_ID, Plan
-from .primitives import MaskExpander, agree, pair_mask_seed, session_id, verify, x25519_from_private_bytes
+from .primitives import MaskExpander, agree, check_x25519_public, pair_mask_seed, session_id, verify, x25519_from_private_bytes
 
 
 class ServerStage(Enum):
@@ -74,14 +82,35 @@ class ServerResult:
 
 
 class SecAggServer:
-    """The server of one session. `expected`: the client ids invited (None: any valid id)."""
+    """The server of one session. `expected`: the client ids invited (None: any valid id).
 
-    def __init__(self, plan: Plan, spec: EncodingSpec, round_id: int = 0, expected: Iterable[int] | None = None):
+    `session_nonce` (optional, 32 bytes, e.g. `os.urandom(32)`): a fresh value for this session
+    that the transport sends every invited client; clients bind it into their advertisement
+    signatures, so an advertisement from another session with the same round id is refused.
+    """
+
+    def __init__(self, plan: Plan, spec: EncodingSpec, round_id: int = 0, expected: Iterable[int] | None = None,
+                 session_nonce: bytes | None = None):
+        if not isinstance(plan, Plan) or not isinstance(spec, EncodingSpec):
+            raise ConfigurationError(f"expected a Plan and an EncodingSpec, found {type(plan).__name__} and {type(spec).__name__}")
+        if spec.bits != plan.bits or spec.max_clients != plan.n_max:
+            raise ConfigurationError("encoding spec and plan disagree on bits or number of clients")
+        if not isinstance(round_id, int) or isinstance(round_id, bool) or not 0 <= round_id < 1 << 64:
+            raise ConfigurationError(f"round id must be an int in [0, 2^64), found {round_id!r}")
         self.plan, self.spec, self.round_id = plan, spec, round_id
-        self.digest = config_digest(plan, spec)
-        self.expected = None if expected is None else frozenset(expected)
+        self.session_nonce = check_session_nonce(session_nonce)
+        self.digest = config_digest(plan, spec, self.session_nonce)
+        if expected is not None:
+            try:
+                expected = frozenset(expected)
+            except TypeError as exc:
+                raise ConfigurationError(f"expected must be an iterable of client ids: {exc}") from None
+            bad = [c for c in expected if not is_client_id(c)]
+            if bad:
+                raise ConfigurationError(f"expected names {bad[:3]!r}, which are not client ids (ints in [0, {MAX_CLIENT_ID}])")
+        self.expected = expected
         if self.expected is not None and len(self.expected) > plan.n_max:
-            raise ValueError(f"{len(self.expected)} clients invited but the plan is for at most {plan.n_max}")
+            raise ConfigurationError(f"{len(self.expected)} clients invited but the plan is for at most n_max={plan.n_max}")
         self.stage = ServerStage.ADVERTISE_KEYS
         self.session = m.NO_SESSION
         self.result: ServerResult | None = None
@@ -91,6 +120,7 @@ class SecAggServer:
         self._masked: set[int] = set()
         self._acc = np.zeros(spec.total_length, dtype=spec.dtype)
         self._sigs: dict[int, bytes] = {}
+        self._commitments: dict[int, bytes] = {}
         self._unmask: dict[int, m.UnmaskShares] = {}
         self._out_cache: dict[m.Kind, bytes] = {}
 
@@ -100,6 +130,8 @@ class SecAggServer:
         """Accept one client's message for the current stage, or raise its named error."""
         if self.stage in (ServerStage.DONE, ServerStage.ABORTED):
             raise ProtocolAborted(f"the server's session is {self.stage.value}; no more messages")
+        if not is_client_id(sender):
+            raise WrongSender(f"a message from {sender!r}, which is not a client id (an int in [0, {MAX_CLIENT_ID}])")
         expect = _EXPECT[self.stage]
         ctx = m.Context(
             self.round_id, self.session, m.SERVER, self.plan.n_max,
@@ -108,14 +140,21 @@ class SecAggServer:
         _, body = m.decode(blob, expect, ctx)
         if self.stage is ServerStage.ADVERTISE_KEYS:
             self._on_advertise(sender, body)
-        elif self.stage is ServerStage.SHARE_KEYS:
-            self._on_shares(sender, body)
-        elif self.stage is ServerStage.MASKED_INPUT:
-            self._on_masked(sender, body)
         elif self.stage is ServerStage.CONSISTENCY_CHECK:
             self._on_signature(sender, body)
         else:
-            self._on_unmask_shares(sender, body)
+            content = memoryview(blob)[m.ENVELOPE_BYTES : len(blob) - m.SIG_BYTES]
+            signed = lambda what: self._check_signed(expect, sender, content, body.signature, what)  # noqa: E731
+            if self.stage is ServerStage.SHARE_KEYS:
+                self._on_shares(sender, body, signed)
+            elif self.stage is ServerStage.MASKED_INPUT:
+                self._on_masked(sender, body, signed)
+            else:
+                self._on_unmask_shares(sender, body, signed)
+
+    def _check_signed(self, kind: m.Kind, sender: int, content, signature: bytes, what: str) -> None:
+        digest = m.signed_digest(kind, self.round_id, self.session, sender, m.SERVER, content)
+        verify(self._sig_pk(sender), signature, digest, f"client {sender}'s {what} (changed in transit, or not signed by it)")
 
     def _check_sender(self, sender: int, allowed, seen, what: str) -> None:
         if sender not in allowed:
@@ -124,7 +163,7 @@ class SecAggServer:
             raise ReplayedMessage(f"second {what} from client {sender}")
 
     def _on_advertise(self, sender: int, adv: m.AdvertiseKeys) -> None:
-        if not 0 <= sender <= MAX_CLIENT_ID or (self.expected is not None and sender not in self.expected):
+        if self.expected is not None and sender not in self.expected:
             raise WrongSender(f"key advertisement from client {sender}, which was not invited")
         if sender in self._adv:
             raise ReplayedMessage(f"second key advertisement from client {sender}")
@@ -137,19 +176,25 @@ class SecAggServer:
         keys = [adv.c_pk, adv.s_pk] + ([] if self.plan.pinned else [adv.sig_pk])
         if len(set(keys)) != len(keys) or any(k in self._keys_seen for k in keys):
             raise DuplicateKey(f"client {sender} advertised a public key that is already in use")
-        verify(adv.sig_pk, adv.signature, advertise_message(self.digest, self.round_id, sender, adv.c_pk, adv.s_pk, adv.sig_pk), f"client {sender}'s key advertisement")
+        check_x25519_public(adv.c_pk, f"client {sender}'s encryption key (c_pk)")
+        check_x25519_public(adv.s_pk, f"client {sender}'s masking key (s_pk)")
+        verify(adv.sig_pk, adv.signature, advertise_message(self.digest, self.round_id, sender, adv.c_pk, adv.s_pk, adv.sig_pk),
+               f"client {sender}'s key advertisement (or one made for another session: it binds the round and session nonce)")
         self._keys_seen.update(keys)
         self._adv[sender] = adv
 
-    def _on_shares(self, sender: int, sk: m.ShareKeys) -> None:
+    def _on_shares(self, sender: int, sk: m.ShareKeys, signed) -> None:
         self._check_sender(sender, self._adv, self._shares, "share message")
+        signed("share message")
         recipients = tuple(r for r, _ in sk.shares)
         if recipients != tuple(sorted(self._neigh[sender])):
             raise MalformedMessage(f"client {sender} sent shares to {len(recipients)} clients, not exactly to its {len(self._neigh[sender])} neighbours")
         self._shares[sender] = dict(sk.shares)
+        self._commitments[sender] = sk.commitment
 
-    def _on_masked(self, sender: int, mi: m.MaskedInput) -> None:
+    def _on_masked(self, sender: int, mi: m.MaskedInput, signed) -> None:
         self._check_sender(sender, self._u2, self._masked, "masked input")
+        signed("masked input")
         vec = np.frombuffer(mi.vector, dtype=self.spec.dtype, count=self.spec.total_length)
         np.add(self._acc, vec, out=self._acc)
         self._masked.add(sender)
@@ -159,8 +204,9 @@ class SecAggServer:
         verify(self._sig_pk(sender), cs.signature, survivors_message(self.session, self.round_id, self._survivors), f"client {sender}'s survivor set")
         self._sigs[sender] = cs.signature
 
-    def _on_unmask_shares(self, sender: int, us: m.UnmaskShares) -> None:
+    def _on_unmask_shares(self, sender: int, us: m.UnmaskShares, signed) -> None:
         self._check_sender(sender, self._sigs, self._unmask, "unmasking shares")
+        signed("unmasking shares")
         holders = self._neigh[sender] | {sender}
         if not {w for w, _ in us.self_mask_shares} <= (set(self._survivors) & holders):
             raise InconsistentSurvivors(f"client {sender} sent self-mask shares of clients it does not hold or that did not survive")
@@ -179,6 +225,14 @@ class SecAggServer:
             self.stage = ServerStage.ABORTED
             raise TooFewSurvivors(f"only {count} clients {what}; the threshold is {self.plan.threshold}.{later}")
 
+    def _need_min_clients(self, count: int, what: str, before: str) -> None:
+        if count < self.plan.min_clients:
+            self.stage = ServerStage.ABORTED
+            raise TooFewClients(
+                f"only {count} clients {what}; this session needs at least {self.plan.min_clients} (min_clients, of "
+                f"n_max={self.plan.n_max}) and clients would refuse a shorter list. Aborting before {before}."
+            )
+
     def close_stage(self) -> list[int]:
         """End the current stage; return the (sorted) clients to send `message_for` to next."""
         if self.stage in (ServerStage.DONE, ServerStage.ABORTED):
@@ -186,9 +240,10 @@ class SecAggServer:
         self._out_cache.clear()
         if self.stage is ServerStage.ADVERTISE_KEYS:
             self._need(len(self._adv), "advertised keys")
+            self._need_min_clients(len(self._adv), "advertised keys", "sending any key list")
             ids = sorted(self._adv)
             self.session = session_id(self.digest, self.round_id, ((c, a.c_pk, a.s_pk, a.sig_pk) for c, a in self._adv.items()))
-            self._neigh = neighbours(ids, self.plan.degree, self.session)
+            self._neigh = neighbours(ids, self.plan.degree, self.session, slots=self.plan.n_max)
             self.stage = ServerStage.SHARE_KEYS
             return ids
         if self.stage is ServerStage.SHARE_KEYS:
@@ -198,6 +253,7 @@ class SecAggServer:
             return sorted(self._u2)
         if self.stage is ServerStage.MASKED_INPUT:
             self._need(len(self._masked), "sent masked inputs")
+            self._need_min_clients(len(self._masked), "sent masked inputs", "sending the survivor list")
             self._u3 = frozenset(self._masked)
             self._survivors = tuple(sorted(self._u3))
             self._dropped = tuple(sorted(self._u2 - self._u3))
@@ -232,7 +288,17 @@ class SecAggServer:
             )
 
     def message_for(self, cid: int) -> bytes:
-        """The bytes to send to client `cid` for the stage just opened by `close_stage`."""
+        """The bytes to send to client `cid` for the stage just opened by `close_stage`.
+
+        Raises `WrongRecipient` for a client that `close_stage` did not return."""
+        allowed = {
+            ServerStage.SHARE_KEYS: lambda: self._adv,
+            ServerStage.MASKED_INPUT: lambda: self._u2,
+            ServerStage.CONSISTENCY_CHECK: lambda: self._u3,
+            ServerStage.UNMASKING: lambda: self._sigs,
+        }.get(self.stage)
+        if allowed is not None and not (is_client_id(cid) and cid in allowed()):
+            raise WrongRecipient(f"no {self.stage.value} message for {cid!r}: not one of the clients this stage addresses")
         if self.stage is ServerStage.SHARE_KEYS:
             body = self._cached(m.Kind.KEY_LIST, lambda: m.encode_body(m.KeyList(self.digest, tuple(
                 m.KeyEntry(c, a.c_pk, a.s_pk, a.sig_pk, a.signature) for c, a in sorted(self._adv.items())))))
@@ -281,7 +347,15 @@ class SecAggServer:
             if len(shares) < t:
                 self._need(len(shares), f"revealed shares of dropped client {v}'s mask key")
         try:
-            masks = [(shamir.reconstruct(b_shares[w], t, f"client {w}'s self-mask seed"), -1) for w in self._survivors]
+            masks = []
+            for w in self._survivors:
+                seed = shamir.reconstruct(b_shares[w], t, f"client {w}'s self-mask seed")
+                if seed_commitment(self.session, w, seed) != self._commitments[w]:
+                    raise ReconstructionFailed(
+                        f"client {w}'s self-mask seed, reconstructed from the shares of holders {sorted(x - 1 for x in b_shares[w])[:t]}, "
+                        "does not match its commitment: a holder sent a corrupted or forged share"
+                    )
+                masks.append((seed, -1))
             for v in self._dropped:
                 sk, pk = x25519_from_private_bytes(shamir.reconstruct(k_shares[v], t, f"client {v}'s mask key"))
                 if pk != self._adv[v].s_pk:

@@ -5,13 +5,16 @@ coefficients are uniform in [0, p) (from `secrets`). Holder x (a non-zero field 
 protocol uses client id + 1) receives f(x). Any t shares give s back by Lagrange interpolation at
 0; any t - 1 shares are jointly uniform, independent of s.
 
-The field is much larger than the secret space: a share replaced by an unrelated value makes the
-reconstruction land outside [0, 2^256) except with probability about 2^-265, so `reconstruct`
-checks the range and raises `ReconstructionFailed`. This is a sanity check, not integrity: a
-deliberately small offset (e.g. one flipped low bit) shifts the secret by a small multiple of a
-Lagrange coefficient and can go unnoticed. The protocol additionally checks every reconstructed
-mask key against its advertised public key; a wrong self-mask seed corrupts the sum, which a
-malicious client could do anyway by sending a wrong input.
+Integrity. `reconstruct` interpolates from the t shares with the smallest x and, when it is
+given more, checks that the (t+1)-th lies on the same polynomial: a share that was changed
+(one flipped bit, or a forged value) among those t + 1 makes them inconsistent -- the error
+adds delta * L_i(x) with L_i(x) != 0 -- and raises `ReconstructionFailed`. Shares beyond the
+t + 1 used play no part in the result. With exactly t shares there is no redundancy: the range
+check (the result must be below 2^256) catches an unrelated value except with probability
+about 2^-265 but not a small offset (the Lagrange weights of small x are small integers). That
+is why the protocol never relies on it alone: each client commits to its self-mask seed (a
+hash in its signed share message) and each mask key is checked against its advertised public
+key, so a wrong secret is always a named error, never a wrong sum.
 """
 
 from __future__ import annotations
@@ -60,45 +63,67 @@ def _batch_inverse(values: list[int]) -> list[int]:
 
 
 @lru_cache(maxsize=4096)
-def _lagrange_at_zero(xs: tuple[int, ...]) -> tuple[int, ...]:
-    """lambda_i = prod_{j != i} x_j / (x_j - x_i) mod p."""
-    total = 1
-    for x in xs:
-        total = total * x % PRIME
-    nums, dens = [], []
+def _denominators(xs: tuple[int, ...]) -> tuple[int, ...]:
+    """1 / prod_{j != i} (x_i - x_j) mod p, for each i (the barycentric weights)."""
+    dens = []
     for i, xi in enumerate(xs):
         den = 1
         for j, xj in enumerate(xs):
             if j != i:
-                den = den * (xj - xi) % PRIME
-        nums.append(xi)
+                den = den * (xi - xj) % PRIME
         dens.append(den)
-    inv = _batch_inverse(nums + dens)  # 1/x_i and 1/den_i together
-    t = len(xs)
-    return tuple(total * inv[i] % PRIME * inv[t + i] % PRIME for i in range(t))
+    return tuple(_batch_inverse(dens))
+
+
+def _lagrange_at(xs: tuple[int, ...], point: int) -> list[int]:
+    """L_i(point) = prod_{j != i} (point - x_j) / (x_i - x_j) mod p; `point` not among xs."""
+    diffs = [(point - x) % PRIME for x in xs]
+    whole = 1
+    for d in diffs:
+        whole = whole * d % PRIME
+    inv = _batch_inverse(diffs)
+    w = _denominators(xs)
+    return [whole * inv[i] % PRIME * w[i] % PRIME for i in range(len(xs))]
+
+
+def _field_value(raw: bytes, what: str) -> int:
+    if len(raw) != SHARE_BYTES:
+        raise ReconstructionFailed(f"{what}: a share is {len(raw)} bytes, expected {SHARE_BYTES}")
+    y = int.from_bytes(raw, "big")
+    if y >= PRIME:
+        raise ReconstructionFailed(f"{what}: a share is not a field element")
+    return y
 
 
 def reconstruct(shares: dict[int, bytes], threshold: int, what: str = "secret") -> bytes:
-    """The 32-byte secret from at least `threshold` shares {x: share}; uses the t smallest x.
+    """The 32-byte secret from at least `threshold` shares {x: share}.
 
-    Raises `ReconstructionFailed` if there are too few shares, a share is not a field element,
-    or the result is not a 256-bit value (a corrupted share).
+    Interpolates at 0 from the t smallest x; if there are more shares, the next one must lie on
+    the same polynomial. Raises `ReconstructionFailed` if there are too few shares, a share is
+    not a field element, the t + 1 shares used are inconsistent (a changed share), or the result
+    is not a 256-bit value.
     """
     if len(shares) < threshold:
         raise ReconstructionFailed(f"{what}: {len(shares)} shares, {threshold} needed")
-    xs = tuple(sorted(shares)[:threshold])
-    if len(set(xs)) != len(xs) or any(not 0 < x < PRIME for x in xs):
+    order = sorted(shares)
+    if any(not isinstance(x, int) or not 0 < x < PRIME for x in order):
         raise ReconstructionFailed(f"{what}: share x-coordinates must be distinct non-zero field elements")
-    lam = _lagrange_at_zero(xs)
+    xs = tuple(order[:threshold])
+    ys = [_field_value(shares[x], what) for x in xs]
     s = 0
-    for x, li in zip(xs, lam):
-        raw = shares[x]
-        if len(raw) != SHARE_BYTES:
-            raise ReconstructionFailed(f"{what}: a share is {len(raw)} bytes, expected {SHARE_BYTES}")
-        y = int.from_bytes(raw, "big")
-        if y >= PRIME:
-            raise ReconstructionFailed(f"{what}: a share is not a field element")
+    for y, li in zip(ys, _lagrange_at(xs, 0)):
         s = (s + y * li) % PRIME
+    if len(order) > threshold:
+        x_check = order[threshold]
+        y_check = _field_value(shares[x_check], what)
+        f = 0
+        for y, li in zip(ys, _lagrange_at(xs, x_check)):
+            f = (f + y * li) % PRIME
+        if f != y_check:
+            raise ReconstructionFailed(
+                f"{what}: the {threshold + 1} shares of holders x={list(xs)[:3]}...{x_check} are inconsistent "
+                f"(do not lie on one polynomial of degree {threshold - 1}): a share was changed"
+            )
     if s >> SECRET_BITS:
         raise ReconstructionFailed(f"{what}: shares reconstruct to a value outside 256 bits (a corrupted share)")
     return s.to_bytes(SECRET_BITS // 8, "big")

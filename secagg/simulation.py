@@ -10,6 +10,7 @@ malicious server or network.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from . import messages as m
 from .client import SecAggClient
 from .encoding import ClipArg, EncodingSpec
-from .errors import ConfigurationError, InvalidInput, SecAggError
+from .errors import BadSignature, ConfigurationError, DuplicateKey, InvalidInput, MessageError, SecAggError
 from .params import Plan, SecAggParams
 from .primitives import ed25519_keypair
 from .server import SecAggServer, ServerResult
@@ -100,11 +101,16 @@ def run_session(
     transcript: list | None = None,
     client_errors: dict | None = None,
     provide_input: Callable[[int], np.ndarray] | None = None,
+    server_errors: dict | None = None,
 ) -> tuple[ServerResult, SessionStats]:
     """Run the five stages. A client in drop[stage] stops before sending its message of that
     stage (and never comes back). Errors of either side propagate with their names, unless
     `client_errors` is a dict: then a client's `SecAggError` is recorded there (id -> error) and
     the client counts as dropped, as a real client that aborts simply goes silent.
+    `server_errors`, if a dict, plays a server that ignores a client whose message it refused:
+    the refusal (a `MessageError`, `BadSignature` or `DuplicateKey`, which leave the server's
+    state untouched) is recorded there (id -> error) and that client is treated as silent from
+    then on. Without it the refusal propagates.
     `transcript`, if given, receives (kind, sender, recipient, nbytes) for every message sent.
     `provide_input(id)`, if given, is called just before a client masks, and its vector is set as
     that client's input then (encoding counted as client time): clients need not hold encoded
@@ -141,7 +147,13 @@ def run_session(
         blob = transit(m.peek_kind(blob), cid, m.SERVER, blob)
         if blob is not None:
             st.bytes_up[cid] += len(blob)
-            on_server(server.receive, cid, blob)
+            try:
+                on_server(server.receive, cid, blob)
+            except (MessageError, BadSignature, DuplicateKey) as exc:
+                if server_errors is None:
+                    raise
+                server_errors[cid] = exc
+                alive.discard(cid)
 
     alive = set(clients) - drop["advertise_keys"]
     for cid in sorted(alive):
@@ -192,7 +204,12 @@ def aggregate_in_process(
         `params.signing_keys` pins a registry (see `generate_signing_keys`).
     tamper, transcript: see `run_session` (tests and fault injection).
 
-    Raises a `SecAggError` subclass on any refusal; never returns a partial or wrong sum.
+    Every call draws a fresh 32-byte session nonce (os.urandom) for its server and clients, so
+    two calls with the same round id are two different sessions.
+
+    Raises a `SecAggError` subclass on any refusal. It never returns a sum that differs from the
+    sum of the survivors' encoded inputs: every message that carries what the sum is made of is
+    signed, and every reconstructed secret is checked (see SECURITY.md for what this assumes).
     """
     if not inputs:
         raise InvalidInput("no inputs")
@@ -208,13 +225,14 @@ def aggregate_in_process(
     if plan.pinned and client_signing_keys is None:
         raise ConfigurationError("params.signing_keys pins a registry: pass client_signing_keys (each client's private key)")
     keys = client_signing_keys or {}
-    clients = {c: SecAggClient(c, plan, spec, round_id, keys.get(c)) for c in ids}
+    nonce = os.urandom(32)
+    clients = {c: SecAggClient(c, plan, spec, round_id, keys.get(c), session_nonce=nonce) for c in ids}
     encode_seconds = {}
     for c in ids:
         t0 = time.perf_counter()
         clients[c].set_input(inputs[c])
         encode_seconds[c] = time.perf_counter() - t0
-    server = SecAggServer(plan, spec, round_id, expected=ids)
+    server = SecAggServer(plan, spec, round_id, expected=ids, session_nonce=nonce)
     res, st = run_session(clients, server, drop, tamper, transcript)
     for c in ids:
         st.client_seconds[c] += encode_seconds[c]
