@@ -133,8 +133,12 @@ def build_client_node(settings: NodeSettings):
             raise ConfigError("node config: 'signing-key' is missing but the config pins a key registry; "
                               "give this client's private key file (written by `privlora keys`)")
         key = load_private_key(settings.signing_key, settings.client_id, load_registry(cfg.secagg.key_registry))
+    def data_facts() -> tuple[int, list[str]]:
+        data = node_training_data(cfg, settings)
+        return len(data), data.label_names
+
     return ClientNode(load_client, guard=guard, signing_key=key, noise=settings.noise,
-                      config_sha256=config_digest(text), cfg=cfg, client_id=settings.client_id)
+                      config_sha256=config_digest(text), cfg=cfg, client_id=settings.client_id, data_facts=data_facts)
 
 
 def config_digest(config_text: str) -> str:

@@ -111,7 +111,8 @@ class ClientNode:
     node must remember between messages (this round's contribution, the secagg session)."""
 
     def __init__(self, client, guard: ClientGuard | None = None, signing_key=None, noise: str = "seeded",
-                 label_names: list[str] | None = None, config_sha256: str | None = None, *, cfg=None, client_id: int | None = None):
+                 label_names: list[str] | None = None, config_sha256: str | None = None, *, cfg=None, client_id: int | None = None,
+                 data_facts=None):
         from .noise import NOISE_SOURCES
 
         if noise not in NOISE_SOURCES:
@@ -133,6 +134,9 @@ class ClientNode:
         """The hash of this node's own resolved config, checked against the server's (None: not checked)."""
         self._pending: _Pending | None = None
         self._session = None  # (round, SecAggClient)
+        self._data_facts = data_facts
+        """Optional zero-argument callable -> (number of examples, label names), cheaper than
+        building the client (no model): what ``describe`` needs."""
 
     @property
     def client(self) -> Client:
@@ -166,18 +170,26 @@ class ClientNode:
         if self.config_sha256 is not None and theirs is not None and theirs != self.config_sha256:
             raise MessageError(f"client {self.client_id}: the server runs a config (sha256 {str(theirs)[:12]}…) other than "
                                f"this node's ({self.config_sha256[:12]}…); both must hold the same federation TOML")
+        from .client import planned_mechanism
+
         labels = asked.get("labels")
-        mine = self.label_names if self.label_names is not None else getattr(self.client, "label_names", None)
+        if self._client is None and self._data_facts is not None:
+            n, mine = self._data_facts()
+        else:
+            n, mine = self.client.num_examples, getattr(self.client, "label_names", None)
+        mine = self.label_names if self.label_names is not None else mine
         if mine is not None and labels is not None and list(labels) != list(mine):
             raise MessageError(f"client {self.client_id}: this node's data has labels {list(mine)} but the federation's "
                                f"are {list(labels)}; give the node data with exactly those labels")
-        planned = self.client.planned_mechanism() if self.cfg.privacy.enabled else None
+        planned = planned_mechanism(self.cfg, n) if self.cfg.privacy.enabled else None
+        if planned is not None and self._client is not None and planned != self._client.planned_mechanism():
+            raise RuntimeError(f"client {self.client_id}: its planned release differs from its client's")  # a bug, never a release
         header = {
             "client_id": self.client_id,
             "mechanism": None if planned is None else planned.to_dict(),
             "noise": self.noise,
             # in the clear the size travels with every update anyway; under secagg it never leaves
-            "num_examples": None if self.cfg.secagg.enabled else self.client.num_examples,
+            "num_examples": None if self.cfg.secagg.enabled else n,
             "spent": None if self.guard is None else self.guard.spent(),
         }
         return Message("client_description", header).to_bytes()
@@ -235,7 +247,11 @@ class ClientNode:
 
             invited = [int(c) for c in h["invited"]]
             plan, spec = session_plan(self.cfg, self._pending.layout, len(invited))
-            client = SecAggClient(self.client_id, plan, spec, rnd, self.signing_key)
+            try:
+                nonce = bytes.fromhex(h["session_nonce"])
+            except (KeyError, TypeError, ValueError):
+                raise MessageError(f"client {self.client_id}: the key advertisement request of round {rnd} carries no valid session nonce") from None
+            client = SecAggClient(self.client_id, plan, spec, rnd, self.signing_key, session_nonce=nonce)
             client.set_input(self._pending.vector)
             self._session = (rnd, client)
             out = client.advertise()

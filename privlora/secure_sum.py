@@ -15,6 +15,7 @@ metrics.jsonl (never silent).
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -97,12 +98,14 @@ def session_plan(cfg: ExperimentConfig, spec: list[tuple[str, tuple[int, ...]]],
     return plan, encoding
 
 
-def _request(rnd: int, cid: int, stage: str, blob: bytes = b"", invited: list[int] | None = None) -> bytes:
+def _request(rnd: int, cid: int, stage: str, blob: bytes = b"", invited: list[int] | None = None, nonce: bytes | None = None) -> bytes:
     from .messages import Message, bytes_tensor
 
     header = {"round": rnd, "client_id": cid, "stage": stage}
     if invited is not None:
         header["invited"] = list(invited)
+    if nonce is not None:
+        header["session_nonce"] = nonce.hex()
     return Message("secagg_request", header, {"blob": bytes_tensor(blob)}).to_bytes()
 
 
@@ -128,11 +131,14 @@ def secure_sum_over(transport, cfg: ExperimentConfig, rnd: int, clients: list[in
 
     clients = sorted(clients)
     plan, encoding = session_plan(cfg, spec, len(clients))
-    server = SecAggServer(plan, encoding, rnd, expected=clients)
+    # a fresh nonce binds every advertisement to this session: a round that is run again (after
+    # a resume, or an aborted attempt) never accepts an advertisement of the earlier session
+    nonce = os.urandom(32)
+    server = SecAggServer(plan, encoding, rnd, expected=clients, session_nonce=nonce)
     timeout = cfg.secagg.stage_timeout
     up0, down0 = dict(transport.stats.bytes_up), dict(transport.stats.bytes_down)
     t = time.perf_counter()
-    messages = {c: _request(rnd, c, STAGES[0], invited=clients) for c in clients}
+    messages = {c: _request(rnd, c, STAGES[0], invited=clients, nonce=nonce) for c in clients}
     for stage_index, stage in enumerate(STAGES):
         replies = transport.exchange(stage, messages, timeout)
         for c, blob in replies.items():

@@ -57,14 +57,15 @@ class Federation:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def build_server(cfg: ExperimentConfig, test, tokenizer, base_model, reporter: Progress | None = None) -> Server:
-    """The server of a run: the global adapter on ``base_model`` and the held-out ``test`` split.
-    Every transport builds it this way, so the same seed gives the same initial adapter."""
+def build_server(cfg: ExperimentConfig, test, tokenizer, base_model, reporter: Progress | None = None, test_ds=None) -> Server:
+    """The server of a run: the global adapter on ``base_model`` and the held-out ``test`` split
+    (``test_ds``: already tokenized). Every transport builds it this way, so the same seed gives
+    the same initial adapter."""
     import torch
 
-    stage = (reporter or Progress(False)).stage
-    with stage(f"tokenizing {len(test)} held-out examples"):
-        test_ds = tokenize(test, tokenizer, cfg.model.max_length)
+    if test_ds is None:
+        with (reporter or Progress(False)).stage(f"tokenizing {len(test)} held-out examples"):
+            test_ds = tokenize(test, tokenizer, cfg.model.max_length)
     torch.manual_seed(cfg.seed)
     return Server(cfg, strategy_from_config(cfg), base_model, test_ds)
 
@@ -100,9 +101,10 @@ def build_federation(cfg: ExperimentConfig, base_model=None, tokenizer=None, rep
     shards = partition(train, cfg.data.partition, cfg.data.num_clients, cfg.seed, cfg.data.dirichlet_alpha)
     preflight.check_budgets(cfg, [len(s) for s in shards], reporter)  # before the model loads
     tokenizer, base_model = load_base(cfg, data.num_labels, reporter, tokenizer, base_model)
-    server = build_server(cfg, test, tokenizer, base_model, reporter)
-    with (reporter or Progress(False)).stage(f"tokenizing {len(train)} training examples"):
+    with (reporter or Progress(False)).stage(f"tokenizing {len(train) + len(test)} examples"):
+        test_ds = tokenize(test, tokenizer, cfg.model.max_length)
         shard_ds = [tokenize(train.subset(idx), tokenizer, cfg.model.max_length) for idx in shards]
+    server = build_server(cfg, test, tokenizer, base_model, reporter, test_ds=test_ds)
     clients = []
     for k, ds in enumerate(shard_ds):
         # each client gets its own strategy object: nothing is shared with the server
