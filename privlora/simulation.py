@@ -29,7 +29,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -188,12 +188,15 @@ def run_experiment(
     overwrite: bool = False,
     resume: bool = False,
     stop_after: int | None = None,
+    prepare: Callable[[Federation], None] | None = None,
 ) -> dict[str, Any]:
     """Run every round and write the output folder; returns the last metrics record.
 
     With ``resume``, continue the run in ``out_dir`` from its checkpoint (``cfg`` is then read
     from the folder's config.toml). ``stop_after`` ends the process after that many rounds as if
-    it had been killed (no adapter, no report): used to test resuming.
+    it had been killed (no adapter, no report): used to test resuming. ``prepare`` is called
+    with the federation right after it is built, before any noise is calibrated or any round
+    runs (`privlora.audit` inserts its canaries into the clients' datasets there).
     """
     out = Path(out_dir)
     metrics_path = out / "metrics.jsonl"
@@ -210,6 +213,8 @@ def run_experiment(
     dp = cfg.privacy.enabled
 
     fed = build_federation(cfg)
+    if prepare is not None:
+        prepare(fed)
     server, clients = fed.server, fed.clients
     if cfg.secagg.enabled:
         server.strategy.check_secure_aggregation()
