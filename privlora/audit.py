@@ -30,7 +30,9 @@ One training run (Steinke, Nasr and Jagielski 2023; the mathematics is in `accou
      the head), shared by every example of that label, data included; within a label the
      gradients spread over many directions. SGD moves against included canaries' gradients,
      so included canaries score high. Scores are standardised within each client before
-     ranking.
+     ranking. The auditor reads each client's own local change, which is what the client's
+     DP guarantee covers; under secure aggregation the server would see only the sum, so this
+     is a stronger observer than the server (as a white-box audit should be).
    - ``blackbox`` (loss): the canary's loss under the initial global model minus its loss under
      the final one (the public starting point calibrates each canary's difficulty).
 
