@@ -183,6 +183,8 @@ class Auditor:
     def __init__(self, m: int, design: str, seed: int):
         if design not in DESIGNS:
             raise AuditError(f"--design: {design!r} is not one of {', '.join(DESIGNS)}")
+        if int(m) < 2:
+            raise AuditError(f"--canaries: need at least 2 canaries (1000 is a good start), found {m}")
         self.m, self.design, self.seed = int(m), design, int(seed)
         self.canaries: CanarySet | None = None
         self.fed = None
@@ -212,7 +214,7 @@ class Auditor:
                 if len(own) >= len(c.dataset):
                     raise AuditError(
                         f"--canaries {self.m}: client {c.client_id} holds only {len(c.dataset)} examples, too few for its "
-                        f"{len(own)} mislabelled canaries; use fewer canaries or more data"
+                        f"{len(own)} mislabelled canaries; use fewer canaries or more data (then pass --overwrite to reuse the --out folder)"
                     )
                 take = torch.from_numpy(rng.choice(len(c.dataset), size=len(own), replace=False))
                 keep[take] = False

@@ -171,3 +171,13 @@ def test_too_many_mislabelled_canaries_for_the_data_is_a_clear_error(tiny_cfg):
     fed = build_federation(tiny_cfg())
     with pytest.raises(AuditError, match="too few for its"):
         Auditor(2000, "mislabelled", seed=1).prepare(fed)
+
+
+def test_a_bad_canary_count_is_refused_before_anything_is_written(tiny_cfg, tmp_path, capsys):
+    from privlora.cli import main
+
+    path = tmp_path / "c.toml"
+    path.write_text(config_to_toml(tiny_cfg()), encoding="utf-8")
+    assert main(["audit", str(path), "--out", str(tmp_path / "out"), "--canaries", "1", "--quiet"]) == 2
+    assert "--canaries: need at least 2 canaries" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
