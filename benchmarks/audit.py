@@ -110,6 +110,29 @@ def table(runs: list[dict]) -> list[str]:
     return lines
 
 
+NOTES = """What these runs say (one seed, one run per cell, so differences of a few tenths are within what a single
+run can tell apart):
+
+- **Non-private runs, which design gives the highest bound.** Random-token canaries with the white-box score at
+  m = 500: 0.571 (41 of 50 guesses right), with the model still learning the task (accuracy 0.705). Mislabelled
+  canaries reach the same 0.571 only at m = 2000, where they replace 2,000 of the 3,600 training reviews with
+  relabelled ones (accuracy 0.578), and give nothing at m = 500. More token canaries did not help (0.424 at
+  m = 2000): 200 canaries per client of about 360 reviews crowd each other in the gradient space. So the default
+  of `privlora audit` is token canaries and the white-box score.
+- **The black-box loss score found nothing** (0 in every cell): in 3 rounds the global model learns too little of
+  any single canary for its loss to move measurably.
+- **With DP, every bound is far below the claim** (at most 0.291 against 6.66 at epsilon 8; 0 against 0.81 at
+  epsilon 1): no contradiction. That does not prove the runs private; it also shows how weak this attack is on
+  the default task: a client samples each example with probability 1/5 to 1/7 per step and trains in about half
+  of the 3 rounds, so a canary enters two or three noisy steps in the whole run. The fault-injection test (tests/test_audit.py) shows the same audit does
+  catch a broken noise path where the signal is stronger.
+- **Not run**: the unreduced default (6 rounds, all 12,808 reviews: about 8 minutes of training per run on 2 idle
+  cores, 12 runs did not fit the session), more seeds, and a client-level canary (privlora claims no client-level
+  guarantee, so there is nothing at that level to compare with). Seconds are whole runs (training, scoring,
+  reports) on a CPU shared with other jobs; the first two ran beside the test suite.
+"""
+
+
 def render(runs: list[dict], path: Path, planned: list[dict]) -> None:
     done = {r["key"] for r in runs}
     missing = [key(j) for j in planned if key(j) not in done]
@@ -124,6 +147,7 @@ def render(runs: list[dict], path: Path, planned: list[dict]) -> None:
         "guesses of the best guess count. A bound below the claim proves nothing about privacy; one above it would "
         "prove a bug.", "",
         *table(runs), "",
+        NOTES,
         "Commands that produced the stored runs:", "",
         *[f"    {c}" for c in commands], "",
     ]
