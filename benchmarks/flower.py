@@ -2,7 +2,10 @@
 with and without secure aggregation, in one run; and one round of 100 virtual clients on
 Flower's simulation engine (a tiny model).
 
-    .venv/bin/python benchmarks/flower.py [--rounds 1] [--skip-sim] [--out benchmarks/results/flower.md]
+    .venv/bin/python benchmarks/flower.py [--rounds 1] [--skip-sim] [--fresh] [--out benchmarks/results/flower.md]
+
+Each finished run is stored in ``flower.runs.jsonl`` beside the table; a second call measures
+only what is missing (``--fresh`` measures everything again).
 
 Setting: the embedded default config (MiniLM, 10 clients by movie, 5 per round, 10 DP-SGD steps)
 with ``federation.rounds`` set to ``--rounds``; the Flower runs use 10 SuperNodes and one
@@ -120,11 +123,19 @@ def main() -> None:
     ap.add_argument("--skip-sim", action="store_true")
     ap.add_argument("--skip-default", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "flower.md"))
+    ap.add_argument("--fresh", action="store_true", help="ignore the stored runs and measure everything again")
     args = ap.parse_args()
     from privlora.config import ExperimentConfig
 
     work = Path(tempfile.mkdtemp(prefix="privlora-flower-bench-"))
-    rows = []
+    store = Path(args.out).with_suffix(".runs.jsonl")
+    rows = [json.loads(x) for x in store.read_text().splitlines()] if store.is_file() and not args.fresh else []
+    done = {(r["setting"], r["transport"], r["secagg"]) for r in rows}
+
+    def keep(row: dict) -> None:  # each finished run is stored at once: a crash loses only the run in progress
+        rows.append(row)
+        with store.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
     if not args.skip_default:
         base = ExperimentConfig()
         for secure in (False, True):
@@ -132,15 +143,21 @@ def main() -> None:
                                       secagg=dataclasses.replace(base.secagg, enabled=secure, stage_timeout=600.0))
             path = write_cfg(cfg, work / f"default-{'secure' if secure else 'clear'}.toml")
             for transport in ("in-process", "flower"):
+                setting = "default config, 10 clients, 5 per round"
+                if (setting, transport, secure) in done:
+                    continue
                 out = work / f"{transport}-{'secure' if secure else 'clear'}"
                 print(f"running {transport}, secagg={secure} ...", file=sys.stderr, flush=True)
                 res = run_inprocess(path, out) if transport == "in-process" else run_flower(path, out, cfg.data.num_clients)
-                rows.append({"setting": "default config, 10 clients, 5 per round", "transport": transport, "secagg": secure, **res})
+                keep({"setting": setting, "transport": transport, "secagg": secure, "date": time.strftime("%Y-%m-%d %H:%M"), **res})
     if not args.skip_sim:
         for secure in (False, True):
+            setting, transport = "tiny model, 100 virtual clients, all per round", "flower simulation engine (Ray, 1 CPU)"
+            if (setting, transport, secure) in done:
+                continue
             print(f"running 100 virtual clients, secagg={secure} ...", file=sys.stderr, flush=True)
-            rows.append({"setting": "tiny model, 100 virtual clients, all per round", "transport": "flower simulation engine (Ray, 1 CPU)",
-                         "secagg": secure, **run_sim100(work, secure)})
+            keep({"setting": setting, "transport": transport, "secagg": secure, "date": time.strftime("%Y-%m-%d %H:%M"),
+                  **run_sim100(work, secure)})
     cmd = "python benchmarks/flower.py " + " ".join(sys.argv[1:])
     lines = [
         "# Flower vs in-process: seconds per round and bytes", "",
@@ -156,7 +173,6 @@ def main() -> None:
     lines += ["", __doc__.split("\n\n", 2)[2].strip(), ""]
     text = "\n".join(lines)
     Path(args.out).write_text(text, encoding="utf-8")
-    (Path(args.out).with_suffix(".json")).write_text(json.dumps(rows, indent=1), encoding="utf-8")
     print(text)
 
 

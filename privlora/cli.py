@@ -1,5 +1,6 @@
 """Command line: ``privlora run [CONFIG] --out DIR`` (or ``--resume DIR``), ``privlora report DIR``,
-``privlora verify DIR`` and ``privlora predict DIR TEXT...``.
+``privlora verify DIR``, ``privlora predict DIR TEXT...``, ``privlora audit [CONFIG] --out DIR`` and
+``privlora keys``.
 
 Every failure a user can cause prints one line, ``privlora: error: <problem>; <fix>``, and exits
 non-zero (2 for bad input, 130 for Ctrl-C), without a traceback; ``--debug`` shows it.
@@ -181,6 +182,29 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from .audit import AuditError, run_audit, verdict
+    from .simulation import OutputDirError
+
+    cfg = load_config(args.config)
+    print(f"privlora: auditing {'the embedded default' if args.config is None else args.config} with {args.canaries} "
+          f"{args.design} canaries -> {args.out}", file=sys.stderr)
+    try:
+        record = run_audit(cfg, Path(args.out), canaries=args.canaries, confidence=args.confidence, design=args.design,
+                           seed=args.seed, progress=not args.quiet, overwrite=args.overwrite)
+    except (AuditError, OutputDirError) as exc:
+        raise ConfigError(str(exc)) from exc
+    best = record["best"]
+    print(json.dumps({"out": args.out, "epsilon_lower": round(record["epsilon_lower"], 4), "epsilon_claimed": record["epsilon_claimed"],
+                      "confidence": record["confidence"], "score": best["score"], "m": record["canaries"], "r": best["r"],
+                      "v": best["v"], "seconds": round(record["seconds"], 1)}))
+    if record["violation"]:
+        print(f"privlora audit: {verdict(record)} (details in {Path(args.out) / 'audit.json'})", file=sys.stderr)
+        return 1
+    print(f"privlora audit: {verdict(record)}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
@@ -214,6 +238,16 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--json", action="store_true", help="one JSON object per text, with every label's probability")
     pre.add_argument("--batch-size", type=_positive_int, default=32, help="texts per forward pass")
     pre.set_defaults(func=_cmd_predict)
+    aud = sub.add_parser("audit", parents=[common], help="run a config with canaries and put an empirical lower bound on epsilon beside the claim")
+    aud.add_argument("config", nargs="?", default=None, help="TOML config; omit for the embedded default")
+    aud.add_argument("--out", required=True, help="output folder (a run folder plus audit.json)")
+    aud.add_argument("--canaries", type=int, default=1000, help="number of canaries m (default 1000)")
+    aud.add_argument("--confidence", type=float, default=0.95, help="confidence of the lower bound (default 0.95)")
+    aud.add_argument("--design", choices=("tokens", "mislabelled"), default="tokens", help="canary design (default tokens)")
+    aud.add_argument("--seed", type=int, default=None, help="secret seed of the canaries (default: fresh; written to audit.json after training)")
+    aud.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
+    aud.add_argument("--quiet", action="store_true", help="no progress bars")
+    aud.set_defaults(func=_cmd_audit)
     return parser
 
 

@@ -252,8 +252,10 @@ class RoundEngine:
                 log(f"round {rnd}: not admitted: {reason}")
         fewest = self.fewest()
         if len(admitted) < fewest:
+            unreachable = len(chosen) - len(reachable)
+            why = "fit their privacy budget" if not unreachable else f"were reachable and fit their privacy budget ({unreachable} never described themselves)"
             return admitted, refused, (
-                f"round {rnd}: only {len(admitted)} of the {len(chosen)} sampled clients fit their privacy budget, "
+                f"round {rnd}: only {len(admitted)} of the {len(chosen)} sampled clients {why}, "
                 f"fewer than {fewest} (federation.min_clients = {self.cfg.federation.min_clients}"
                 f"{', and secure aggregation needs 3' if self.cfg.secagg.enabled else ''}); the run stops here"
             )

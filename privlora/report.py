@@ -266,6 +266,9 @@ def write_report(out: str | Path) -> Path:
     lines += ["", "![accuracy and epsilon per round](accuracy_epsilon.png)", ""]
     if statement:
         lines += [statement]
+    from .audit import render_audit_section
+
+    lines += render_audit_section(out)  # only when the folder holds audit.json (`privlora audit`)
     path = out / "report.md"
     atomic_write(path, "\n".join(lines))
     return path

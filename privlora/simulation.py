@@ -25,7 +25,7 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -188,6 +188,7 @@ def run_experiment(
     resume: bool = False,
     stop_after: int | None = None,
     drop: dict[str, set[int]] | None = None,
+    prepare: Callable[[Federation], None] | None = None,
 ) -> dict[str, Any]:
     """Run every round in this process and write the output folder; returns the last metrics record.
 
@@ -195,13 +196,17 @@ def run_experiment(
     from the folder's config.toml). ``stop_after`` ends the process after that many rounds as if
     it had been killed (no adapter, no report): used to test resuming. ``drop`` ({stage: client
     ids}, stages "describe", "train" or `secagg.STAGES`) makes clients fall silent from that
-    stage on, as nodes that die (tests of dropout recovery).
+    stage on, as nodes that die (tests of dropout recovery). ``prepare`` is called with the
+    federation right after it is built, before any noise is calibrated or any round runs
+    (`privlora.audit` inserts its canaries into the clients' datasets there).
     """
     out = Path(out_dir)
     # pre-flight: nothing is written until config, data, model, folder and budgets are checked
     cfg = check_output(cfg, out, overwrite, resume)
     reporter = Progress(progress)
     fed = build_federation(cfg, reporter=reporter)
+    if prepare is not None:
+        prepare(fed)
     if cfg.secagg.enabled:
         fed.server.strategy.check_secure_aggregation()
     if (warning := preflight.momentum_warning(cfg)) and not resume:

@@ -78,3 +78,36 @@ def test_a_run_store_cut_by_a_crash_loses_only_the_cut_run(tmp_path, capsys):
     store.write_text('{"key": "a"\n{"key": "b"}\n')
     with pytest.raises(SystemExit, match="line 1"):
         bench.load_runs(store)
+
+
+def load_audit_benchmark():
+    spec = importlib.util.spec_from_file_location("bench_audit", ROOT / "benchmarks" / "audit.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("privacy, enabled, target", [("none", False, None), ("eps8", True, 8.0), ("eps1", True, 1.0)])
+def test_audit_benchmark_configs_are_the_default_with_only_the_stated_reductions(privacy, enabled, target):
+    from privlora.config import ExperimentConfig
+
+    bench = load_audit_benchmark()
+    cfg, default = config_from_dict(bench.config(privacy, rounds=3, max_examples=4000, seed=0)), ExperimentConfig()
+    assert cfg.privacy.enabled == enabled and (target is None or cfg.privacy.target_epsilon == target)
+    assert (cfg.federation.rounds, cfg.data.max_examples) == (3, 4000)
+    # everything else is the embedded default
+    assert (cfg.model, cfg.lora, cfg.training) == (default.model, default.lora, default.training)
+    assert cfg.federation.strategy == default.federation.strategy
+    assert cfg.federation.clients_per_round == default.federation.clients_per_round
+    assert cfg.data.num_clients == default.data.num_clients and cfg.data.partition == default.data.partition
+
+
+def test_audit_benchmark_table_shows_both_scores_and_failed_runs():
+    bench = load_audit_benchmark()
+    ok = {"design": "tokens", "privacy": "eps1", "canaries": 500, "rounds": 3, "max_examples": 4000, "seed": 0,
+          "epsilon_lower": 0.25, "epsilon_claimed": 0.99, "test_accuracy": 0.6, "seconds": 100.0, "error": None,
+          "per_score": {"whitebox": {"epsilon_lower": 0.25, "r": 50, "v": 40}, "blackbox": {"epsilon_lower": 0.0, "r": 25, "v": 13}}}
+    bad = dict(ok, design="mislabelled", error="AuditError: too few")
+    lines = bench.table([ok, bad])
+    assert "| tokens | eps1 | 500 | 3 | 4000 | 0.99 | 0.250 (50, 40) | 0.000 (25, 13) | **0.250** | 0.600 | 100 |" in lines
+    assert any("could not run: AuditError: too few" in x for x in lines)

@@ -18,18 +18,18 @@ app = ClientApp()
 STATE = "privlora-node"
 
 
-def node_for(context: Context):
+def node_for(context: Context, run_config: dict | None = None):
     """(settings, node) for this node: from its node config, or under Flower's simulation engine
     (virtual nodes have only a partition id) from the run config."""
     from ..deploy import build_client_node, node_settings
 
-    settings = node_settings(_node_config(context))
+    settings = node_settings(_node_config(context, run_config))
     return settings, build_client_node(settings)
 
 
-def _node_config(context: Context) -> dict:
+def _node_config(context: Context, run_config: dict | None = None) -> dict:
     nc = dict(context.node_config)
-    rc = dict(context.run_config)
+    rc = {**dict(context.run_config), **(run_config or {})}
     if "config" not in nc and "config" in rc:  # a virtual node of the simulation engine
         cid = int(nc.get("partition-id", -1))
         nc = {"config": rc["config"], "client-id": cid, "data": "partition",
@@ -40,15 +40,18 @@ def _node_config(context: Context) -> dict:
 
 
 @app.query("privlora")
-def handle(msg: Message, context: Context) -> Message:
+def handle(msg: Message, context: Context, run_config: dict | None = None) -> Message:
+    """One message. ``run_config`` adds to the context's run config (the simulation engine's
+    context has none, and it cannot be modified)."""
     from .state import node_key, seal, unseal
 
     record = msg.content[RECORD]
     if "whoami" in record:
         from ..deploy import node_settings
 
-        return Message(RecordDict({RECORD: ConfigRecord({"client-id": node_settings(_node_config(context)).client_id})}), reply_to=msg)
-    settings, node = node_for(context)
+        cid = node_settings(_node_config(context, run_config)).client_id
+        return Message(RecordDict({RECORD: ConfigRecord({"client-id": cid})}), reply_to=msg)
+    settings, node = node_for(context, run_config)
     key = node_key(settings.node_dir)
     saved = context.state.get(STATE)
     if saved is not None:

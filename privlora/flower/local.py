@@ -296,8 +296,7 @@ def run_simulation_engine(cfg_path: str | Path, out: str | Path, num_nodes: int 
 
     @capp.query("privlora")
     def _handle(msg, context: Context):
-        context.run_config.update(settings)
-        return client_app.handle(msg, context)
+        return client_app.handle(msg, context, run_config=settings)
 
     run_simulation(server_app=sapp, client_app=capp, num_supernodes=n,
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},

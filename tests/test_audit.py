@@ -1,0 +1,183 @@
+"""`privlora audit`: canaries go where the secret says, a broken training path is caught, DP is not.
+
+The fault injection (noise switched off inside Opacus while the ledger still charges the
+calibrated sigma) is a monkeypatch in these tests only: no config field or flag can do it.
+The audit model is a 2-layer BERT with hidden size 64 whose weights are drawn with a large
+initializer range (1.0): at the usual 0.02 a random BERT maps every input to nearly the same
+representation, so every canary has the same gradient up to its label's sign and no audit can
+tell them apart (measured: 97% of the variance of canary gradients along one direction).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from scipy import optimize, stats
+
+from privlora.config import config_to_toml
+
+from .conftest import TOKENIZER_FILES
+
+CANARIES = 200
+
+
+@pytest.fixture(scope="session")
+def audit_model_dir(tmp_path_factory):
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from privlora.models import quiet_hf, resolve_model_path
+
+    quiet_hf()
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                     max_position_embeddings=128, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                     initializer_range=1.0)
+    out = tmp_path_factory.mktemp("audit-bert")
+    BertForSequenceClassification(cfg).eval().save_pretrained(out)
+    src = resolve_model_path("embedded:minilm")
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy(src / name, out / name)
+    return out
+
+
+@pytest.fixture()
+def audit_cfg(tiny_cfg, audit_model_dir):
+    """200 reviews over 4 clients, all 4 train in each of 3 rounds of 8 DP-SGD steps; the claim is
+    epsilon 0.5 (noise calibrated to it), small enough that a leak shows above it."""
+    return tiny_cfg(
+        model={"path": str(audit_model_dir), "max_length": 32},
+        data={"max_examples": 200},
+        lora={"r": 8, "alpha": 16.0, "target_modules": ["query", "key", "value", "dense"]},
+        federation={"rounds": 3, "clients_per_round": 4, "server_momentum": 0.0},
+        training={"local_steps": 8, "batch_size": 32, "physical_batch_size": 64, "lr": 0.5, "head_lr": 0.5},
+        privacy={"enabled": True, "noise_multiplier": 0.0, "target_epsilon": 0.5},
+    )
+
+
+def reference_bound(m, r, v, delta, level):
+    """Theorem 5.2 of Steinke, Nasr and Jagielski (2023), solved with brentq."""
+    def p(eps):
+        q = np.exp(eps) / (1 + np.exp(eps))
+        f = lambda k: 1.0 if k <= 0 else stats.binom.sf(k - 1, r, q)  # noqa: E731
+        return min(1.0, f(v) + 2 * m * delta * max([(f(v - i) - f(v)) / i for i in range(1, v + 1)], default=0.0))
+    if p(0.0) >= 1 - level:
+        return 0.0
+    return optimize.brentq(lambda e: p(e) - (1 - level), 0.0, 50.0, xtol=1e-9)
+
+
+def run_cli(cfg, tmp_path, *extra):
+    from privlora.cli import main
+
+    path = tmp_path / "audit.toml"
+    path.write_text(config_to_toml(cfg), encoding="utf-8")
+    out = tmp_path / "audit-run"
+    code = main(["audit", str(path), "--out", str(out), "--canaries", str(CANARIES), "--seed", "11", "--quiet", *extra])
+    return code, out, json.loads((out / "audit.json").read_text())
+
+
+@pytest.fixture()
+def noise_off(monkeypatch):
+    """Fault injection for tests only: Opacus adds zero noise, whatever sigma it was given."""
+    import torch
+    from opacus.optimizers import optimizer as dp_optimizer
+
+    monkeypatch.setattr(dp_optimizer, "_generate_noise", lambda std, reference, *a, **k: torch.zeros_like(reference))
+
+
+def test_noise_switched_off_is_caught_above_the_claim_and_the_command_fails(audit_cfg, tmp_path, noise_off, capsys):
+    code, out, audit = run_cli(audit_cfg, tmp_path)
+    err = capsys.readouterr().err
+    ledger = [json.loads(line) for line in (out / "ledger.jsonl").read_text().splitlines()[1:]]
+    assert ledger and all(e["noise_multiplier"] > 1.0 for e in ledger)  # the ledger still claims the noise
+    assert audit["epsilon_claimed"] == pytest.approx(0.5, abs=0.01)
+    assert audit["epsilon_lower"] > 2 * audit["epsilon_claimed"]
+    assert audit["violation"] is True
+    assert code == 1
+    assert "PRIVACY CLAIM CONTRADICTED" in err and "exceeds the claimed" in err and "audit.json" in err
+    report = (out / "report.md").read_text()
+    assert "## Privacy audit" in report and "PRIVACY CLAIM CONTRADICTED" in report
+
+    # anyone can recount v from the published scores and secret bits, and recompute the bound
+    best = audit["best"]
+    scores = np.array(audit["scores"][best["score"]])
+    truth = np.array(audit["canary_included"]) == 1
+    order = np.argsort(-scores, kind="stable")
+    v = int(truth[order[: best["k_in"]]].sum() + (~truth[order[len(scores) - best["k_out"]:]]).sum())
+    assert v == best["v"]
+    level = 1 - (1 - 0.95) / audit["tests"]
+    assert audit["epsilon_lower"] == pytest.approx(reference_bound(CANARIES, best["r"], v, audit["delta"], level), abs=1e-5)
+
+
+def test_with_dp_on_the_bound_stays_below_the_claim_and_the_run_verifies(audit_cfg, tmp_path):
+    from accounting import verify_run
+
+    code, out, audit = run_cli(audit_cfg, tmp_path)
+    assert code == 0
+    assert audit["violation"] is False
+    assert audit["epsilon_lower"] < audit["epsilon_claimed"]
+    assert "no contradiction found" in (out / "report.md").read_text()
+    assert "does not prove" in (out / "report.md").read_text()
+    assert verify_run(out).ok
+
+
+def test_canaries_enter_their_clients_data_exactly_when_the_secret_says(tiny_cfg):
+    from privlora.audit import Auditor
+    from privlora.simulation import build_federation
+
+    for design in ("tokens", "mislabelled"):
+        fed = build_federation(tiny_cfg())
+        before = {c.client_id: c.dataset.tensors for c in fed.clients}
+        test_rows = {tuple(r.tolist()) for r in fed.server.test_dataset.tensors[0]}
+        aud = Auditor(40, design, seed=5)
+        aud.prepare(fed)
+        can = aud.canaries
+        assert can.included.sum() not in (0, 40) and len(np.unique(can.client)) == 4
+        for c in fed.clients:
+            own = np.flatnonzero(can.client == c.client_id)
+            rows = {(tuple(i.tolist()), int(y)) for i, y in zip(c.dataset.tensors[0], c.dataset.tensors[2])}
+            for j in own:
+                key = (tuple(can.ids[j].tolist()), int(can.labels[j]))
+                assert (key in rows) == bool(can.included[j])
+                assert tuple(can.ids[j].tolist()) not in test_rows
+            removed = len(own) if design == "mislabelled" else 0
+            assert c.num_examples == len(before[c.client_id][0]) - removed + int(can.included[own].sum())
+            assert fed.client_sizes[c.client_id] == c.num_examples
+            if design == "mislabelled":  # a client's own example, with another label
+                old = {tuple(i.tolist()): int(y) for i, y in zip(*before[c.client_id][::2])}
+                for j in own:
+                    assert old[tuple(can.ids[j].tolist())] != int(can.labels[j])
+                    assert (tuple(can.ids[j].tolist()), old[tuple(can.ids[j].tolist())]) not in rows
+
+
+def test_the_same_secret_deals_the_same_canaries_and_another_does_not():
+    from privlora.audit import deal
+
+    a, b, c = deal(1000, 10, 1), deal(1000, 10, 1), deal(1000, 10, 2)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    assert not np.array_equal(a[1], c[1])
+    assert np.bincount(a[0]).tolist() == [100] * 10
+    assert 440 < a[1].sum() < 560  # fair coins: 500 +- 4 sd
+
+
+def test_too_many_mislabelled_canaries_for_the_data_is_a_clear_error(tiny_cfg):
+    from privlora.audit import AuditError, Auditor
+    from privlora.simulation import build_federation
+
+    fed = build_federation(tiny_cfg())
+    with pytest.raises(AuditError, match="too few for its"):
+        Auditor(2000, "mislabelled", seed=1).prepare(fed)
+
+
+def test_a_bad_canary_count_is_refused_before_anything_is_written(tiny_cfg, tmp_path, capsys):
+    from privlora.cli import main
+
+    path = tmp_path / "c.toml"
+    path.write_text(config_to_toml(tiny_cfg()), encoding="utf-8")
+    assert main(["audit", str(path), "--out", str(tmp_path / "out"), "--canaries", "1", "--quiet"]) == 2
+    assert "--canaries: need at least 2 canaries" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

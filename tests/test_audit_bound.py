@@ -1,0 +1,122 @@
+"""The one-run audit bound (accounting.audit) against values computed here from the formula."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from scipy import optimize, stats
+
+from accounting.audit import default_candidates, epsilon_lower_bound, guesses_from_scores, lower_bound_from_scores, p_value
+
+
+def reference_p_value(m, r, v, eps, delta):
+    """Theorem 5.2 of Steinke, Nasr and Jagielski (2023) written out term by term with
+    binomial CDFs: f(k) = P[Bin(r, q) >= k], p = f(v) + 2 m delta max_i (f(v-i) - f(v)) / i."""
+    q = math.exp(eps) / (1.0 + math.exp(eps))
+
+    def f(k):
+        return 1.0 if k <= 0 else float(stats.binom.sf(k - 1, r, q))
+
+    extra = max(((f(v - i) - f(v)) / i for i in range(1, v + 1)), default=0.0)
+    return min(1.0, f(v) + 2 * m * delta * extra)
+
+
+def reference_bound(m, r, v, delta, confidence):
+    alpha = 1 - confidence
+    g = lambda e: reference_p_value(m, r, v, e, delta) - alpha  # noqa: E731
+    if g(0.0) >= 0:
+        return 0.0
+    return optimize.brentq(g, 0.0, 60.0, xtol=1e-10)
+
+
+@pytest.mark.parametrize("r", [10, 50, 100, 500, 2000])
+def test_all_correct_without_delta_matches_the_closed_form(r):
+    # v = r, delta = 0: p = q^r, so the bound solves q = alpha^(1/r), eps = log(q / (1 - q))
+    q = 0.05 ** (1.0 / r)
+    expected = math.log(q / (1 - q))
+    assert epsilon_lower_bound(r, r, r, 0.0, 0.95) == pytest.approx(expected, abs=1e-5)
+
+
+def test_all_correct_bound_grows_with_r_as_the_formula_says():
+    values = [epsilon_lower_bound(2000, r, r, 1e-5, 0.95) for r in (10, 50, 100, 500, 1000, 2000)]
+    refs = [reference_bound(2000, r, r, 1e-5, 0.95) for r in (10, 50, 100, 500, 1000, 2000)]
+    assert values == pytest.approx(refs, abs=1e-5)
+    assert all(b > a for a, b in zip(values, values[1:]))
+
+
+@pytest.mark.parametrize("m, r, v, delta", [
+    (1000, 1000, 800, 1e-5), (1000, 200, 190, 1e-5), (500, 100, 70, 1e-4), (2000, 400, 400, 1e-6),
+    (100, 100, 60, 0.0), (1000, 50, 50, 1e-3),
+])
+def test_p_value_and_bound_match_the_theorem_written_independently(m, r, v, delta):
+    for eps in (0.0, 0.3, 1.0, 2.5, 5.0):
+        assert p_value(m, r, v, eps, delta) == pytest.approx(reference_p_value(m, r, v, eps, delta), rel=1e-9, abs=1e-12)
+    assert epsilon_lower_bound(m, r, v, delta, 0.95) == pytest.approx(reference_bound(m, r, v, delta, 0.95), abs=1e-5)
+
+
+def test_bound_is_zero_when_guessing_is_no_better_than_chance():
+    assert epsilon_lower_bound(1000, 1000, 500, 1e-5, 0.95) == 0.0
+    assert epsilon_lower_bound(1000, 100, 0, 1e-5, 0.95) == 0.0
+
+
+def test_delta_term_lowers_the_bound():
+    # 2 m delta is the price of approximate DP: with m delta large, the same guesses prove less
+    assert epsilon_lower_bound(2000, 200, 200, 1e-3, 0.95) < epsilon_lower_bound(2000, 200, 200, 0.0, 0.95)
+
+
+def test_bad_counts_are_refused_with_the_numbers():
+    with pytest.raises(ValueError, match="v=11"):
+        p_value(100, 10, 11, 1.0, 1e-5)
+    with pytest.raises(TypeError, match="r must be an int"):
+        epsilon_lower_bound(100, 10.0, 5, 1e-5)
+    with pytest.raises(ValueError, match="confidence"):
+        epsilon_lower_bound(100, 10, 5, 1e-5, confidence=1.0)
+
+
+def test_guesses_take_the_highest_as_in_and_the_lowest_as_out():
+    t = guesses_from_scores([0.1, 5.0, -3.0, 2.0, 0.0], k_in=2, k_out=1)
+    assert t.tolist() == [0, 1, -1, 1, 0]
+
+
+def test_from_scores_counts_correct_guesses_and_applies_bonferroni():
+    included = np.array([True, False] * 50)
+    scores = np.where(included, 1.0, -1.0)  # perfect separation
+    res = lower_bound_from_scores(scores, included, delta=1e-5, confidence=0.95, candidates=[(10, 10), (50, 50)])
+    assert res.v == res.r == 100 and res.candidates == 2
+    # the best candidate is tested at 1 - 0.05 / 2
+    assert res.epsilon_lower == pytest.approx(reference_bound(100, 100, 100, 1e-5, 0.975), abs=1e-5)
+    assert res.per_candidate[0][2] == 20
+
+
+def test_default_candidates_are_fixed_by_m_alone():
+    assert default_candidates(1000) == [(25, 25), (50, 50), (125, 125), (250, 250), (500, 500)]
+
+
+def test_randomized_response_at_epsilon_is_never_caught_above_it_too_often():
+    """Soundness: an exactly eps-DP mechanism (randomized response on each canary's bit) gives a
+    bound above eps in at most 1 - confidence of the runs, here 5% of 400 (binomial slack)."""
+    rng = np.random.default_rng(7)
+    eps, m, trials = 1.0, 400, 400
+    q = math.exp(eps) / (1 + math.exp(eps))
+    above = 0
+    for _ in range(trials):
+        s = rng.random(m) < 0.5
+        out = np.where(rng.random(m) < q, s, ~s)  # eps-DP randomized response of each bit
+        scores = np.where(out, 1.0, -1.0) + 1e-9 * rng.standard_normal(m)
+        above += lower_bound_from_scores(scores, s, delta=0.0, confidence=0.95, candidates=[(200, 200)]).epsilon_lower > eps
+    assert above <= stats.binom.ppf(0.999, trials, 0.05)
+    # and the attack has power: a strongly leaking mechanism (eps 4) is caught above 1
+    q4 = math.exp(4) / (1 + math.exp(4))
+    s = rng.random(m) < 0.5
+    out = np.where(rng.random(m) < q4, s, ~s)
+    assert lower_bound_from_scores(np.where(out, 1.0, -1.0), s, 0.0, 0.95, [(200, 200)]).epsilon_lower > 2.0
+
+
+def test_audit_math_does_not_import_torch():
+    code = "import sys, accounting.audit; print(sorted(m for m in ('torch', 'secagg', 'privlora') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
