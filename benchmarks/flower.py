@@ -170,7 +170,9 @@ def main() -> None:
         eps = "" if r["epsilon_max"] is None else f"{r['epsilon_max']:.2f}"
         lines.append(f"| {r['setting']} | {r['transport']} | {'yes' if r['secagg'] else 'no'} | {r['round0_s']:.1f} | {r['round_s']:.1f} | "
                      f"{r['privlora_mb_up']:.2f} | {r['privlora_mb_down']:.2f} | {lo} | {r['wall_s']:.0f} | {r['accuracy']:.3f} | {eps} |")
-    lines += ["", __doc__.split("\n\n", 2)[2].strip(), ""]
+    dates = sorted({r.get("date", "") for r in rows})
+    lines += ["", f"Runs measured {dates[0]} to {dates[-1]} (stored in `{store.name}`).", "",
+              next(p for p in __doc__.split("\n\n") if p.startswith("Setting:")).strip(), ""]
     text = "\n".join(lines)
     Path(args.out).write_text(text, encoding="utf-8")
     print(text)
