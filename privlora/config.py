@@ -509,6 +509,14 @@ def _toml_value(v: Any) -> str:
     raise TypeError(type(v))
 
 
+def resolved_sha256(cfg: "ExperimentConfig") -> str:
+    """SHA-256 (hex) of the resolved config as ``config.toml`` holds it: the run's identity, the
+    same for the server's ledger, every client's own ledger and the describe handshake."""
+    import hashlib
+
+    return hashlib.sha256(config_to_toml(cfg).encode()).hexdigest()
+
+
 def config_to_toml(cfg: ExperimentConfig) -> str:
     """Render the resolved config as TOML that `load_config` reads back to an equal object."""
     d = config_to_dict(cfg)

@@ -32,7 +32,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ConfigError, config_to_toml, load_config
+from .config import ConfigError, load_config, resolved_sha256
 
 NODE_KEYS = ("config", "client-id", "data", "node-dir", "signing-key", "noise", "pause-at")
 
@@ -88,7 +88,7 @@ def _partitioned(cfg):
     from .data import load_labelled_data, train_test_split
     from .partition import partition
 
-    key = config_digest(config_to_toml(cfg))
+    key = resolved_sha256(cfg)
     if key not in _PARTITIONS:
         data = load_labelled_data(cfg.data)
         train, _ = train_test_split(data, cfg.data.test_fraction, cfg.seed, cfg.data.max_examples)
@@ -136,11 +136,10 @@ def build_client_node(settings: NodeSettings):
         client.label_names = data.label_names
         return client
 
-    text = config_to_toml(cfg)
     guard = None
     if cfg.privacy.enabled:
-        guard = ClientGuard(ledger_folder(settings.node_dir, cfg, text), settings.client_id, cfg.client_budget(settings.client_id),
-                            cfg.privacy.delta, cfg.privacy.accountant, run_identity(cfg, text))
+        guard = ClientGuard(ledger_folder(settings.node_dir, cfg), settings.client_id, cfg.client_budget(settings.client_id),
+                            cfg.privacy.delta, cfg.privacy.accountant, run_identity(cfg))
     key = None
     if cfg.secagg.enabled and cfg.secagg.key_registry:
         from .keys import load_private_key, load_registry
@@ -154,10 +153,4 @@ def build_client_node(settings: NodeSettings):
         return len(data), data.label_names
 
     return ClientNode(load_client, guard=guard, signing_key=key, noise=settings.noise,
-                      config_sha256=config_digest(text), cfg=cfg, client_id=settings.client_id, data_facts=data_facts)
-
-
-def config_digest(config_text: str) -> str:
-    import hashlib
-
-    return hashlib.sha256(config_text.encode()).hexdigest()
+                      config_sha256=resolved_sha256(cfg), cfg=cfg, client_id=settings.client_id, data_facts=data_facts)

@@ -138,9 +138,9 @@ class RoundEngine:
     # ------------------------------------------------------------------ start
     def describe(self) -> None:
         """Ask every client for its planned release; unreachable clients are never admitted."""
-        from .config import config_to_toml
+        from .config import resolved_sha256
 
-        asked = {"config_sha256": hashlib.sha256(config_to_toml(self.cfg).encode()).hexdigest(), "labels": self.label_names}
+        asked = {"config_sha256": resolved_sha256(self.cfg), "labels": self.label_names}
         msgs = {c: Message("describe", {"client_id": c, **asked}).to_bytes() for c in self.ids}
         replies = self.transport.exchange(STAGE_DESCRIBE, msgs, self.cfg.federation.train_timeout or None)
         for c, blob in replies.items():

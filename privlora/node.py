@@ -18,7 +18,6 @@ Messages it answers (`privlora.messages`):
 
 from __future__ import annotations
 
-import hashlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -266,16 +265,19 @@ class ClientNode:
         return Message("secagg_reply", header, {"blob": bytes_tensor(out)}).to_bytes()
 
 
-def run_identity(cfg, config_text: str) -> dict:
+def run_identity(cfg) -> dict:
     """What a client ledger's header records about the run it belongs to."""
-    return {"name": cfg.name, "config_sha256": hashlib.sha256(config_text.encode()).hexdigest(), "seed": cfg.seed}
+    from .config import resolved_sha256
+
+    return {"name": cfg.name, "config_sha256": resolved_sha256(cfg), "seed": cfg.seed}
 
 
-def ledger_folder(root: str | Path, cfg, config_text: str) -> Path:
+def ledger_folder(root: str | Path, cfg) -> Path:
     """A client's ledger folder for one run: ``root/NAME-CONFIGHASH`` (a new run never reopens
     another run's ledger, a resumed run reopens its own)."""
-    digest = hashlib.sha256(config_text.encode()).hexdigest()[:12]
-    return Path(root) / f"{cfg.name}-{digest}"
+    from .config import resolved_sha256
+
+    return Path(root) / f"{cfg.name}-{resolved_sha256(cfg)[:12]}"
 
 
 __all__ = ["ClientGuard", "ClientNode", "ledger_folder", "run_identity"]

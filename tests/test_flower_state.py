@@ -45,3 +45,17 @@ def test_state_sealed_under_another_key_or_altered_is_refused(tmp_path):
     with pytest.raises(MessageError, match="does not verify"):
         unseal(tampered, node_key(tmp_path / "a"))
     assert unseal(blob, node_key(tmp_path / "a")) == {"round": 3}
+
+
+def test_a_validly_sealed_blob_naming_anything_outside_the_allow_list_is_refused(tmp_path):
+    import os
+    import pickle
+
+    key = node_key(tmp_path)
+    body = pickle.dumps(os.system)  # what a stolen key could seal: a callable outside the allow-list
+    import hashlib
+    import hmac
+
+    blob = hmac.new(key, body, hashlib.sha256).digest() + body
+    with pytest.raises(MessageError, match="posix.system|os.system"):
+        unseal(blob, key)

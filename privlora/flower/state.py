@@ -6,8 +6,11 @@ secret keys and shares) is kept in the node's ``context.state``, which the Super
 its own memory on the client's machine. It is serialised with `pickle` (the session holds key
 objects and numpy arrays) and authenticated with HMAC-SHA256 under a 256-bit key stored in the
 node's own folder (mode 0600): a blob is unpickled only if its tag verifies, so bytes that did
-not come from this node's own earlier process are refused, never deserialised. Nothing received
-from the network is ever unpickled.
+not come from this node's own earlier process are refused, never deserialised. Even then the
+unpickler resolves only an allow-list of classes (`secagg`'s session objects, numpy arrays, the
+key reducers here, the node's pending contribution): a blob naming anything else (``os.system``,
+say) is refused by name, so a leaked key does not become code execution. Nothing received from
+the network is ever unpickled.
 """
 
 from __future__ import annotations
@@ -67,6 +70,26 @@ class _Pickler(pickle.Pickler):
     dispatch_table[MappingProxyType] = lambda mp: (_mappingproxy, (dict(mp),))
 
 
+_ALLOWED_MODULES = ("secagg.",)
+_ALLOWED = {
+    ("privlora.node", "_Pending"),
+    ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "bytearray"), ("builtins", "complex"),
+    ("numpy", "dtype"), ("numpy", "ndarray"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy._core.numeric", "_frombuffer"), ("numpy.core.numeric", "_frombuffer"),
+    (__name__, "_x25519"), (__name__, "_ed25519"), (__name__, "_x25519_public"), (__name__, "_ed25519_public"),
+    (__name__, "_mappingproxy"),
+}
+
+
+class _Unpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) in _ALLOWED or (module.startswith(_ALLOWED_MODULES) and not name.startswith("_")):
+            return super().find_class(module, name)
+        raise MessageError(f"the node's saved state names {module}.{name}, which a node's state never holds; refusing it")
+
+
 def node_key(folder: str | Path) -> bytes:
     """This node's sealing key (created on first use, 0600)."""
     path = Path(folder) / KEY_FILE
@@ -95,4 +118,4 @@ def unseal(blob: bytes, key: bytes):
     tag, body = blob[:32], blob[32:]
     if len(blob) < 32 or not hmac.compare_digest(tag, hmac.new(key, body, hashlib.sha256).digest()):
         raise MessageError("the node's saved state does not verify under its own key; refusing to load it")
-    return pickle.loads(body)
+    return _Unpickler(io.BytesIO(body)).load()
