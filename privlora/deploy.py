@@ -85,13 +85,13 @@ def _partitioned(cfg):
     """(train split, client shards) of ``data.source`` as the simulation splits it. Kept for the
     life of the process: Flower's simulation engine runs many virtual nodes in one process, and
     each would otherwise load and split the whole data set for every message."""
-    from .data import load_labelled_data, train_test_split
+    from .data import load_labelled_data, run_split
     from .partition import partition
 
     key = resolved_sha256(cfg)
     if key not in _PARTITIONS:
         data = load_labelled_data(cfg.data)
-        train, _ = train_test_split(data, cfg.data.test_fraction, cfg.seed, cfg.data.max_examples)
+        train, _ = run_split(data, cfg.data, cfg.seed)
         _PARTITIONS.clear()
         _PARTITIONS[key] = (train, partition(train, cfg.data.partition, cfg.data.num_clients, cfg.seed, cfg.data.dirichlet_alpha))
     return _PARTITIONS[key]
@@ -131,7 +131,7 @@ def build_client_node(settings: NodeSettings):
         quiet_hf()
         data = node_training_data(cfg, settings)
         tokenizer = load_tokenizer(cfg.model.path)
-        base = load_classifier(cfg.model.path, data.num_labels, cfg.seed)
+        base = load_classifier(cfg.model.path, data.num_labels, cfg.seed, cfg.model.pooling)
         client = Client(settings.client_id, cfg, base, tokenize(data, tokenizer, cfg.model.max_length), strategy_from_config(cfg))
         client.label_names = data.label_names
         return client

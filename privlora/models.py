@@ -72,8 +72,51 @@ def load_tokenizer(path: str):
         ) from exc
 
 
-def load_classifier(path: str, num_labels: int, seed: int):
-    """The base model for sequence classification; its new head is initialised from ``seed``."""
+def _mean_pooler_class():
+    import torch
+
+    class MaskedMeanPooler(torch.nn.Module):
+        """In place of BERT's pooler: the mean of the last hidden states over the tokens the
+        attention mask keeps. No parameters. The encoder's forward pre-hook (`capture`) hands it
+        each call's attention mask, since a pooler is called with the hidden states alone."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self._mask = None
+
+        def capture(self, module, args, kwargs) -> None:
+            mask = kwargs.get("attention_mask")
+            if mask is None and len(args) > 1:
+                mask = args[1]
+            self._mask = mask
+
+        def forward(self, hidden_states):
+            mask = self._mask
+            if mask is None:
+                return hidden_states.mean(dim=1)
+            m = mask[:, : hidden_states.shape[1]].to(hidden_states.dtype).unsqueeze(-1)
+            return (hidden_states * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+
+    return MaskedMeanPooler
+
+
+def use_mean_pooling(model) -> None:
+    """Make ``model``'s classification head read the masked mean of the last hidden states
+    instead of the architecture's pooler (BERT family: ``model.base_model.pooler``)."""
+    encoder = model.base_model
+    if getattr(encoder, "pooler", None) is None:
+        raise ModelError(
+            f"model.pooling = 'mean' needs a BERT-family classifier (an encoder with a pooler); "
+            f"{type(model).__name__} has none; use model.pooling = 'model'"
+        )
+    pooler = _mean_pooler_class()()
+    encoder.pooler = pooler
+    encoder.register_forward_pre_hook(pooler.capture, with_kwargs=True)
+
+
+def load_classifier(path: str, num_labels: int, seed: int, pooling: str = "model"):
+    """The base model for sequence classification; its new head is initialised from ``seed``;
+    ``pooling = "mean"`` puts the head on the masked mean of the token states (`use_mean_pooling`)."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
@@ -87,6 +130,8 @@ def load_classifier(path: str, num_labels: int, seed: int):
             f"model.path: {path!r} ({folder}) has a config.json but could not be loaded as a sequence classifier: {exc}; "
             "use a folder saved with save_pretrained (config, weights and tokenizer)"
         ) from exc
+    if pooling == "mean":
+        use_mean_pooling(model)
     # the identity peft writes into adapter_config.json: the configured name, not this machine's path
     model.name_or_path = model.config._name_or_path = base_model_identity(path)
     model.eval()
@@ -116,6 +161,7 @@ def model_card(cfg, label_names: list[str]) -> dict:
         "num_labels": len(label_names),
         "label_names": list(label_names),
         "max_length": cfg.model.max_length,
+        "pooling": cfg.model.pooling,
         "text_column": cfg.data.text_column,
         "adapter": "adapter",
     }
@@ -197,4 +243,6 @@ def load_base_for_run(run_dir: str | Path):
         raise ModelError(f"model.path: could not load the run's base model {card['base_model']!r} from {path}: {exc}") from exc
     tokenizer.model_max_length = int(card.get("max_length", tokenizer.model_max_length))
     model.config._name_or_path = card["base_model"]
+    if card.get("pooling", "model") == "mean":
+        use_mean_pooling(model)
     return model.eval(), tokenizer, names

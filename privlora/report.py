@@ -164,6 +164,30 @@ def aggregation_statement(cfg) -> str:
     return text + "."
 
 
+def calibration_statement(cfg, rows: list[dict]) -> str:
+    """How each client's noise was chosen, and what stops it from overspending."""
+    p, f = cfg.privacy, cfg.federation
+    refusals = sum(1 for r in rows for reason in (r.get("refused") or {}).values() if "budget" in str(reason))
+    enforced = (f"budgets are enforced before every round: a client whose next round would exceed its budget is "
+                f"refused, never overspent ({refusals} such refusal{'s' if refusals != 1 else ''} in this run).")
+    if p.noise_multiplier > 0:
+        return f"The noise multiplier was set in the config; {enforced}"
+    if cfg.calibration_rounds < f.rounds:
+        return (f"Each client's noise multiplier was calibrated so that ε ≤ {p.target_epsilon} if it trained in "
+                f"{cfg.calibration_rounds} of the {f.rounds} rounds, its expected share with {f.clients_per_round} of "
+                f"{cfg.data.num_clients} clients sampled per round (privacy.participation = \"expected\"), not in all "
+                f"of them; {enforced}")
+    return (f"Each client's noise multiplier was calibrated so that ε ≤ {p.target_epsilon} if it trained in every one "
+            f"of the {f.rounds} rounds; {enforced}")
+
+
+def holdout_statement(cfg) -> str:
+    if cfg.data.holdout == "validation":
+        return ("a validation split of the training data (data.holdout = \"validation\": a tuning run; the test split "
+                "was not used)")
+    return "the held-out test split"
+
+
 def write_report(out: str | Path) -> Path:
     """Write report.json, report.md and the plots from the run folder's files alone."""
     from accounting import Ledger, plot_epsilon, privacy_summary, render_privacy_statement
@@ -194,11 +218,7 @@ def write_report(out: str | Path) -> Path:
     if ledger is not None:
         privacy = {"enabled": True, **privacy_summary(ledger, p.accountant, cross_checks=("pld", "rdp", "prv"), client_sizes=sizes)}
         caption = plot_epsilon(ledger, p.accountant, out / "privacy_epsilon.png", rounds=final["round"])
-        calibration = (
-            f"Each client's noise multiplier was calibrated so that ε ≤ {p.target_epsilon} if it trained in every one of "
-            f"the {cfg.federation.rounds} rounds; budgets are enforced before every round."
-            if p.noise_multiplier == 0 else "The noise multiplier was set in the config; budgets are enforced before every round."
-        )
+        calibration = calibration_statement(cfg, rows)
         statement = render_privacy_statement(
             privacy,
             {
@@ -223,6 +243,7 @@ def write_report(out: str | Path) -> Path:
             "untrained": rows[0]["test_accuracy"],
             "majority_baseline": rows[0]["majority_baseline"],
             "per_round": [r["test_accuracy"] for r in rows if "stopped" not in r],
+            "evaluated_on": cfg.data.holdout,
         },
         "privacy": privacy,
         "noise_source": rows[0].get("noise_source") or {},
@@ -238,7 +259,7 @@ def write_report(out: str | Path) -> Path:
         f"{cfg.federation.rounds} rounds x {cfg.training.local_steps} local steps, LoRA rank "
         f"{list(cfg.lora.ranks) or cfg.lora.r} on {list(cfg.lora.target_modules)}, seed {cfg.seed}.",
         f"- Aggregation: {aggregation_statement(cfg)}",
-        f"- Held-out accuracy: **{final['test_accuracy']:.4f}** after round {final['round']} "
+        f"- Held-out accuracy on {holdout_statement(cfg)}: **{final['test_accuracy']:.4f}** after round {final['round']} "
         f"(untrained model {rows[0]['test_accuracy']:.4f}; always predicting the majority class "
         f"{rows[0]['majority_baseline']:.4f}).",
     ]

@@ -32,7 +32,7 @@ from accounting import delta_warning
 
 from .client import Client
 from .config import ConfigError, ExperimentConfig, config_to_toml, load_config
-from .data import load_labelled_data, tokenize, train_test_split
+from .data import load_labelled_data, run_split, tokenize
 from .engine import RoundEngine, _bar
 from .models import load_classifier, load_tokenizer, quiet_hf, write_model_card
 from .node import ClientNode
@@ -78,7 +78,7 @@ def load_split(cfg: ExperimentConfig, reporter: Progress | None = None):
         torch.set_num_threads(cfg.threads)
     with (reporter or Progress(False)).stage(f"loading data ({cfg.data.source})"):
         data = load_labelled_data(cfg.data)
-    train, test = train_test_split(data, cfg.data.test_fraction, cfg.seed, cfg.data.max_examples)
+    train, test = run_split(data, cfg.data, cfg.seed)
     return data, train, test
 
 
@@ -88,7 +88,7 @@ def load_base(cfg: ExperimentConfig, num_labels: int, reporter: Progress | None 
         if tokenizer is None:
             tokenizer = load_tokenizer(cfg.model.path)
         if base_model is None:
-            base_model = load_classifier(cfg.model.path, num_labels, cfg.seed)
+            base_model = load_classifier(cfg.model.path, num_labels, cfg.seed, cfg.model.pooling)
     return tokenizer, base_model
 
 
