@@ -23,6 +23,7 @@ from .data import DataError
 from .errors import RunFolderError, UserError, explain_os_error, interrupted_message
 from .messages import MessageError
 from .models import ModelError
+from .overrides import load_with_overrides
 
 USER_ERRORS = (ConfigError, DataError, ModelError, MessageError, CheckpointError, LedgerError, UserError)
 
@@ -46,12 +47,17 @@ def _checkpoint_next_step(exc: CheckpointError, out: Path) -> str:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     if args.resume:
+        if args.set:
+            raise ConfigError(
+                f"--set cannot be used with --resume: {args.resume} continues with its own config.toml (its checkpoint and "
+                "ledger belong to that config); drop --set, or start a new run with CONFIG --set KEY=VALUE --out NEW_DIR"
+            )
         if args.config or args.out or args.overwrite:
             raise ConfigError("--resume DIR continues the run in DIR with its own config.toml; give no CONFIG, --out or --overwrite")
         cfg, out = None, Path(args.resume)
         print(f"privlora: resuming {out}", file=sys.stderr)
     else:
-        cfg = load_config(args.config)
+        cfg = load_with_overrides(args.config, args.set)
         out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         print(f"privlora: running {'the embedded default' if args.config is None else args.config} -> {out}", file=sys.stderr)
     from .simulation import run_experiment  # torch and friends: seconds, so after the first line
@@ -186,7 +192,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     from .audit import AuditError, run_audit, verdict
     from .simulation import OutputDirError
 
-    cfg = load_config(args.config)
+    cfg = load_with_overrides(args.config, args.set)
     print(f"privlora: auditing {'the embedded default' if args.config is None else args.config} with {args.canaries} "
           f"{args.design} canaries -> {args.out}", file=sys.stderr)
     try:
@@ -205,6 +211,12 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config field, validated like the file, e.g. --set federation.rounds=3 "
+                        "(a TOML value; repeatable; recorded in the run's config.toml)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
@@ -217,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
     run.add_argument("--quiet", action="store_true", help="no progress stages or bars")
     run.add_argument("--resume", metavar="DIR", default=None, help="continue an interrupted run from its checkpoint")
+    _add_set(run)
     run.set_defaults(func=_cmd_run)
     rep = sub.add_parser("report", parents=[common], help="re-render report.md from a run folder")
     rep.add_argument("dir")
@@ -247,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     aud.add_argument("--seed", type=int, default=None, help="secret seed of the canaries (default: fresh; written to audit.json after training)")
     aud.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
     aud.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_set(aud)
     aud.set_defaults(func=_cmd_audit)
     return parser
 
