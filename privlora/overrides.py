@@ -175,13 +175,14 @@ def _blame(exc: ConfigError, overrides: dict[str, Any]) -> ConfigError:
     return exc
 
 
-def resolve(raw: dict[str, Any], overrides: dict[str, Any]) -> ExperimentConfig:
-    """Apply typed overrides to a raw table and validate the result like a file."""
+def resolve(raw: dict[str, Any], overrides: dict[str, Any], blame: bool = True) -> ExperimentConfig:
+    """Apply typed overrides to a raw table and validate the result like a file; with ``blame``,
+    an error in an overridden field says which ``--set`` it came from."""
     merged = apply_overrides(raw, overrides)
     try:
         return config_from_dict(merged)
     except ConfigError as exc:
-        blamed = _blame(exc, overrides)
+        blamed = _blame(exc, overrides) if blame else exc
         if blamed is exc:
             raise
         raise blamed from exc
