@@ -26,8 +26,9 @@ Resuming: running the same sweep again (or ``--resume DIR``) looks at every poin
 - a folder whose config.toml is not the point's (the config or a --set changed): refused, with
   the folder named, before anything runs.
 
-``DIR/sweep.json`` (replaced atomically after every change) holds the grid, the command line
-and each point's status. A point that fails (an error, or its worker process dying) is recorded
+``DIR/sweep.json`` (replaced atomically after every change) holds the grid, the command lines
+(``command``: the one that started the sweep; ``commands``: every invocation) and each point's
+status. A point that fails (an error, or its worker process dying) is recorded
 as failed and the others go on; Ctrl-C stops the sweep, records the points as they are and
 leaves every finished point intact. ``--workers N`` runs N points at once, each in its own
 process with ``cores // N`` torch threads (unless the config sets ``threads``).
@@ -182,7 +183,7 @@ def read_grid_file(path: str | Path) -> dict[str, Any]:
         if key in table:
             if not isinstance(table[key], str) or not table[key]:
                 raise ConfigError(f"sweep.{key}: expected a path (a string), found {table[key]!r}")
-            out[key] = str(base / table[key])
+            out[key] = os.path.normpath(base / table[key])
     for key in ("epsilons", "seeds", "strategies"):
         if key in table:
             if not isinstance(table[key], list) or not table[key]:
@@ -237,7 +238,7 @@ def make_grid(
     overrides.update(parse_overrides(sets or []))
     w = workers if workers is not None else g.get("workers", 1)
     if cfg_path is not None:
-        cfg_path = str(Path(cfg_path).absolute())
+        cfg_path = os.path.abspath(cfg_path)
     return Grid(cfg_path, overrides, eps, sds, strat, int(w)), g.get("out")
 
 
@@ -456,10 +457,11 @@ def _child(cfg: ExperimentConfig, folder: str, action: str, threads: int, conn) 
 # --------------------------------------------------------------------------- the sweep
 
 
-def _write_state(out: Path, grid: Grid, ident: str, command: list[str], records: dict[str, dict]) -> None:
+def _write_state(out: Path, grid: Grid, ident: str, commands: list[list[str]], records: dict[str, dict]) -> None:
     doc = {
         "format": FORMAT,
-        "command": command,
+        "command": commands[0],
+        "commands": commands,
         "grid": grid.to_json(),
         "identity": ident,
         "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -530,7 +532,13 @@ def run_sweep(
     print(f"privlora: sweep of {len(points)} points over {'the embedded default' if grid.config is None else grid.config} "
           f"-> {out} ({grid.workers} worker{'s' if grid.workers > 1 else ''})", file=sys.stderr, flush=True)
     (out / RUNS).mkdir(parents=True, exist_ok=True)
-    command = list(command or [])
+    commands = [list(command or [])]
+    earlier: list[dict] = []
+    if (out / SWEEP_JSON).is_file():  # every invocation is kept: the first made the grid
+        previous = read_state(out)
+        commands = [c for c in previous.get("commands") or [previous.get("command") or []]] + commands
+        names = {p.name for p in points}  # points of an earlier, larger grid stay on record (and in the table)
+        earlier = [dict(r, in_grid=False) for r in previous.get("points", []) if r.get("name") not in names]
     records: dict[str, dict] = {}
     for p in points:
         action, why = plans[p.name]
@@ -539,7 +547,9 @@ def run_sweep(
             "folder": p.folder, "config_sha256": hashlib.sha256(config_to_toml(p.cfg).encode()).hexdigest(),
             "status": "done" if action == "skip" else "pending", "action": action, "note": why, "error": None,
         }
-    _write_state(out, grid, ident, command, records)
+    for r in earlier:
+        records[r["name"]] = r
+    _write_state(out, grid, ident, commands, records)
     todo = [p for p in points if plans[p.name][0] != "skip"]
     finished = len(points) - len(todo)
     bar = _bar(len(points), "sweep", 0, progress)
@@ -553,7 +563,7 @@ def run_sweep(
             dest = discard(out, p)
             _emit(bar, f"privlora: sweep: {p.name}: {why}; moved its folder to {dest} and starting it again")
         records[p.name].update(status="running", started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-        _write_state(out, grid, ident, command, records)
+        _write_state(out, grid, ident, commands, records)
         return "resume" if action == "resume" else "run"
 
     def end(p: Point, result: dict) -> None:
@@ -563,13 +573,13 @@ def run_sweep(
             if not ok:
                 status, result = "failed", dict(result, error=f"the run returned but its folder is not complete: {why}")
         records[p.name].update(status=status, error=result.get("error"), seconds=round(result.get("seconds", 0.0), 2))
-        _write_state(out, grid, ident, command, records)
+        _write_state(out, grid, ident, commands, records)
         if status == "done":
             bar.update(1)
         if progress or status != "done":
             acc = _final_accuracy(out / p.folder) if status == "done" else None
-            tail = f"accuracy {acc:.3f}" if acc is not None else (result.get("error") or "")
-            _emit(bar, f"privlora: sweep: {p.name}: {status} ({result.get('seconds', 0):.1f} s) {tail}".rstrip())
+            tail = f", accuracy {acc:.3f}" if acc is not None else ("" if status == "interrupted" else f": {result.get('error')}")
+            _emit(bar, f"privlora: sweep: {p.name}: {status} ({result.get('seconds', 0):.1f} s){tail}")
         if after_point is not None:
             after_point(p.name, records[p.name])
 
@@ -587,13 +597,14 @@ def run_sweep(
         for rec in records.values():
             if rec["status"] == "running":
                 rec.update(status="interrupted", error="interrupted (Ctrl-C)")
-        _write_state(out, grid, ident, command, records)
+        _write_state(out, grid, ident, commands, records)
         bar.close()
         raise
     bar.close()
     rows = write_tables(out)
-    counts = {s: sum(1 for r in records.values() if r["status"] == s) for s in ("done", "failed", "aborted", "interrupted")}
-    return {"points": records, "table": rows, **counts, "total": len(points)}
+    current = [records[p.name] for p in points]
+    counts = {s: sum(1 for r in current if r["status"] == s) for s in ("done", "failed", "aborted", "interrupted")}
+    return {"points": {r["name"]: r for r in current}, "table": rows, **counts, "total": len(points)}
 
 
 def _run_parallel(todo: list[Point], workers: int, out: Path, start, end, bar, target: Callable) -> None:

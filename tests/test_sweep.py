@@ -190,6 +190,7 @@ def test_a_sweep_interrupted_mid_grid_resumes_without_rerunning_finished_points(
     assert res.entries == 4  # 2 clients x 2 rounds: the first round's charges reused, not repeated
     assert sweep.completion(resumed) == (True, "")
     assert len(read_csv(out / "table.csv")) == 3
+    assert len(json.loads((out / "sweep.json").read_text())["commands"]) == 2  # both invocations on record
 
 
 def test_lost_report_is_finished_and_a_broken_checkpoint_restarts_aside(finished_sweep, tmp_path, monkeypatch):
@@ -290,7 +291,7 @@ def test_grid_file_gives_the_same_grid_as_the_command_line(base_config, tmp_path
     from_cli, _ = make_grid(str(base_config), ["1", "8", "inf"], ["0", "2"], ["ffa", "fedit"],
                             ["federation.rounds=3", 'lora.target_modules=["query"]'], 2)
     assert from_file == from_cli
-    assert out == str(tmp_path / "runs/sw")
+    assert out == str(tmp_path / "runs" / "sw")
     points, _ = sweep.expand(from_file)
     assert [p.name for p in points][:3] == ["ffa-eps1-seed0", "ffa-eps1-seed2", "ffa-eps8-seed0"]
     assert all(p.cfg.federation.rounds == 3 and p.cfg.lora.target_modules == ("query",) for p in points)
