@@ -48,7 +48,6 @@ import io
 import json
 import math
 import os
-import shutil
 import statistics
 import sys
 import time
