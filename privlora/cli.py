@@ -1,6 +1,7 @@
 """Command line: ``privlora run [CONFIG] --out DIR`` (or ``--resume DIR``), ``privlora report DIR``,
-``privlora verify DIR``, ``privlora predict DIR TEXT...``, ``privlora audit [CONFIG] --out DIR`` and
-``privlora keys``.
+``privlora verify DIR``, ``privlora predict DIR TEXT...``, ``privlora audit [CONFIG] --out DIR``,
+``privlora sweep [CONFIG] --epsilons ... --seeds ... --out DIR`` and ``privlora keys``. ``run``, ``audit``
+and ``sweep`` take ``--set KEY=VALUE`` overrides (`privlora.overrides`).
 
 Every failure a user can cause prints one line, ``privlora: error: <problem>; <fix>``, and exits
 non-zero (2 for bad input, 130 for Ctrl-C), without a traceback; ``--debug`` shows it.
@@ -23,6 +24,7 @@ from .data import DataError
 from .errors import RunFolderError, UserError, explain_os_error, interrupted_message
 from .messages import MessageError
 from .models import ModelError
+from .overrides import load_with_overrides
 
 USER_ERRORS = (ConfigError, DataError, ModelError, MessageError, CheckpointError, LedgerError, UserError)
 
@@ -46,12 +48,17 @@ def _checkpoint_next_step(exc: CheckpointError, out: Path) -> str:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     if args.resume:
+        if args.set:
+            raise ConfigError(
+                f"--set cannot be used with --resume: {args.resume} continues with its own config.toml (its checkpoint and "
+                "ledger belong to that config); drop --set, or start a new run with CONFIG --set KEY=VALUE --out NEW_DIR"
+            )
         if args.config or args.out or args.overwrite:
             raise ConfigError("--resume DIR continues the run in DIR with its own config.toml; give no CONFIG, --out or --overwrite")
         cfg, out = None, Path(args.resume)
         print(f"privlora: resuming {out}", file=sys.stderr)
     else:
-        cfg = load_config(args.config)
+        cfg = load_with_overrides(args.config, args.set)
         out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         print(f"privlora: running {'the embedded default' if args.config is None else args.config} -> {out}", file=sys.stderr)
     from .simulation import run_experiment  # torch and friends: seconds, so after the first line
@@ -186,7 +193,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     from .audit import AuditError, run_audit, verdict
     from .simulation import OutputDirError
 
-    cfg = load_config(args.config)
+    cfg = load_with_overrides(args.config, args.set)
     print(f"privlora: auditing {'the embedded default' if args.config is None else args.config} with {args.canaries} "
           f"{args.design} canaries -> {args.out}", file=sys.stderr)
     try:
@@ -205,6 +212,55 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep import make_grid, resume_grid, run_sweep, write_tables
+
+    grid_options = [name for name, value in (("CONFIG", args.config), ("--grid", args.grid), ("--epsilons", args.epsilons),
+                                             ("--seeds", args.seeds), ("--strategies", args.strategies),
+                                             ("--set", args.set), ("--out", args.out)) if value]
+    if args.table:
+        if grid_options or args.resume or args.workers:
+            raise ConfigError(f"--table DIR rebuilds the table and plot from DIR's run folders and runs nothing; give no "
+                              f"{', '.join(grid_options + (['--resume'] if args.resume else []) + (['--workers'] if args.workers else []))}")
+        rows = write_tables(Path(args.table))
+        print(f"privlora: sweep: rebuilt {Path(args.table) / 'table.md'}, table.csv, points.csv and sweep.png from "
+              f"{sum(r['runs'] for r in rows)} finished runs", file=sys.stderr)
+        print(Path(args.table) / "table.md")
+        return 0
+    if args.resume:
+        if grid_options:
+            raise ConfigError(f"--resume DIR continues DIR's sweep with the grid recorded in its sweep.json; give no "
+                              f"{', '.join(grid_options)} (only --workers may change)")
+        out = Path(args.resume)
+        grid = resume_grid(out, args.workers)
+    else:
+        grid, grid_out = make_grid(args.config, args.epsilons, args.seeds, args.strategies, args.set, args.workers, args.grid)
+        if not (args.out or grid_out):
+            raise ConfigError("sweep: no output folder; give --out DIR (or out = \"DIR\" in the grid file's [sweep] table)")
+        out = Path(args.out or grid_out)
+    try:
+        result = run_sweep(grid, out, command=["privlora", *getattr(args, "argv", [])], progress=not args.quiet)
+    except KeyboardInterrupt:
+        print(f"privlora: sweep interrupted; every finished point in {out / 'runs'} is kept and {out / 'sweep.json'} "
+              f"records each point's status: continue with `privlora sweep --resume {out}`", file=sys.stderr)
+        return 130
+    print(json.dumps({"out": str(out), "points": result["total"], "done": result["done"], "failed": result["failed"],
+                      "aborted": result["aborted"], "table": str(out / "table.md"), "plot": str(out / "sweep.png")}))
+    if result["failed"] or result["aborted"]:
+        bad = [r for r in result["points"].values() if r["status"] in ("failed", "aborted")]
+        print(f"privlora: sweep: {len(bad)} of {result['total']} points did not finish (first: {bad[0]['name']}: "
+              f"{bad[0]['error']}); the table holds the others; run `privlora sweep --resume {out}` to try them again",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config field, validated like the file, e.g. --set federation.rounds=3 "
+                        "(a TOML value; repeatable; recorded in the run's config.toml)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
@@ -217,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
     run.add_argument("--quiet", action="store_true", help="no progress stages or bars")
     run.add_argument("--resume", metavar="DIR", default=None, help="continue an interrupted run from its checkpoint")
+    _add_set(run)
     run.set_defaults(func=_cmd_run)
     rep = sub.add_parser("report", parents=[common], help="re-render report.md from a run folder")
     rep.add_argument("dir")
@@ -247,7 +304,24 @@ def build_parser() -> argparse.ArgumentParser:
     aud.add_argument("--seed", type=int, default=None, help="secret seed of the canaries (default: fresh; written to audit.json after training)")
     aud.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
     aud.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_set(aud)
     aud.set_defaults(func=_cmd_audit)
+    sw = sub.add_parser("sweep", parents=[common], help="run a grid of strategies x epsilons x seeds, one run folder each, "
+                                                        "and write a privacy-utility table and plot")
+    sw.add_argument("config", nargs="?", default=None, help="base TOML config; omit for the embedded default")
+    sw.add_argument("--grid", default=None, metavar="GRID.toml", help="a TOML file with a [sweep] table (config, epsilons, "
+                                                                     "seeds, strategies, set, workers, out); options given here win")
+    sw.add_argument("--epsilons", nargs="+", default=None, metavar="EPS", help="target epsilons per client; inf = no DP")
+    sw.add_argument("--seeds", nargs="+", default=None, metavar="SEED", help="seeds (each point's config seed)")
+    sw.add_argument("--strategies", nargs="+", default=None, metavar="STRATEGY",
+                    help="federation.strategy values (default: the config's)")
+    sw.add_argument("--workers", type=_positive_int, default=None, help="points run at once, each in its own process (default 1)")
+    sw.add_argument("--out", default=None, help="the sweep's folder (runs/, sweep.json, table.md, table.csv, sweep.png)")
+    sw.add_argument("--resume", metavar="DIR", default=None, help="continue the sweep in DIR with the grid it recorded")
+    sw.add_argument("--table", metavar="DIR", default=None, help="rebuild DIR's table and plot from its run folders; runs nothing")
+    sw.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_set(sw)
+    sw.set_defaults(func=_cmd_sweep)
     return parser
 
 
@@ -260,6 +334,7 @@ def _quiet_library_warnings() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     debug = getattr(args, "debug", False)
     _quiet_library_warnings()
     try:
