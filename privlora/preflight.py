@@ -173,7 +173,7 @@ def check_budgets(cfg: ExperimentConfig, client_sizes: list[int], reporter: Prog
     more = f"; {others} other client{'s' if others != 1 else ''} cannot train either" if others else ""
     if calibrating:
         sigma = (f"sigma {m.noise_multiplier:.4g}, calibrated for privacy.target_epsilon = {p.target_epsilon:g} over "
-                 f"{cfg.federation.rounds} rounds")
+                 f"{cfg.calibration_rounds} rounds")
         noise = "or add noise per round (lower privacy.target_epsilon, which sigma is calibrated to, or set privacy.noise_multiplier)"
     else:
         sigma = f"sigma {m.noise_multiplier:g}"
