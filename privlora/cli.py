@@ -195,7 +195,9 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     except (AuditError, OutputDirError) as exc:
         raise ConfigError(str(exc)) from exc
     best = record["best"]
-    print(json.dumps({"out": args.out, "epsilon_lower": round(record["epsilon_lower"], 4), "epsilon_claimed": record["epsilon_claimed"],
+    print(json.dumps({"out": args.out, "epsilon_lower": round(record["epsilon_lower"], 4),
+                      "epsilon_lower_fdp": round(record["fdp"]["epsilon_lower"], 4), "mu_lower": round(record["fdp"]["mu_lower"], 4),
+                      "epsilon_claimed": record["epsilon_claimed"],
                       "confidence": record["confidence"], "score": best["score"], "m": record["canaries"], "r": best["r"],
                       "v": best["v"], "seconds": round(record["seconds"], 1)}))
     if record["violation"]:

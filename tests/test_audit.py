@@ -1,7 +1,8 @@
 """`privlora audit`: canaries go where the secret says, a broken training path is caught, DP is not.
 
-The fault injection (noise switched off inside Opacus while the ledger still charges the
-calibrated sigma) is a monkeypatch in these tests only: no config field or flag can do it.
+The fault injections (noise switched off inside Opacus, or per-sample clipping switched off,
+while the ledger still charges the calibrated sigma and clip norm) are monkeypatches in these
+tests only: no config field or flag can do either.
 The audit model is a 2-layer BERT with hidden size 64 whose weights are drawn with a large
 initializer range (1.0): at the usual 0.02 a random BERT maps every input to nearly the same
 representation, so every canary has the same gradient up to its label's sign and no audit can
@@ -22,6 +23,9 @@ from privlora.config import config_to_toml
 from .conftest import TOKENIZER_FILES
 
 CANARIES = 200
+CLIP = 1e-3  # the clip norm of the clipping fault test (and its DP control)
+FACTOR = 1e3  # the fault: Opacus clips at FACTOR x the clip norm the ledger and the noise use
+
 
 
 @pytest.fixture(scope="session")
@@ -80,6 +84,35 @@ def run_cli(cfg, tmp_path, *extra):
     return code, out, json.loads((out / "audit.json").read_text())
 
 
+def check_published_bounds(audit):
+    """Anyone can recount v from the published scores and secret bits, and recompute the bounds:
+    Theorem 5.2 with brentq, the f-DP (eps, delta) bound with the linear program of
+    tests/test_audit_bound.py (the largest P[C >= v] its constraints allow stays below the
+    per-test level just under the bound and reaches it just above)."""
+    from .test_audit_bound import lp_largest_tail
+
+    truth = np.array(audit["canary_included"]) == 1
+    level = 1 - (1 - 0.95) / audit["tests"]
+
+    def recount(best):
+        scores = np.array(audit["scores"][best["score"]])
+        order = np.argsort(-scores, kind="stable")
+        v = int(truth[order[: best["k_in"]]].sum() + (~truth[order[len(scores) - best["k_out"]:]]).sum())
+        assert v == best["v"]
+        return v
+
+    best = audit["best"]
+    v = recount(best)
+    assert audit["epsilon_lower"] == pytest.approx(reference_bound(CANARIES, best["r"], v, audit["delta"], level), abs=1e-5)
+    fb = audit["fdp"]["best"]
+    v = recount(fb)
+    eps = audit["fdp"]["epsilon_lower"]
+    assert eps == fb["epsilon_lower_fdp"] > 0
+    assert lp_largest_tail(CANARIES, fb["r"], v, eps * 0.999, audit["delta"]) < 1 - level
+    assert lp_largest_tail(CANARIES, fb["r"], v, eps * 1.001 + 1e-6, audit["delta"]) >= 1 - level
+    recount(audit["fdp"]["best_gdp"])
+
+
 @pytest.fixture()
 def noise_off(monkeypatch):
     """Fault injection for tests only: Opacus adds zero noise, whatever sigma it was given."""
@@ -101,26 +134,76 @@ def test_noise_switched_off_is_caught_above_the_claim_and_the_command_fails(audi
     assert "PRIVACY CLAIM CONTRADICTED" in err and "exceeds the claimed" in err and "audit.json" in err
     report = (out / "report.md").read_text()
     assert "## Privacy audit" in report and "PRIVACY CLAIM CONTRADICTED" in report
-
-    # anyone can recount v from the published scores and secret bits, and recompute the bound
-    best = audit["best"]
-    scores = np.array(audit["scores"][best["score"]])
-    truth = np.array(audit["canary_included"]) == 1
-    order = np.argsort(-scores, kind="stable")
-    v = int(truth[order[: best["k_in"]]].sum() + (~truth[order[len(scores) - best["k_out"]:]]).sum())
-    assert v == best["v"]
-    level = 1 - (1 - 0.95) / audit["tests"]
-    assert audit["epsilon_lower"] == pytest.approx(reference_bound(CANARIES, best["r"], v, audit["delta"], level), abs=1e-5)
+    check_published_bounds(audit)
 
 
-def test_with_dp_on_the_bound_stays_below_the_claim_and_the_run_verifies(audit_cfg, tmp_path):
+@pytest.fixture()
+def clipping_off(monkeypatch):
+    """Fault injection for tests only: Opacus clips each per-sample gradient at FACTOR x the
+    configured max_grad_norm, then adds noise of std sigma x max_grad_norm as configured; the
+    ledger still records that clip norm and sigma. Returns each example's gradient norm divided
+    by the configured clip norm, as Opacus saw it."""
+    import torch
+    from opacus.optimizers.optimizer import DPOptimizer
+
+    clip = DPOptimizer.clip_and_accumulate
+    seen: list[float] = []
+
+    def loose_clip(self):
+        configured = self.max_grad_norm
+        norms = [g.reshape(len(g), -1).norm(2, dim=-1) for g in self.grad_samples]
+        if norms and len(norms[0]):
+            seen.extend((torch.stack(norms, dim=1).norm(2, dim=1) / configured).tolist())
+        self.max_grad_norm = configured * FACTOR
+        try:
+            clip(self)
+        finally:
+            self.max_grad_norm = configured
+
+    monkeypatch.setattr(DPOptimizer, "clip_and_accumulate", loose_clip)
+    return seen
+
+
+def test_clipping_far_above_the_recorded_norm_is_caught_and_the_command_fails(audit_cfg, tmp_path, clipping_off, capsys):
+    """Clipping broken alone, the noise still sigma x C as recorded: more than half the per-sample
+    gradients of this model are above 1000 C (checked below), so those examples move the update
+    by 1000 C (and the rest, unclipped, by their own norm) against noise calibrated for a
+    sensitivity of C, and the audit must see it.
+
+    Switching clipping off entirely (an infinite norm) was tried first and is NOT what this test
+    does: this model's per-sample gradient norms spread from 14 to 7,000, the few largest
+    dominate every update, and the white-box score then found at most 0.47 (< 2 x the claim)."""
+    from dataclasses import replace
+
+    cfg = replace(audit_cfg, privacy=replace(audit_cfg.privacy, max_grad_norm=CLIP))
+    code, out, audit = run_cli(cfg, tmp_path)
+    err = capsys.readouterr().err
+    ledger = [json.loads(line) for line in (out / "ledger.jsonl").read_text().splitlines()[1:]]
+    assert ledger and all(e["noise_multiplier"] > 1.0 and e["clip_norm"] == CLIP for e in ledger)  # the claim stands
+    above = np.mean(np.array(clipping_off) > FACTOR)
+    assert len(clipping_off) > 100 and above > 0.5, above  # most gradients went in at FACTOR x C (56% when written)
+    assert audit["epsilon_claimed"] == pytest.approx(0.5, abs=0.01)
+    assert max(audit["epsilon_lower"], audit["fdp"]["epsilon_lower"]) > 2 * audit["epsilon_claimed"]
+    assert audit["violation"] is True
+    assert code == 1
+    assert "PRIVACY CLAIM CONTRADICTED" in err and "exceeds the claimed" in err and "audit.json" in err
+    assert "PRIVACY CLAIM CONTRADICTED" in (out / "report.md").read_text()
+    check_published_bounds(audit)
+
+
+@pytest.mark.parametrize("clip", [1.0, CLIP], ids=["noise-test-config", "clipping-test-config"])
+def test_with_dp_on_the_bound_stays_below_the_claim_and_the_run_verifies(audit_cfg, tmp_path, clip):
+    from dataclasses import replace
+
     from accounting import verify_run
 
-    code, out, audit = run_cli(audit_cfg, tmp_path)
+    code, out, audit = run_cli(replace(audit_cfg, privacy=replace(audit_cfg.privacy, max_grad_norm=clip)), tmp_path)
     assert code == 0
     assert audit["violation"] is False
     assert audit["epsilon_lower"] < audit["epsilon_claimed"]
-    assert "no contradiction found" in (out / "report.md").read_text()
+    assert audit["fdp"]["epsilon_lower"] < audit["epsilon_claimed"]
+    report = (out / "report.md").read_text()
+    assert "no contradiction found" in report and "f-DP reading" in report
     assert "does not prove" in (out / "report.md").read_text()
     assert verify_run(out).ok
 
