@@ -179,10 +179,86 @@ def unit_gradients(model, params, ids, mask, labels):
     return torch.stack(rows)
 
 
+STATE_FILE = "audit-state.json"
+STATE_FORMAT = "privlora-audit-state/1"
+
+
+def default_auditor_dir(out: Path) -> Path:
+    """Where an audit keeps its secret while training runs: beside the run folder, not in it."""
+    out = Path(out)
+    return out.with_name(out.name + ".auditor")
+
+
+class AuditorState:
+    """What an interrupted audit needs to go on, kept in the auditor's own folder (mode 0700, the
+    file 0600), never in the run folder: the secret seed (it decides which canaries are in, so it
+    must not reach the server-side party before training ends), the options, and the white-box
+    score increments of every client-round scored so far (a function of each client's own local
+    change, which under secure aggregation the server never sees). Rewritten atomically after
+    every client-round, before the engine checkpoints that round; on resume the increments of
+    rounds after the checkpoint are dropped (those rounds run again). Deleted once audit.json,
+    which publishes the secret and the scores, is written."""
+
+    def __init__(self, folder: Path, run_dir: Path, options: dict[str, Any], contributions=None):
+        self.folder, self.run_dir, self.options = Path(folder), Path(run_dir), dict(options)
+        self.contributions: dict[tuple[int, int], np.ndarray] = dict(contributions or {})
+
+    @property
+    def path(self) -> Path:
+        return self.folder / STATE_FILE
+
+    def save(self, contributions: dict[tuple[int, int], np.ndarray] | None = None) -> None:
+        import os
+
+        if contributions is not None:
+            self.contributions = dict(contributions)
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.folder, 0o700)
+        record = {
+            "format": STATE_FORMAT, "run": str(self.run_dir.resolve()), **self.options,
+            "whitebox": [[r, c, [float(x) for x in inc]] for (r, c), inc in sorted(self.contributions.items())],
+        }
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(record, sort_keys=True))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+
+    @classmethod
+    def load(cls, folder: Path, run_dir: Path, last_round: int) -> "AuditorState":
+        path = Path(folder) / STATE_FILE
+        if not path.is_file():
+            raise AuditError(
+                f"--resume: {path} is missing, and with it the canaries' secret; the audit cannot continue. Start a new "
+                f"audit in a new folder (`privlora audit {Path(run_dir) / 'config.toml'} --out NEW_DIR`), which trains "
+                "and spends the clients' budgets again; give --auditor-dir if the audit was started with one"
+            )
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise AuditError(f"--resume: {path} is not valid JSON ({exc}); it was edited or damaged") from exc
+        if not isinstance(raw, dict) or raw.get("format") != STATE_FORMAT:
+            raise AuditError(f"--resume: {path} is not a privlora audit state (format {STATE_FORMAT})")
+        if raw.get("run") != str(Path(run_dir).resolve()):
+            raise AuditError(f"--resume: {path} belongs to the audit of {raw.get('run')}, not of {Path(run_dir).resolve()}")
+        options = {k: raw[k] for k in ("secret_seed", "canaries", "design", "confidence")}
+        contributions = {(int(r), int(c)): np.asarray(inc, dtype=np.float64) for r, c, inc in raw["whitebox"] if int(r) <= last_round}
+        return cls(folder, run_dir, options, contributions)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+        try:
+            self.folder.rmdir()
+        except OSError:
+            pass
+
+
 class Auditor:
     """Inserts the canaries (as a ``prepare`` hook) and scores them after the run."""
 
-    def __init__(self, m: int, design: str, seed: int):
+    def __init__(self, m: int, design: str, seed: int, state: AuditorState | None = None):
         if design not in DESIGNS:
             raise AuditError(f"--design: {design!r} is not one of {', '.join(DESIGNS)}")
         if int(m) < 2:
@@ -190,7 +266,14 @@ class Auditor:
         self.m, self.design, self.seed = int(m), design, int(seed)
         self.canaries: CanarySet | None = None
         self.fed = None
-        self.whitebox_rounds = 0
+        self.state = state
+        # white-box increments per (round, client), in the client's canary order; summed in
+        # sorted order at the end, so a resumed audit adds them exactly as an uninterrupted one
+        self.contributions: dict[tuple[int, int], np.ndarray] = {} if state is None else dict(state.contributions)
+
+    @property
+    def whitebox_rounds(self) -> int:
+        return len(self.contributions)
 
     # ------------------------------------------------------------------ before training
     def prepare(self, fed) -> None:
@@ -260,13 +343,13 @@ class Auditor:
 
         def observed_train(payload, rnd, rank, progress=None):
             result = train(payload, rnd, rank, progress=progress)
-            self._score_round(client.client_id, slot.pop("model"), slot.pop("start"))
+            self._score_round(client.client_id, slot.pop("model"), slot.pop("start"), int(rnd))
             return result
 
         client.build_model = build_model
         client.train = observed_train
 
-    def _score_round(self, client_id: int, model, start) -> None:
+    def _score_round(self, client_id: int, model, start, rnd: int) -> None:
         import torch
 
         c = self.canaries
@@ -288,12 +371,16 @@ class Auditor:
         for y in labels.unique():  # centre within each label: removes the direction a label shares
             same = labels == y
             u[same] = u[same] - u[same].mean(dim=0, keepdim=True)
-        c.scores["whitebox"][own] += (u @ (-change)).numpy() / norm
-        self.whitebox_rounds += 1
+        self.contributions[(rnd, int(client_id))] = np.asarray((u @ (-change)).numpy() / norm, dtype=np.float64)
+        if self.state is not None:  # before the engine checkpoints this round
+            self.state.save(self.contributions)
 
     # ------------------------------------------------------------------ after training
     def finish_scores(self) -> dict[str, np.ndarray]:
         c = self.canaries
+        c.scores["whitebox"] = np.zeros(self.m)
+        for (_, client_id), inc in sorted(self.contributions.items()):
+            c.scores["whitebox"][np.flatnonzero(c.client == client_id)] += inc
         after = _losses(self.fed.server.global_model, c.ids, c.mask, c.labels)
         c.scores["blackbox"] = self.loss_before - after
         out = {}
@@ -357,7 +444,7 @@ def claimed_epsilon(out: Path, clients_with_canaries) -> float | None:
 
 
 def run_audit(
-    cfg: ExperimentConfig,
+    cfg: ExperimentConfig | None,
     out: str | Path,
     canaries: int = 1000,
     confidence: float = 0.95,
@@ -365,23 +452,63 @@ def run_audit(
     seed: int | None = None,
     progress: bool = True,
     overwrite: bool = False,
-) -> dict[str, Any]:
+    resume: bool = False,
+    auditor_dir: str | Path | None = None,
+    stop_after: int | None = None,
+) -> dict[str, Any] | None:
     """Run ``cfg`` with canaries, score them, write ``audit.json`` and re-render report.md.
 
     Returns the audit record; ``record["violation"]`` is True when the lower bound exceeds the
     claimed epsilon. ``seed`` is the secret that draws the canaries and their inclusion
-    (fresh from `secrets` when None; written to audit.json after training).
+    (fresh from `secrets` when None; written to audit.json after training). Until then it is
+    kept, with the white-box scores so far, in ``auditor_dir`` (default: the run folder's name
+    + ``.auditor``, beside it; see `AuditorState`). ``resume`` continues an interrupted audit of
+    the run in ``out`` from its checkpoint (``cfg`` and every option then come from the run
+    folder and the auditor's state). ``stop_after`` ends after that many rounds as if the process
+    had been killed (for tests); it returns None then.
     """
+    from .checkpoint import CheckpointError
+    from .config import load_config
     from .report import write_report
     from .simulation import run_experiment
 
-    if not 0 < confidence < 1:
-        raise AuditError(f"--confidence must be in (0, 1), found {confidence}")
-    secret = secrets.randbits(63) if seed is None else int(seed)
-    auditor = Auditor(canaries, design, secret)
-    t0 = time.perf_counter()
-    final = run_experiment(cfg, out, progress=progress, overwrite=overwrite, prepare=auditor.prepare)
     out = Path(out)
+    folder = Path(auditor_dir) if auditor_dir is not None else default_auditor_dir(out)
+    if resume:
+        if (out / AUDIT_FILE).is_file():
+            raise AuditError(f"--resume: {out / AUDIT_FILE} exists: this audit already finished; nothing to resume")
+        from . import preflight
+
+        preflight.check_resume_folder(out)
+        ckpt = out / "checkpoint" / "state.json"
+        try:
+            last_round = int(json.loads(ckpt.read_text(encoding="utf-8"))["round"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{ckpt} is damaged ({exc}); the audit cannot continue from it") from exc
+        state = AuditorState.load(folder, out, last_round)
+        secret = int(state.options["secret_seed"])
+        canaries, design, confidence = int(state.options["canaries"]), str(state.options["design"]), float(state.options["confidence"])
+        cfg_used = load_config(out / "config.toml")
+    else:
+        if not 0 < confidence < 1:
+            raise AuditError(f"--confidence must be in (0, 1), found {confidence}")
+        secret = secrets.randbits(63) if seed is None else int(seed)
+        state = AuditorState(folder, out, {"secret_seed": str(secret), "canaries": int(canaries), "design": design,
+                                           "confidence": float(confidence)})
+        cfg_used = cfg
+    auditor = Auditor(canaries, design, secret, state=state)
+
+    def prepare(fed):
+        auditor.prepare(fed)
+        if not resume:  # the secret is on disk, outside the run folder, before anything trains
+            state.save()
+
+    t0 = time.perf_counter()
+    final = run_experiment(None if resume else cfg, out, progress=progress, overwrite=overwrite, resume=resume,
+                           stop_after=stop_after, prepare=prepare)
+    if stop_after is not None and not final.get("total_seconds"):
+        return None
+    cfg = cfg_used
     scores = auditor.finish_scores()
     c = auditor.canaries
     delta = cfg.privacy.delta
@@ -423,6 +550,7 @@ def run_audit(
         "scores": {k: [round(float(x), 6) for x in v] for k, v in scores.items()},
     }
     atomic_write(out / AUDIT_FILE, json.dumps(record, indent=1, sort_keys=True) + "\n")
+    state.remove()  # audit.json now publishes the secret and the scores
     write_report(out)
     return record
 

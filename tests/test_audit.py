@@ -264,3 +264,67 @@ def test_a_bad_canary_count_is_refused_before_anything_is_written(tiny_cfg, tmp_
     assert main(["audit", str(path), "--out", str(tmp_path / "out"), "--canaries", "1", "--quiet"]) == 2
     assert "--canaries: need at least 2 canaries" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+SECRET = 987654321987
+
+
+def test_an_interrupted_audit_resumes_to_the_uninterrupted_result_without_leaking_its_secret(audit_cfg, tmp_path, capsys):
+    import os
+    import stat
+
+    from privlora.audit import run_audit
+    from privlora.cli import main
+
+    code, _, full = run_cli(audit_cfg, tmp_path, "--seed", str(SECRET))
+    assert code == 0
+
+    out = tmp_path / "cut"
+    assert run_audit(audit_cfg, out, canaries=CANARIES, seed=SECRET, progress=False, stop_after=1) is None
+    state_dir = tmp_path / "cut.auditor"
+    state_file = state_dir / "audit-state.json"
+    # while training runs the secret is only in the auditor's folder, never in the run folder
+    assert not (out / "audit.json").exists()
+    for f in out.rglob("*"):
+        if f.is_file():
+            assert str(SECRET).encode() not in f.read_bytes(), f
+    assert stat.S_IMODE(os.stat(state_dir).st_mode) == 0o700 and stat.S_IMODE(os.stat(state_file).st_mode) == 0o600
+    state = json.loads(state_file.read_text())
+    assert state["secret_seed"] == str(SECRET) and {r for r, _, _ in state["whitebox"]} == {1}
+    # a crash part-way through round 2 leaves increments of that unfinished round: dropped on
+    # resume (and here every client trains again in round 2, so they would be replaced anyway)
+    state["whitebox"] += [[2, c, [123.0] * len(inc)] for _, c, inc in state["whitebox"]]
+    state_file.write_text(json.dumps(state))
+
+    assert main(["audit", "--resume", str(out), "--canaries", "5", "--quiet"]) == 2
+    assert "drop --canaries" in capsys.readouterr().err
+    assert main(["audit", "--resume", str(out), "--quiet"]) == 0
+    resumed = json.loads((out / "audit.json").read_text())
+    for key in ("secret_seed", "canary_client", "canary_included", "scores", "epsilon_lower", "fdp", "best", "per_score",
+                "epsilon_claimed", "violation", "tests", "included_canaries", "whitebox_client_rounds", "test_accuracy"):
+        assert resumed[key] == full[key], key
+    assert not state_dir.exists()  # audit.json now holds the secret; the auditor's copy is gone
+    capsys.readouterr()
+    assert main(["audit", "--resume", str(out), "--quiet"]) == 2
+    assert "already finished" in capsys.readouterr().err
+    (out / "audit.json").unlink()
+    assert main(["audit", "--resume", str(out), "--quiet"]) == 2
+    assert "audit-state.json is missing, and with it the canaries' secret" in capsys.readouterr().err
+
+
+def test_the_auditor_state_keeps_only_rounds_the_checkpoint_has(tmp_path):
+    from privlora.audit import AuditError, AuditorState
+
+    run = tmp_path / "run"
+    run.mkdir()
+    st = AuditorState(tmp_path / "run.auditor", run, {"secret_seed": "5", "canaries": 4, "design": "tokens", "confidence": 0.9})
+    inc = {(1, 0): np.array([0.5, -0.25]), (2, 0): np.array([1 / 3, 2.0]), (3, 1): np.array([7.0, 8.0])}
+    st.save(inc)
+    back = AuditorState.load(tmp_path / "run.auditor", run, last_round=2)
+    assert sorted(back.contributions) == [(1, 0), (2, 0)]
+    assert back.contributions[(2, 0)].tolist() == [1 / 3, 2.0]  # floats round-trip exactly
+    assert back.options == {"secret_seed": "5", "canaries": 4, "design": "tokens", "confidence": 0.9}
+    other = tmp_path / "other"
+    other.mkdir()
+    with pytest.raises(AuditError, match="belongs to the audit of"):
+        AuditorState.load(tmp_path / "run.auditor", other, last_round=2)
