@@ -36,10 +36,16 @@ One training run (Steinke, Nasr and Jagielski 2023; the mathematics is in `accou
    - ``blackbox`` (loss): the canary's loss under the initial global model minus its loss under
      the final one (the public starting point calibrates each canary's difficulty).
 
-4. **Guesses and bound**: for each score, "in" for the k highest, "out" for the k lowest, at a
-   few guess counts fixed by m alone (`accounting.audit.default_candidates`); every (score,
-   count) pair is tested at (1 - confidence) / (number of pairs), so the largest bound holds at
-   the stated confidence.
+4. **Guesses and bounds**: for each score, "in" for the k highest, "out" for the k lowest, at a
+   few guess counts fixed by m alone (`accounting.audit.default_candidates`); every (method,
+   score, count) is tested at (1 - confidence) / (number of tests), so every bound holds at the
+   stated confidence together. Methods: Theorem 5.2 of Steinke et al., and the f-DP analysis of
+   Mahloujifar et al. for the (eps, delta)-DP curve and for the mu-GDP curves (`bounds`).
+
+5. **Resume**: the secret, the options and the white-box increments of every finished
+   client-round wait in an auditor-only folder beside the run (`AuditorState`) until audit.json
+   is written; ``privlora audit --resume DIR`` continues from the run's checkpoint and gives the
+   audit.json of an uninterrupted run.
 
 What the bound means. It compares with the largest epsilon the accountant charged to any client
 that holds a canary (every canary then has that guarantee, at the ledger's delta). A lower
@@ -611,7 +617,8 @@ def render_audit_section(out: Path) -> list[str]:
         ]
     lines += [
         "",
-        "| score | r | v | ε lower (Thm 5.2) | ε lower (f-DP) | μ lower (f-DP) |", "|---|---|---|---|---|---|",
+        "| score | r | v | ε lower (Thm 5.2, at this r) | ε lower (f-DP, best r) | μ lower (f-DP, best r) |",
+        "|---|---|---|---|---|---|",
     ]
     for name, s in a["per_score"].items():
         b = s["best"]
