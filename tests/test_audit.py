@@ -24,12 +24,10 @@ from .conftest import TOKENIZER_FILES
 
 CANARIES = 200
 CLIP = 1e-3  # the clip norm of the clipping fault test (and its DP control)
-FACTOR = 1e3  # the fault: Opacus clips at FACTOR x the clip norm the ledger and the noise use
 
 
 
-@pytest.fixture(scope="session")
-def audit_model_dir(tmp_path_factory):
+def make_audit_model(tmp_path_factory, initializer_range):
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
@@ -39,7 +37,7 @@ def audit_model_dir(tmp_path_factory):
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
                      max_position_embeddings=128, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                     initializer_range=1.0)
+                     initializer_range=initializer_range)
     out = tmp_path_factory.mktemp("audit-bert")
     BertForSequenceClassification(cfg).eval().save_pretrained(out)
     src = resolve_model_path("embedded:minilm")
@@ -47,6 +45,31 @@ def audit_model_dir(tmp_path_factory):
         if (src / name).is_file():
             shutil.copy(src / name, out / name)
     return out
+
+
+@pytest.fixture(scope="session")
+def audit_model_dir(tmp_path_factory):
+    return make_audit_model(tmp_path_factory, 1.0)
+
+
+@pytest.fixture(scope="session")
+def mild_model_dir(tmp_path_factory):
+    """The same BERT at initializer range 0.3: per-sample gradient norms spread over about one
+    order of magnitude (1.1 to 15 from the 5th to the 95th percentile, measured), where the 1.0
+    model spreads them over more than two (14 to 7,000), so that unclipped gradients of similar
+    size compete, not a few giants."""
+    return make_audit_model(tmp_path_factory, 0.3)
+
+
+@pytest.fixture()
+def clipping_cfg(audit_cfg, mild_model_dir):
+    """audit_cfg on the milder model with clip norm C = 1e-3 and lr 0.05 (little drift within a
+    round, so each round's start model still describes its gradients)."""
+    from dataclasses import replace
+
+    return replace(audit_cfg, model=replace(audit_cfg.model, path=str(mild_model_dir)),
+                   privacy=replace(audit_cfg.privacy, max_grad_norm=CLIP),
+                   training=replace(audit_cfg.training, lr=0.05, head_lr=0.05))
 
 
 @pytest.fixture()
@@ -139,49 +162,47 @@ def test_noise_switched_off_is_caught_above_the_claim_and_the_command_fails(audi
 
 @pytest.fixture()
 def clipping_off(monkeypatch):
-    """Fault injection for tests only: Opacus clips each per-sample gradient at FACTOR x the
-    configured max_grad_norm, then adds noise of std sigma x max_grad_norm as configured; the
-    ledger still records that clip norm and sigma. Returns each example's gradient norm divided
-    by the configured clip norm, as Opacus saw it."""
+    """Fault injection for tests only: Opacus sums the per-sample gradients unclipped (its clip
+    factor is computed against an infinite norm, so it is 1), then adds noise of std
+    sigma x max_grad_norm as configured; the ledger still records that clip norm and sigma.
+    Returns each example's gradient norm as Opacus saw it."""
     import torch
     from opacus.optimizers.optimizer import DPOptimizer
 
     clip = DPOptimizer.clip_and_accumulate
     seen: list[float] = []
 
-    def loose_clip(self):
+    def unclipped(self):
         configured = self.max_grad_norm
         norms = [g.reshape(len(g), -1).norm(2, dim=-1) for g in self.grad_samples]
         if norms and len(norms[0]):
-            seen.extend((torch.stack(norms, dim=1).norm(2, dim=1) / configured).tolist())
-        self.max_grad_norm = configured * FACTOR
+            seen.extend(torch.stack(norms, dim=1).norm(2, dim=1).tolist())
+        self.max_grad_norm = float("inf")
         try:
             clip(self)
         finally:
             self.max_grad_norm = configured
 
-    monkeypatch.setattr(DPOptimizer, "clip_and_accumulate", loose_clip)
+    monkeypatch.setattr(DPOptimizer, "clip_and_accumulate", unclipped)
     return seen
 
 
-def test_clipping_far_above_the_recorded_norm_is_caught_and_the_command_fails(audit_cfg, tmp_path, clipping_off, capsys):
-    """Clipping broken alone, the noise still sigma x C as recorded: more than half the per-sample
-    gradients of this model are above 1000 C (checked below), so those examples move the update
-    by 1000 C (and the rest, unclipped, by their own norm) against noise calibrated for a
-    sensitivity of C, and the audit must see it.
+def test_clipping_switched_off_is_caught_above_the_claim_and_the_command_fails(clipping_cfg, tmp_path, clipping_off, capsys):
+    """Clipping off alone, the noise still sigma x C as recorded. With C = 1e-3 nearly every
+    per-sample gradient is over 100 C (checked below: 1.1 to 15 from the 5th to the 95th
+    percentile when written), so an included canary moves its client's update by a thousand
+    times the sensitivity the noise was calibrated for.
 
-    Switching clipping off entirely (an infinite norm) was tried first and is NOT what this test
-    does: this model's per-sample gradient norms spread from 14 to 7,000, the few largest
-    dominate every update, and the white-box score then found at most 0.47 (< 2 x the claim)."""
-    from dataclasses import replace
-
-    cfg = replace(audit_cfg, privacy=replace(audit_cfg.privacy, max_grad_norm=CLIP))
-    code, out, audit = run_cli(cfg, tmp_path)
+    On the 1.0 model of the noise test this is not caught (at most 0.47 over lr 0.5, 0.005 and
+    0.0005, measured): its gradient norms spread from 14 to 7,000 and the largest few dominate
+    every update, whatever the canaries do. The milder model and a smaller lr (less drift
+    within a round) make it visible: 1.21 here, 1.62 with another secret seed."""
+    code, out, audit = run_cli(clipping_cfg, tmp_path)
     err = capsys.readouterr().err
     ledger = [json.loads(line) for line in (out / "ledger.jsonl").read_text().splitlines()[1:]]
     assert ledger and all(e["noise_multiplier"] > 1.0 and e["clip_norm"] == CLIP for e in ledger)  # the claim stands
-    above = np.mean(np.array(clipping_off) > FACTOR)
-    assert len(clipping_off) > 100 and above > 0.5, above  # most gradients went in at FACTOR x C (56% when written)
+    norms = np.array(clipping_off)
+    assert len(norms) > 100 and np.mean(norms > 100 * CLIP) > 0.9  # what went in unclipped was far above C
     assert audit["epsilon_claimed"] == pytest.approx(0.5, abs=0.01)
     assert max(audit["epsilon_lower"], audit["fdp"]["epsilon_lower"]) > 2 * audit["epsilon_claimed"]
     assert audit["violation"] is True
@@ -191,13 +212,11 @@ def test_clipping_far_above_the_recorded_norm_is_caught_and_the_command_fails(au
     check_published_bounds(audit)
 
 
-@pytest.mark.parametrize("clip", [1.0, CLIP], ids=["noise-test-config", "clipping-test-config"])
-def test_with_dp_on_the_bound_stays_below_the_claim_and_the_run_verifies(audit_cfg, tmp_path, clip):
-    from dataclasses import replace
-
+@pytest.mark.parametrize("which", ["audit_cfg", "clipping_cfg"])
+def test_with_dp_on_the_bound_stays_below_the_claim_and_the_run_verifies(request, tmp_path, which):
     from accounting import verify_run
 
-    code, out, audit = run_cli(replace(audit_cfg, privacy=replace(audit_cfg.privacy, max_grad_norm=clip)), tmp_path)
+    code, out, audit = run_cli(request.getfixturevalue(which), tmp_path)
     assert code == 0
     assert audit["violation"] is False
     assert audit["epsilon_lower"] < audit["epsilon_claimed"]
