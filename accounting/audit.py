@@ -210,7 +210,8 @@ def fdp_rejects(m: int, r: int, v: int, blowup_inverse, alpha: float) -> bool:
 
 def _largest_rejected(rejects, hi: float, tol: float) -> float:
     """sup{x >= 0 : rejects(x)} for a predicate true on an interval [0, x*) (0 if rejects(0)
-    is false); the lower end of the last bracket, so never above x*."""
+    is false); the lower end of the last bracket, so never above x*. Beyond ``hi`` the search
+    stops and returns the last power of two rejected (a bound, just not the largest)."""
     if not rejects(0.0):
         return 0.0
     lo, up = 0.0, 1.0
