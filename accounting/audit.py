@@ -29,6 +29,15 @@ proves, at confidence c, that the training did not do what the ledger claims (a 
 analysis). A small eps_lower proves nothing about privacy: it only says this attack found
 no more.
 
+The f-DP reading (Mahloujifar, Melis and Chaudhuri, "Auditing f-Differential Privacy in One
+Run", arXiv:2410.22235, ICML 2025) uses the same game and the same (m, r, v), and tests a whole
+trade-off curve instead of one (eps, delta) pair; see `fdp_rejects` for the exact statement
+implemented here and its proof. It gives two readings: `epsilon_lower_bound_fdp` (the curve of
+(eps, delta)-DP: a lower bound on epsilon at delta, comparable with the claim like Theorem 5.2's)
+and `gdp_lower_bound` (the Gaussian curves mu-GDP: a lower bound on mu, and the epsilon that
+mu-GDP has at delta; that epsilon is a lower bound on the mechanism's epsilon only if its
+trade-off curve is Gaussian, which DP-SGD's subsampled, composed mechanism is not exactly).
+
 Choosing r after seeing the scores is not covered by the theorem. `lower_bound_from_scores`
 therefore tries a fixed list of r values given before the scores are seen and applies a
 Bonferroni correction: each candidate is tested at level (1 - c) / len(candidates), so the
@@ -43,7 +52,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["AuditBound", "p_value", "epsilon_lower_bound", "guesses_from_scores", "lower_bound_from_scores"]
+__all__ = [
+    "AuditBound", "p_value", "epsilon_lower_bound", "guesses_from_scores", "lower_bound_from_scores",
+    "fdp_rejects", "eps_delta_blowup_inverse", "gdp_blowup_inverse", "epsilon_lower_bound_fdp", "gdp_lower_bound",
+    "gdp_epsilon",
+]
 
 
 def _check_counts(m: int, r: int, v: int) -> None:
@@ -98,6 +111,167 @@ def epsilon_lower_bound(m: int, r: int, v: int, delta: float, confidence: float 
     while hi - lo > tol:
         mid = 0.5 * (lo + hi)
         if p_value(m, r, v, mid, delta) < alpha:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+# ---------------------------------------------------------------------------------------- f-DP
+def eps_delta_blowup_inverse(eps: float, delta: float):
+    """``b^{-1}`` for the trade-off curve of (eps, delta)-DP.
+
+    The curve is f(x) = max(0, 1 - delta - e^eps x, e^-eps (1 - delta - x)); its blow-up
+    b(x) = 1 - f(x) = min(1, delta + e^eps x, 1 - e^-eps (1 - delta - x)) bounds P_1[E] by
+    b(P_0[E]) for every event E. The generalised inverse inf{x : b(x) >= y} is
+    max(0, (y - delta) e^-eps, 1 - delta - e^eps (1 - y))."""
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be a finite number >= 0. Found {eps!r}")
+    if not 0 <= delta <= 1:
+        raise ValueError(f"delta must be in [0, 1]. Found {delta!r}")
+    a, e = math.exp(-eps), math.exp(eps)
+
+    def inverse(y: float) -> float:
+        y = min(1.0, y)
+        return max(0.0, (y - delta) * a, 1.0 - delta - e * (1.0 - y))
+
+    return inverse
+
+
+def gdp_blowup_inverse(mu: float):
+    """``b^{-1}`` for mu-GDP (Dong, Roth and Su): f(x) = Phi(Phi^-1(1 - x) - mu), so
+    b(x) = Phi(Phi^-1(x) + mu) and b^{-1}(y) = Phi(Phi^-1(y) - mu)."""
+    from scipy.special import ndtr, ndtri
+
+    if not (math.isfinite(mu) and mu >= 0):
+        raise ValueError(f"mu must be a finite number >= 0. Found {mu!r}")
+
+    def inverse(y: float) -> float:
+        y = min(1.0, y)
+        if y <= 0.0:
+            return 0.0
+        return float(ndtr(ndtri(y) - mu))
+
+    return inverse
+
+
+def fdp_rejects(m: int, r: int, v: int, blowup_inverse, alpha: float) -> bool:
+    """True when v or more correct guesses out of r has probability below ``alpha`` under every
+    mechanism that is f-DP for the curve whose blow-up has the inverse ``blowup_inverse``.
+
+    Statement (the k = 2 case of Mahloujifar, Melis and Chaudhuri 2024; checked here by our own
+    proof). Assumptions: the m canary bits S are i.i.d. fair coins; conditionally on the other
+    m - 1 bits, the output with canary i in and with it out are f-indistinguishable in both
+    directions (P_in[E] <= b(P_out[E]) and P_out[E] <= b(P_in[E]) for every event E, with
+    b = 1 - f concave and nondecreasing: true for every symmetric trade-off curve f); the
+    auditor makes exactly r guesses, a function of the output only; C counts the correct ones.
+
+    Write R_i = E[C 1{C >= i}] / m and H_i = E[(r - C) 1{C >= i}] / m (correct and wrong
+    guesses, on outcomes with at least i correct), so R_0 + H_0 = r / m. Then:
+
+    1. H_{i-1} >= b^{-1}(R_i) for i = 1..r. Proof: fix canary j and the other bits; for a guess
+       value g let E_g = {j is guessed g and the other guesses have >= i - 1 correct}. "j right
+       and C >= i" is E_g under S_j = g, "j wrong and C >= i - 1" is E_g under S_j = 1 - g, and
+       P_{S_j = g}[E_g] <= b(P_{S_j = 1-g}[E_g]). Average over j, g and the other bits (all
+       with equal weight) and use the concavity of b (Jensen): R_i <= b(H_{i-1}).
+    2. R_i - R_{i+1} = i P[C = i] / m and H_i - H_{i+1} = (r - i) P[C = i] / m, so
+       R_i = R_{i+1} + i / (r - i) (H_i - H_{i+1}).
+    3. If P[C >= v] >= alpha, moving all the mass of {C > v} down to v keeps 1 (both sides of
+       every constraint only move the right way) and gives R_v = v a / m, H_v = (r - v) a / m
+       with a >= alpha. From there, h_v = (r - v) alpha / m, rho_v = v alpha / m and, for
+       i = v - 1..0, h_i = max(h_{i+1}, b^{-1}(rho_{i+1})),
+       rho_i = rho_{i+1} + i / (r - i) (h_i - h_{i+1}) satisfy H_i >= h_i and
+       R_i - rho_i >= i / (r - i) (H_i - h_i) >= 0 (induction on i downwards; the weight
+       i / (r - i) grows with i). So rho_0 + h_0 <= R_0 + H_0 = r / m.
+
+    Hence rho_0 + h_0 > r / m proves P[C >= v] < alpha: the curve is rejected at level alpha.
+    Conversely, when rho_0 + h_0 <= r / m the sequence is itself a distribution of C (plus
+    mass at 0) meeting 1 and 2, so this is the exact largest P[C >= v] that 1 and 2 allow.
+    Rejection is monotone: in v (the constraint set is the same and P[C >= v] falls with v),
+    in alpha, and in the curve (a smaller b^{-1}, i.e. a weaker claim, rejects less).
+    """
+    _check_counts(m, r, v)
+    if not 0 < alpha <= 1:
+        raise ValueError(f"alpha must be in (0, 1]. Found {alpha!r}")
+    if v == 0:
+        return False
+    total = r / m
+    rho, h = v * alpha / m, (r - v) * alpha / m
+    for i in range(v - 1, -1, -1):
+        h_new = max(h, blowup_inverse(rho))
+        if h_new == h:  # nothing changes any more: rho_i = rho_{i+1}, h_i = h_{i+1}
+            break
+        rho += i / (r - i) * (h_new - h)
+        h = h_new
+        if rho + h > total * (1 + 1e-12):  # rho_i + h_i <= R_i + H_i <= r / m already fails
+            return True
+    return rho + h > total * (1 + 1e-12)
+
+
+def _largest_rejected(rejects, hi: float, tol: float) -> float:
+    """sup{x >= 0 : rejects(x)} for a predicate true on an interval [0, x*) (0 if rejects(0)
+    is false); the lower end of the last bracket, so never above x*. Beyond ``hi`` the search
+    stops and returns the last power of two rejected (a bound, just not the largest)."""
+    if not rejects(0.0):
+        return 0.0
+    lo, up = 0.0, 1.0
+    while rejects(up):
+        lo, up = up, 2.0 * up
+        if up > hi:
+            return lo
+    while up - lo > tol:
+        mid = 0.5 * (lo + up)
+        if rejects(mid):
+            lo = mid
+        else:
+            up = mid
+    return lo
+
+
+def epsilon_lower_bound_fdp(m: int, r: int, v: int, delta: float, confidence: float = 0.95, tol: float = 1e-6) -> float:
+    """The largest eps whose (eps, delta)-DP curve `fdp_rejects` at level 1 - confidence.
+
+    A lower bound on epsilon at delta, at that confidence, under the assumptions of
+    `fdp_rejects`; the same kind of statement as `epsilon_lower_bound`, by another analysis."""
+    _check_counts(m, r, v)
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1). Found {confidence!r}")
+    alpha = 1.0 - confidence
+    return _largest_rejected(lambda e: fdp_rejects(m, r, v, eps_delta_blowup_inverse(e, delta), alpha), 1e3, tol)
+
+
+def gdp_lower_bound(m: int, r: int, v: int, confidence: float = 0.95, tol: float = 1e-6) -> float:
+    """The largest mu whose mu-GDP curve `fdp_rejects` at level 1 - confidence: at that
+    confidence, the mechanism is not mu-GDP for any mu below it."""
+    _check_counts(m, r, v)
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1). Found {confidence!r}")
+    alpha = 1.0 - confidence
+    return _largest_rejected(lambda mu: fdp_rejects(m, r, v, gdp_blowup_inverse(mu), alpha), 50.0, tol)
+
+
+def gdp_delta(mu: float, eps: float) -> float:
+    """delta(eps) of mu-GDP: Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2)."""
+    from scipy.special import ndtr
+
+    if mu == 0:
+        return 0.0
+    return float(ndtr(-eps / mu + mu / 2) - math.exp(eps) * ndtr(-eps / mu - mu / 2))
+
+
+def gdp_epsilon(mu: float, delta: float) -> float:
+    """The epsilon of mu-GDP at delta (0 when mu-GDP is (0, delta)-DP), by bisection on the
+    exact delta(eps) above, which falls with eps."""
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1). Found {delta!r}")
+    if mu <= 0 or gdp_delta(mu, 0.0) <= delta:
+        return 0.0
+    lo, hi = 0.0, 1.0
+    while gdp_delta(mu, hi) > delta:
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1e-9 * max(1.0, hi):
+        mid = 0.5 * (lo + hi)
+        if gdp_delta(mu, mid) > delta:
             lo = mid
         else:
             hi = mid

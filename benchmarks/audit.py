@@ -81,6 +81,7 @@ def run_one(job: dict) -> dict:
                         progress=False)
         result = {
             "epsilon_lower": rec["epsilon_lower"], "epsilon_claimed": rec["epsilon_claimed"], "best": rec["best"],
+            "epsilon_lower_fdp": rec["fdp"]["epsilon_lower"], "mu_lower": rec["fdp"]["mu_lower"],
             "per_score": {k: v["best"] for k, v in rec["per_score"].items()}, "tests": rec["tests"],
             "test_accuracy": rec["test_accuracy"], "included": rec["included_canaries"], "error": None,
         }

@@ -190,23 +190,50 @@ def _positive_int(text: str) -> int:
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
-    from .audit import AuditError, run_audit, verdict
+    from .audit import AuditError, default_auditor_dir, run_audit, verdict
     from .simulation import OutputDirError
 
-    cfg = load_with_overrides(args.config, args.set)
-    print(f"privlora: auditing {'the embedded default' if args.config is None else args.config} with {args.canaries} "
-          f"{args.design} canaries -> {args.out}", file=sys.stderr)
+    if args.resume:
+        given = [name for name, val in (("CONFIG", args.config), ("--out", args.out), ("--overwrite", args.overwrite),
+                                        ("--canaries", args.canaries), ("--confidence", args.confidence),
+                                        ("--design", args.design), ("--seed", args.seed), ("--set", args.set)) if val not in (None, False, [])]
+        if given:
+            raise ConfigError(f"--resume DIR continues the audit in DIR with its own config and options; drop {', '.join(given)}")
+        out, cfg = Path(args.resume), None
+        print(f"privlora: resuming the audit in {out}", file=sys.stderr)
+    else:
+        if not args.out:
+            raise ConfigError("audit: --out DIR is required (or --resume DIR to continue an interrupted audit)")
+        out, cfg = Path(args.out), load_with_overrides(args.config, args.set)
+        canaries = 1000 if args.canaries is None else args.canaries
+        print(f"privlora: auditing {'the embedded default' if args.config is None else args.config} with {canaries} "
+              f"{args.design or 'tokens'} canaries -> {out}", file=sys.stderr)
+    auditor_dir = Path(args.auditor_dir) if args.auditor_dir else default_auditor_dir(out)
     try:
-        record = run_audit(cfg, Path(args.out), canaries=args.canaries, confidence=args.confidence, design=args.design,
-                           seed=args.seed, progress=not args.quiet, overwrite=args.overwrite)
+        if args.resume:
+            record = run_audit(None, out, progress=not args.quiet, resume=True, auditor_dir=auditor_dir)
+        else:
+            record = run_audit(cfg, out, canaries=canaries, confidence=0.95 if args.confidence is None else args.confidence,
+                               design=args.design or "tokens", seed=args.seed, progress=not args.quiet,
+                               overwrite=args.overwrite, auditor_dir=auditor_dir)
     except (AuditError, OutputDirError) as exc:
         raise ConfigError(str(exc)) from exc
+    except KeyboardInterrupt:
+        if (out / "checkpoint" / "state.json").is_file():
+            extra = "" if args.auditor_dir is None else f" --auditor-dir {auditor_dir}"
+            print(f"privlora: interrupted; every finished round and the audit's state ({auditor_dir}, keep it from the "
+                  f"server) are kept: continue with `privlora audit --resume {out}{extra}`", file=sys.stderr)
+        else:
+            print("privlora: interrupted before any round finished: run the same command again", file=sys.stderr)
+        return 130
     best = record["best"]
-    print(json.dumps({"out": args.out, "epsilon_lower": round(record["epsilon_lower"], 4), "epsilon_claimed": record["epsilon_claimed"],
+    print(json.dumps({"out": str(out), "epsilon_lower": round(record["epsilon_lower"], 4),
+                      "epsilon_lower_fdp": round(record["fdp"]["epsilon_lower"], 4), "mu_lower": round(record["fdp"]["mu_lower"], 4),
+                      "epsilon_claimed": record["epsilon_claimed"],
                       "confidence": record["confidence"], "score": best["score"], "m": record["canaries"], "r": best["r"],
                       "v": best["v"], "seconds": round(record["seconds"], 1)}))
     if record["violation"]:
-        print(f"privlora audit: {verdict(record)} (details in {Path(args.out) / 'audit.json'})", file=sys.stderr)
+        print(f"privlora audit: {verdict(record)} (details in {out / 'audit.json'})", file=sys.stderr)
         return 1
     print(f"privlora audit: {verdict(record)}", file=sys.stderr)
     return 0
@@ -297,10 +324,13 @@ def build_parser() -> argparse.ArgumentParser:
     pre.set_defaults(func=_cmd_predict)
     aud = sub.add_parser("audit", parents=[common], help="run a config with canaries and put an empirical lower bound on epsilon beside the claim")
     aud.add_argument("config", nargs="?", default=None, help="TOML config; omit for the embedded default")
-    aud.add_argument("--out", required=True, help="output folder (a run folder plus audit.json)")
-    aud.add_argument("--canaries", type=int, default=1000, help="number of canaries m (default 1000)")
-    aud.add_argument("--confidence", type=float, default=0.95, help="confidence of the lower bound (default 0.95)")
-    aud.add_argument("--design", choices=("tokens", "mislabelled"), default="tokens", help="canary design (default tokens)")
+    aud.add_argument("--out", default=None, help="output folder (a run folder plus audit.json)")
+    aud.add_argument("--resume", metavar="DIR", default=None, help="continue an interrupted audit from its run's checkpoint and the auditor's state")
+    aud.add_argument("--auditor-dir", default=None,
+                     help="where the secret and the scores so far wait until training ends (default: DIR.auditor beside the run folder; keep it from the server)")
+    aud.add_argument("--canaries", type=int, default=None, help="number of canaries m (default 1000)")
+    aud.add_argument("--confidence", type=float, default=None, help="confidence of the lower bound (default 0.95)")
+    aud.add_argument("--design", choices=("tokens", "mislabelled"), default=None, help="canary design (default tokens)")
     aud.add_argument("--seed", type=int, default=None, help="secret seed of the canaries (default: fresh; written to audit.json after training)")
     aud.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
     aud.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -120,3 +120,97 @@ def test_audit_math_does_not_import_torch():
     code = "import sys, accounting.audit; print(sorted(m for m in ('torch', 'secagg', 'privlora') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------------ the f-DP reading
+def lp_largest_tail(m, r, v, eps, delta):
+    """The largest P[C >= v] over distributions of C in {0..r} meeting R_i <= b(H_{i-1}),
+    i = 1..r, for the (eps, delta)-DP blow-up b(x) = min(1, delta + e^eps x, 1 - e^-eps (1 -
+    delta - x)): a linear program, solved by scipy's HiGHS (not by the recursion under test)."""
+    from scipy.optimize import linprog
+
+    j = np.arange(r + 1)
+    rows, rhs = [], []
+    for i in range(1, r + 1):
+        R = np.where(j >= i, j, 0) / m                 # R_i as a linear function of p
+        H = np.where(j >= i - 1, r - j, 0) / m         # H_{i-1}
+        rows.append(R - math.exp(eps) * H); rhs.append(delta)
+        rows.append(R - math.exp(-eps) * H); rhs.append(1 - math.exp(-eps) * (1 - delta))
+    res = linprog(-(j >= v).astype(float), A_ub=np.array(rows), b_ub=np.array(rhs), A_eq=np.ones((1, r + 1)), b_eq=[1.0],
+                  bounds=[(0, None)] * (r + 1), method="highs")
+    assert res.status == 0
+    return -res.fun
+
+
+@pytest.mark.parametrize("m, r, v, eps, delta", [
+    (10, 10, 8, 0.5, 1e-3), (10, 6, 6, 1.0, 0.0), (20, 12, 10, 0.8, 1e-2), (30, 30, 21, 0.3, 1e-4), (8, 8, 8, 2.0, 0.05),
+])
+def test_fdp_rejects_exactly_the_levels_the_linear_program_excludes(m, r, v, eps, delta):
+    from accounting.audit import eps_delta_blowup_inverse, fdp_rejects
+
+    top = lp_largest_tail(m, r, v, eps, delta)
+    assert 0 < top < 1
+    inv = eps_delta_blowup_inverse(eps, delta)
+    assert fdp_rejects(m, r, v, inv, top * (1 + 1e-5) + 1e-9)
+    assert not fdp_rejects(m, r, v, inv, top * (1 - 1e-5))
+
+
+@pytest.mark.parametrize("m, mu", [(6, 0.5), (10, 1.0), (25, 2.0), (40, 0.3)])
+def test_a_gaussian_mechanism_is_never_rejected_at_its_own_exact_tail(m, mu):
+    """Canary i's output is mu S_i + N(0, 1) (exactly mu-GDP in each canary); guessing "in"
+    above mu / 2 makes C ~ Binomial(m, Phi(mu / 2)) exactly. Soundness: at alpha = P[C >= c]
+    (enumerated from the binomial) the mu-GDP curve is never rejected. Not vacuous either: no
+    mu-GDP mechanism gets all m right with probability 1/2 here (the largest allowed, found by
+    bisection when this test was written, is 0.09, 0.12, 0.28 and 9e-7 of the four cases)."""
+    from accounting.audit import fdp_rejects, gdp_blowup_inverse
+
+    p = stats.norm.cdf(mu / 2)
+    for c in range(1, m + 1):
+        tail = float(sum(math.comb(m, k) * p**k * (1 - p) ** (m - k) for k in range(c, m + 1)))
+        assert not fdp_rejects(m, m, c, gdp_blowup_inverse(mu), tail)
+    assert fdp_rejects(m, m, m, gdp_blowup_inverse(mu), 0.5)
+
+
+def test_at_delta_zero_the_fdp_bound_is_never_above_theorem_5_2():
+    """At delta = 0 Theorem 5.2's p-value is P[Bin(r, q) >= v], the exact tail of eps-DP
+    randomized response, an (eps, 0)-DP mechanism: a sound f-DP test cannot reject it there, so
+    its epsilon bound cannot be higher."""
+    from accounting.audit import epsilon_lower_bound_fdp
+
+    for m, r, v in [(100, 100, 70), (500, 100, 90), (200, 40, 40), (1000, 1000, 560)]:
+        assert epsilon_lower_bound_fdp(m, r, v, 0.0) <= epsilon_lower_bound(m, r, v, 0.0) + 1e-6
+
+
+def test_fdp_bounds_grow_with_v_and_vanish_at_chance():
+    from accounting.audit import epsilon_lower_bound_fdp, gdp_lower_bound
+
+    eps = [epsilon_lower_bound_fdp(1000, 200, v, 1e-5) for v in range(100, 201, 10)]
+    mus = [gdp_lower_bound(1000, 200, v) for v in range(100, 201, 10)]
+    assert eps[0] == 0.0 and mus[0] == 0.0
+    assert all(b >= a for a, b in zip(eps, eps[1:])) and eps[-1] > eps[len(eps) // 2] > 0
+    assert all(b >= a for a, b in zip(mus, mus[1:])) and mus[-1] > 0
+
+
+def test_fdp_epsilon_bound_beats_theorem_5_2_where_m_delta_is_large():
+    # 2 m delta = 2 makes Theorem 5.2 vacuous at m = 1000, delta = 1e-3; the f-DP analysis of the
+    # same (eps, delta) curve is not: it pays delta once per guess chain, not 2 m times
+    from accounting.audit import epsilon_lower_bound_fdp
+
+    assert epsilon_lower_bound(1000, 50, 50, 1e-3) == 0.0
+    assert epsilon_lower_bound_fdp(1000, 50, 50, 1e-3) > 2.0
+
+
+def test_gdp_epsilon_matches_the_gaussian_mechanism_profile():
+    # mu-GDP at eps has delta = Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2) (Dong, Roth, Su)
+    from accounting.audit import gdp_epsilon
+
+    for mu, delta in [(0.5, 1e-5), (1.0, 1e-5), (2.0, 1e-3)]:
+        e = gdp_epsilon(mu, delta)
+        ref = stats.norm.cdf(-e / mu + mu / 2) - math.exp(e) * stats.norm.cdf(-e / mu - mu / 2)
+        assert ref == pytest.approx(delta, rel=1e-6)
+    # and against dp_accounting's Gaussian mechanism (sensitivity 1, sigma = 1 / mu)
+    import dp_accounting
+
+    acc = dp_accounting.pld.PLDAccountant()
+    acc.compose(dp_accounting.GaussianDpEvent(noise_multiplier=1.0))
+    assert gdp_epsilon(1.0, 1e-5) == pytest.approx(acc.get_epsilon(1e-5), rel=1e-3)
