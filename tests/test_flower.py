@@ -26,8 +26,8 @@ from privlora.flower.local import LocalDeployment, _alive, node_configs  # noqa:
 RUN_TIMEOUT = 900.0
 FAULTS = pytest.mark.skipif(
     not os.environ.get("PRIVLORA_FLOWER_FAULTS"),
-    reason="kills SuperNodes mid-protocol: about 3-4 minutes each on 2 cores; set PRIVLORA_FLOWER_FAULTS=1 "
-           "(the same dropout and abort paths run in process in tests/test_engine.py)",
+    reason="kills Flower processes mid-run: about 3-4 minutes each on 2 cores; set PRIVLORA_FLOWER_FAULTS=1 "
+           "(the same dropout, abort and resume paths run in process in tests/test_engine.py and test_resume_budget.py)",
 )
 
 
@@ -129,6 +129,7 @@ class _Killed(Exception):
     pass
 
 
+@FAULTS
 def test_in_the_clear_a_killed_server_resumes_to_the_in_process_bits(tmp_path, tiny_model_dir):
     """Two rounds; the ServerApp process is killed (SIGKILL) once round 1 is checkpointed, and
     the run is resumed on the same nodes: adapter, metrics and ledger equal the in-process run's."""

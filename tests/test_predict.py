@@ -41,16 +41,22 @@ def run_dir(tmp_path_factory, tiny_model_dir):
 
 
 def plain_peft_probabilities(tiny_model_dir, run_dir, texts):
-    """The model's probabilities computed with transformers and peft alone (no privlora code)."""
+    """The model's probabilities computed with transformers and peft alone (no privlora code).
+    The run's head reads the mean of the last hidden states over the real tokens (the default
+    model.pooling = "mean"): computed here by hand from the adapted encoder's output."""
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    assert json.loads((run_dir / "model.json").read_text())["pooling"] == "mean"
     base = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir), num_labels=2)
     model = PeftModel.from_pretrained(base, str(run_dir / "adapter")).eval()
     tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     with torch.inference_mode():
         enc = tok(texts, truncation=True, max_length=32, padding=True, return_tensors="pt")
-        return model(**enc).logits.softmax(-1).tolist()
+        inner = model.base_model.model
+        hidden = inner.bert(**enc).last_hidden_state
+        m = enc["attention_mask"].unsqueeze(-1).float()
+        return inner.classifier((hidden * m).sum(1) / m.sum(1)).softmax(-1).tolist()
 
 
 def test_the_run_folder_names_its_labels_and_base_model(run_dir, tiny_model_dir):

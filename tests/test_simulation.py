@@ -81,9 +81,12 @@ def test_saved_adapter_reloads_with_peft_and_gives_the_same_logits(finished_run,
     from privlora.adapters import load_adapter_state
 
     load_adapter_state(fed.server.global_model, saved)
-    reloaded = PeftModel.from_pretrained(
-        AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir), num_labels=2), str(out / "adapter")
-    ).eval()
+    plain = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir), num_labels=2)
+    if cfg.model.pooling == "mean":  # the head was trained on mean-pooled states (load_base_for_run does this)
+        from privlora.models import use_mean_pooling
+
+        use_mean_pooling(plain)
+    reloaded = PeftModel.from_pretrained(plain, str(out / "adapter")).eval()
     ids, mask, _ = fed.server.test_dataset.tensors
     with torch.inference_mode():
         expected = fed.server.global_model.eval()(input_ids=ids[:16], attention_mask=mask[:16]).logits
