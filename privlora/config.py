@@ -500,19 +500,24 @@ def load_config(path: str | Path | None = None) -> ExperimentConfig:
     """Load and validate a TOML config; ``None`` gives the embedded default."""
     if path is None:
         return ExperimentConfig()
+    return config_from_dict(read_toml(path))
+
+
+def read_toml(path: str | Path, role: str = "config", wanted: str = "a .toml file") -> dict[str, Any]:
+    """The raw table of a TOML file, or one ConfigError naming ``role`` and what is wrong with the
+    file (a folder, missing, not TOML, not UTF-8)."""
     path = Path(path)
     if path.is_dir():
         hint = f" (the run's config is {path / 'config.toml'})" if (path / "config.toml").is_file() else ""
-        raise ConfigError(f"config: {path} is a folder; pass the path of a .toml file{hint}")
+        raise ConfigError(f"{role}: {path} is a folder; pass the path of {wanted}{hint}")
     if not path.is_file():
-        raise ConfigError(f"config: file {str(path)!r} does not exist; pass the path of a .toml file")
+        raise ConfigError(f"{role}: file {str(path)!r} does not exist; pass the path of {wanted}")
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config: {path} is not valid TOML ({exc})") from exc
+        raise ConfigError(f"{role}: {path} is not valid TOML ({exc})") from exc
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"config: {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from exc
-    return config_from_dict(raw)
+        raise ConfigError(f"{role}: {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from exc
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

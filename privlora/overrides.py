@@ -25,7 +25,7 @@ import typing
 from pathlib import Path
 from typing import Any, Iterable
 
-from .config import ConfigError, ExperimentConfig, config_from_dict, config_to_dict, load_config
+from .config import ConfigError, ExperimentConfig, config_from_dict, config_to_dict, load_config, read_toml
 
 
 def _fields(cls: type) -> dict[str, Any]:
@@ -144,14 +144,7 @@ def read_table(path: str | Path | None) -> dict[str, Any]:
     """The raw table of a TOML config (the embedded default's when ``path`` is None)."""
     if path is None:
         return config_to_dict(ExperimentConfig())
-    path = Path(path)
-    if path.is_file():
-        try:
-            return tomllib.loads(path.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError):
-            pass
-    load_config(path)  # raises the file's own error (a folder, missing, not TOML, not UTF-8)
-    raise ConfigError(f"config: {path} could not be read")  # pragma: no cover - load_config raised
+    return read_toml(path)
 
 
 def flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -51,13 +51,12 @@ import os
 import statistics
 import sys
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from .checkpoint import CheckpointError, atomic_write, load_checkpoint
-from .config import STRATEGIES, ConfigError, ExperimentConfig, FederationConfig, config_to_toml
+from .config import STRATEGIES, ConfigError, ExperimentConfig, FederationConfig, config_to_toml, read_toml
 from .errors import RunFolderError, UserError
 from .overrides import apply_overrides, flatten, parse_overrides, read_table, resolve
 
@@ -160,14 +159,7 @@ def read_grid_file(path: str | Path) -> dict[str, Any]:
     taken relative to the grid file's folder, ``set`` is a table of config fields
     (``[sweep.set]`` with ``federation.rounds = 3``) or a list of ``"KEY=VALUE"`` strings."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--grid: file {str(path)!r} does not exist; pass the path of a TOML file with a [sweep] table")
-    try:
-        doc = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"--grid: {path} is not valid TOML ({exc})") from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"--grid: {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from exc
+    doc = read_toml(path, "--grid", "a TOML file with a [sweep] table")
     extra = [k for k in doc if k != "sweep"]
     if extra or not isinstance(doc.get("sweep"), dict):
         raise ConfigError(f"--grid: {path} must hold one [sweep] table with keys {', '.join(GRID_KEYS)}"
