@@ -72,7 +72,14 @@ def load_tokenizer(path: str):
         ) from exc
 
 
+_MEAN_POOLER = None
+
+
 def _mean_pooler_class():
+    """The pooler class, made once (torch is imported only when a model is built)."""
+    global _MEAN_POOLER
+    if _MEAN_POOLER is not None:
+        return _MEAN_POOLER
     import torch
 
     class MaskedMeanPooler(torch.nn.Module):
@@ -97,6 +104,7 @@ def _mean_pooler_class():
             m = mask[:, : hidden_states.shape[1]].to(hidden_states.dtype).unsqueeze(-1)
             return (hidden_states * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
 
+    _MEAN_POOLER = MaskedMeanPooler
     return MaskedMeanPooler
 
 
@@ -109,7 +117,10 @@ def use_mean_pooling(model) -> None:
             f"model.pooling = 'mean' needs a BERT-family classifier (an encoder with a pooler); "
             f"{type(model).__name__} has none; use model.pooling = 'model'"
         )
-    pooler = _mean_pooler_class()()
+    cls = _mean_pooler_class()
+    if isinstance(encoder.pooler, cls):
+        return  # already mean-pooled
+    pooler = cls()
     encoder.pooler = pooler
     encoder.register_forward_pre_hook(pooler.capture, with_kwargs=True)
 

@@ -59,6 +59,8 @@ def test_a_copied_mean_pooled_model_pools_with_its_own_mask(batch):
         b = twin(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(a, b)
     assert twin.bert.pooler is not model.bert.pooler
+    use_mean_pooling(twin)  # a second call changes nothing: one pooler, one hook
+    assert len(twin.bert._forward_pre_hooks) == 1 and type(twin.bert.pooler) is type(model.bert.pooler)
     assert twin.bert.pooler._mask is not None and twin.bert.pooler._mask.shape == mask.shape
 
 
