@@ -195,27 +195,24 @@ def load_labelled_data(cfg: DataConfig) -> LabelledData:
     return LabelledData(texts=texts, labels=labels, groups=groups, label_names=label_names)
 
 
-def train_test_split(data: LabelledData, test_fraction: float, seed: int, max_examples: int = 0):
-    """Shuffle with ``seed``, optionally keep ``max_examples``, hold out ``test_fraction``."""
-    rng = np.random.default_rng([seed, 0x5E1])
+def train_test_split(data: LabelledData, test_fraction: float, seed: int, max_examples: int = 0, *,
+                     salt: int = 0x5E1, field: str = "data.test_fraction"):
+    """Shuffle with ``seed`` (and ``salt``, which names the purpose), optionally keep
+    ``max_examples``, hold out ``test_fraction``; ``field`` is what an empty remainder blames."""
+    rng = np.random.default_rng([seed, salt])
     order = rng.permutation(len(data))
     if max_examples:
         order = order[:max_examples]
     n_test = max(1, int(round(test_fraction * len(order))))
     if n_test >= len(order):
-        raise DataError(f"data.test_fraction: leaves no training data out of {len(order)} examples")
+        raise DataError(f"{field}: leaves no training data out of {len(order)} examples")
     return data.subset(np.sort(order[n_test:])), data.subset(np.sort(order[:n_test]))
 
 
 def validation_split(train: LabelledData, fraction: float, seed: int):
     """(train, validation): ``fraction`` of the training split held out for tuning, drawn with
     its own seeded permutation, so a tuning run never sees the test split."""
-    rng = np.random.default_rng([seed, 0x7A1])
-    order = rng.permutation(len(train))
-    n_val = max(1, int(round(fraction * len(order))))
-    if n_val >= len(order):
-        raise DataError(f"data.holdout: a validation split of {fraction} leaves no training data out of {len(order)} examples")
-    return train.subset(np.sort(order[n_val:])), train.subset(np.sort(order[:n_val]))
+    return train_test_split(train, fraction, seed, salt=0x7A1, field="data.holdout")
 
 
 def run_split(data: LabelledData, cfg: DataConfig, seed: int):
