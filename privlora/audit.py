@@ -479,6 +479,9 @@ def run_audit(
     from .simulation import run_experiment
 
     out = Path(out)
+    if cfg is not None and cfg.model.task != "classification":
+        raise AuditError(f"model.task: privlora audit has canaries for sequence classification only; {cfg.model.task!r} "
+                         "runs cannot be audited yet (run the classification task, or `privlora run` without an audit)")
     folder = Path(auditor_dir) if auditor_dir is not None else default_auditor_dir(out)
     if resume:
         if (out / AUDIT_FILE).is_file():

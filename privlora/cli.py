@@ -77,6 +77,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     summary = {
         "out": str(out),
         "test_accuracy": final["test_accuracy"],
+        **({"test_loss": final["test_loss"], "test_perplexity": final["test_perplexity"]} if "test_perplexity" in final else {}),
         "epsilon_max": final.get("epsilon_max"),
         "delta": cfg.privacy.delta if cfg.privacy.enabled else None,
         "seconds": round(final["total_seconds"], 1),

@@ -234,13 +234,10 @@ class Client:
             next_rank=next_rank,
         )
 
-    @staticmethod
-    def _loss(model, batch):
-        import torch.nn.functional as F
+    def _loss(self, model, batch):
+        from .tasks import batch_loss
 
-        ids, mask, labels = batch
-        logits = model(input_ids=ids, attention_mask=mask).logits
-        return F.cross_entropy(logits, labels)
+        return batch_loss(self.cfg)(model, batch)
 
     def _train_dp(self, model, optimizer, progress, penalty=None):
         import torch

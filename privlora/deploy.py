@@ -85,12 +85,13 @@ def _partitioned(cfg):
     """(train split, client shards) of ``data.source`` as the simulation splits it. Kept for the
     life of the process: Flower's simulation engine runs many virtual nodes in one process, and
     each would otherwise load and split the whole data set for every message."""
-    from .data import load_labelled_data, run_split
+    from .data import run_split
     from .partition import partition
+    from .tasks import load_records
 
     key = resolved_sha256(cfg)
     if key not in _PARTITIONS:
-        data = load_labelled_data(cfg.data)
+        data = load_records(cfg)
         train, _ = run_split(data, cfg.data, cfg.seed)
         _PARTITIONS.clear()
         _PARTITIONS[key] = (train, partition(train, cfg.data.partition, cfg.data.num_clients, cfg.seed, cfg.data.dirichlet_alpha))
@@ -99,7 +100,7 @@ def _partitioned(cfg):
 
 def node_training_data(cfg, settings: NodeSettings):
     """This node's training examples (a `LabelledData`)."""
-    from .data import DataError, load_labelled_data
+    from .data import DataError, load_records
 
     if settings.data == "partition":
         train, shards = _partitioned(cfg)
@@ -107,15 +108,15 @@ def node_training_data(cfg, settings: NodeSettings):
     path = Path(settings.data).expanduser()
     if not path.is_file():
         raise DataError(f"node config 'data': {settings.data!r} is neither 'partition' nor an existing file")
-    return load_labelled_data(dataclasses.replace(cfg.data, source=str(path), partition="iid", group_column=""))
+    return load_records(dataclasses.replace(cfg.data, source=str(path), partition="iid", group_column=""), cfg.model.task)
 
 
 def build_client_node(settings: NodeSettings):
     """The `ClientNode` this node runs: its own ledger and signing key now, its data and base
     model when a message first needs them."""
     from .client import Client
-    from .data import tokenize
-    from .models import load_classifier, load_tokenizer, quiet_hf
+    from . import tasks
+    from .models import quiet_hf
     from .node import ClientGuard, ClientNode, ledger_folder, run_identity
     from .strategies import strategy_from_config
 
@@ -130,9 +131,9 @@ def build_client_node(settings: NodeSettings):
             torch.set_num_threads(cfg.threads)
         quiet_hf()
         data = node_training_data(cfg, settings)
-        tokenizer = load_tokenizer(cfg.model.path)
-        base = load_classifier(cfg.model.path, data.num_labels, cfg.seed, cfg.model.pooling)
-        client = Client(settings.client_id, cfg, base, tokenize(data, tokenizer, cfg.model.max_length), strategy_from_config(cfg))
+        tokenizer = tasks.load_tokenizer(cfg)
+        base = tasks.load_model(cfg, data.num_labels)
+        client = Client(settings.client_id, cfg, base, tasks.tokenize_train(cfg, data, tokenizer), strategy_from_config(cfg))
         client.label_names = data.label_names
         return client
 

@@ -67,6 +67,14 @@ class Description:
     num_examples: int | None
 
 
+SAMPLES = "samples.json"
+
+
+def evaluation_extras(ev: dict[str, Any]) -> dict[str, Any]:
+    """What an evaluation adds to a round's record beyond accuracy and loss (causal-lm: perplexity)."""
+    return {"test_perplexity": ev["perplexity"]} if "perplexity" in ev else {}
+
+
 def log(message: str) -> None:
     print(f"privlora: {message}", file=sys.stderr, flush=True)
 
@@ -119,13 +127,13 @@ class RoundEngine:
     """Runs the rounds of one federation through ``transport``; writes into ``out``."""
 
     def __init__(self, cfg: ExperimentConfig, server: Server, transport: Transport, out: str | Path, *,
-                 majority_baseline: float, label_names: list[str] | None = None, progress: bool = True):
+                 majority_baseline: float | None, label_names: list[str] | None = None, progress: bool = True):
         self.cfg = cfg
         self.server = server
         self.transport = transport
         self.out = Path(out)
         self.metrics_path = self.out / "metrics.jsonl"
-        self.majority_baseline = float(majority_baseline)
+        self.majority_baseline = None if majority_baseline is None else float(majority_baseline)
         self.label_names = label_names
         self.progress = progress
         self.dp = cfg.privacy.enabled
@@ -186,6 +194,7 @@ class RoundEngine:
             "round": 0,
             "test_accuracy": ev["accuracy"],
             "test_loss": ev["loss"],
+            **evaluation_extras(ev),
             "majority_baseline": self.majority_baseline,
             "clients": [],
             "epsilon": {str(k): 0.0 for k in self.ids} if self.dp else {},
@@ -200,6 +209,7 @@ class RoundEngine:
         }
         self._anchor(record)
         append_jsonl(self.metrics_path, record)
+        self.write_samples("untrained")
         self.checkpoint(0)
 
     # ------------------------------------------------------------------ checkpoint
@@ -359,6 +369,7 @@ class RoundEngine:
             "round": rnd,
             "test_accuracy": ev["accuracy"],
             "test_loss": ev["loss"],
+            **evaluation_extras(ev),
             "majority_baseline": self.majority_baseline,
             "clients": [r.client_id for r in reports],
             "sampled": chosen,
@@ -417,7 +428,8 @@ class RoundEngine:
                 self._stop_line(rnd, stopped, result["refused"], record, aborted)
                 break
             record = result
-            rounds_bar.set_postfix(acc=f"{record['test_accuracy']:.3f}", eps=f"{record['epsilon_max'] or 0:.2f}")
+            shown = {"acc": record["test_accuracy"]} if record["test_accuracy"] is not None else {"loss": record["test_loss"]}
+            rounds_bar.set_postfix(**{k: f"{v:.3f}" for k, v in shown.items()}, eps=f"{record['epsilon_max'] or 0:.2f}")
             rounds_bar.update(1)
             if stop_after is not None and rnd >= stop_after:
                 rounds_bar.close()
@@ -450,5 +462,18 @@ class RoundEngine:
         from .report import write_report
         from .simulation import atomic_save_adapter
 
-        atomic_save_adapter(self.server.export_model(), self.out / "adapter")
+        model = self.server.export_model()
+        atomic_save_adapter(model, self.out / "adapter")
+        self.write_samples("final", model)
         write_report(self.out)
+
+    def write_samples(self, stage: str, model=None) -> None:
+        """Task "causal-lm": greedy generations of the global model (``model``, else the
+        server's) for the fixed held-out prompts, kept in ``samples.json`` under ``stage``
+        ("untrained" at round 0, "final" at the end) for report.md."""
+        if self.server.sample_prompts is None:
+            return
+        path = self.out / SAMPLES
+        record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"prompts": self.server.sample_prompts}
+        record[stage] = self.server.generate_samples(model)
+        atomic_write(path, json.dumps(record, indent=1) + "\n")

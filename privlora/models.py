@@ -165,6 +165,16 @@ def base_model_identity(path: str) -> str:
 
 def model_card(cfg, label_names: list[str]) -> dict:
     """What ``model.json`` in a run folder holds: enough to use the trained model."""
+    if cfg.model.task == "causal-lm":
+        return {
+            "format": MODEL_CARD_FORMAT,
+            "task": "causal-lm",
+            "base_model": base_model_identity(cfg.model.path),
+            "answers": list(label_names),
+            "max_length": cfg.model.max_length,
+            "system_prompt": cfg.model.system_prompt,
+            "adapter": "adapter",
+        }
     return {
         "format": MODEL_CARD_FORMAT,
         "task": "sequence-classification",
@@ -207,6 +217,8 @@ def read_model_card(run_dir: str | Path) -> dict:
         raise ModelError(f"{path} is not valid JSON ({exc}); it was edited or damaged") from exc
     if not isinstance(card, dict) or card.get("format") != MODEL_CARD_FORMAT:
         raise ModelError(f"{path}: expected format {MODEL_CARD_FORMAT!r}, found {card.get('format') if isinstance(card, dict) else card!r}")
+    if card.get("task") == "causal-lm":
+        return card
     names = card.get("label_names")
     if not (isinstance(names, list) and len(names) == card.get("num_labels") and len(names) >= 2):
         raise ModelError(f"{path}: label_names and num_labels disagree; the file was edited or damaged")
@@ -218,12 +230,12 @@ def card_from_config(run_dir: str | Path) -> dict:
     the label names come from loading the run's data again (labels are mapped in a fixed,
     sorted order, so this gives the run's own order). Raises ModelError if the data is gone."""
     from .config import load_config
-    from .data import DataError, load_labelled_data
+    from .data import DataError, load_records
 
     run = Path(run_dir)
     cfg = load_config(run / "config.toml")
     try:
-        names = load_labelled_data(cfg.data).label_names
+        names = load_records(cfg.data, cfg.model.task).label_names
     except DataError as exc:
         raise ModelError(
             f"{run / MODEL_CARD} is missing (the run predates it) and its label names cannot be recovered from its "
@@ -239,6 +251,9 @@ def load_base_for_run(run_dir: str | Path):
     ``PeftModel.from_pretrained(base_model, run_dir / "adapter")``: that adapter holds the trained
     LoRA factors and the trained classification head (the base's new head is replaced)."""
     card = read_model_card(run_dir)
+    if card.get("task") == "causal-lm":
+        raise ModelError(f"{run_dir} is a causal-LM run; load its base with privlora.causal_lm.load_causal_model"
+                         f"({card['base_model']!r}) and its adapter with PeftModel.from_pretrained")
     names = [str(n) for n in card["label_names"]]
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 

@@ -64,12 +64,19 @@ def plot(rows: list[dict], path: Path) -> None:
 
     rounds = [r["round"] for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
-    ax1.plot(rounds, [r["test_accuracy"] for r in rows], marker="o", label="global model")
-    ax1.axhline(rows[0]["majority_baseline"], color="grey", ls="--", label="majority class")
+    if all(r["test_accuracy"] is not None for r in rows):
+        ax1.plot(rounds, [r["test_accuracy"] for r in rows], marker="o", label="global model")
+        if rows[0].get("majority_baseline") is not None:
+            ax1.axhline(rows[0]["majority_baseline"], color="grey", ls="--", label="majority class")
+        ax1.set_ylabel("held-out accuracy")
+        ax1.set_title("Accuracy")
+        ax1.legend(loc="lower right")
+    else:  # open-ended instruction data: no accuracy, the held-out loss instead
+        ax1.plot(rounds, [r["test_loss"] for r in rows], marker="o", label="global model")
+        ax1.set_ylabel("held-out loss (response tokens)")
+        ax1.set_title("Held-out loss")
+        ax1.legend(loc="upper right")
     ax1.set_xlabel("round")
-    ax1.set_ylabel("held-out accuracy")
-    ax1.set_title("Accuracy")
-    ax1.legend(loc="lower right")
     eps_rows = [r for r in rows if r.get("epsilon")]
     if eps_rows and any(r.get("epsilon_max") for r in eps_rows):
         clients = sorted(eps_rows[-1]["epsilon"], key=int)
@@ -86,6 +93,49 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def accuracy_line(cfg, rows: list[dict], final: dict) -> str:
+    """The report's line on held-out quality: accuracy against the untrained model and the
+    majority class; for "causal-lm" also the response-token loss and perplexity."""
+    where = holdout_statement(cfg)
+    first = rows[0]
+    parts = []
+    if final["test_accuracy"] is not None:
+        what = "Answer accuracy (the allowed answer of highest likelihood)" if cfg.model.task == "causal-lm" else "Accuracy"
+        majority = "" if first.get("majority_baseline") is None else f"; always predicting the majority class {first['majority_baseline']:.4f}"
+        parts.append(f"- {what} on {where}: **{final['test_accuracy']:.4f}** after round {final['round']} "
+                     f"(untrained model {first['test_accuracy']:.4f}{majority}).")
+    if final.get("test_perplexity") is not None:
+        parts.append(f"- Held-out loss of the response tokens{'' if parts else ' on ' + where}: **{final['test_loss']:.4f}** "
+                     f"(perplexity {final['test_perplexity']:.3f}) after round {final['round']}; untrained model "
+                     f"{first['test_loss']:.4f} (perplexity {first['test_perplexity']:.3f}).")
+    return "\n".join(parts)
+
+
+def samples_section(out: Path) -> list[str]:
+    """Task "causal-lm": the greedy generations in samples.json, untrained and final, per prompt."""
+    path = out / "samples.json"
+    if not path.is_file():
+        return []
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        prompts = record["prompts"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RunFolderError(f"report: {path} is damaged ({exc}); run `privlora run --resume` or delete it") from exc
+    lines = ["## Sample generations", "",
+             "Greedy decoding, at most 32 new tokens, for fixed held-out instructions (the same every round).", ""]
+    for i, p in enumerate(prompts):
+        lines += [f"**Prompt {i + 1}.** " + _quote(p["instruction"]), "", f"- reference: {_quote(p['reference'])}"]
+        for stage in ("untrained", "final"):
+            if isinstance(record.get(stage), list) and i < len(record[stage]):
+                lines.append(f"- {stage}: {_quote(record[stage][i])}")
+        lines.append("")
+    return lines
+
+
+def _quote(text: str) -> str:
+    return "`" + " ".join(str(text).split()).replace("`", "'") + "`"
 
 
 def integer_round_axis(*axes) -> None:
@@ -228,6 +278,9 @@ def write_report(out: str | Path) -> Path:
     statement = ""
     if ledger is not None:
         privacy = {"enabled": True, **privacy_summary(ledger, p.accountant, cross_checks=("pld", "rdp", "prv"), client_sizes=sizes)}
+        if cfg.model.task == "causal-lm":
+            privacy["unit_of_privacy"] = ("one record (one instruction with its response: one training sequence) "
+                                          "in one client's local dataset")
         caption = plot_epsilon(ledger, p.accountant, out / "privacy_epsilon.png", rounds=final["round"])
         calibration = calibration_statement(cfg, rows)
         statement = render_privacy_statement(
@@ -256,6 +309,13 @@ def write_report(out: str | Path) -> Path:
             "per_round": [r["test_accuracy"] for r in rows if "stopped" not in r],
             "evaluated_on": cfg.data.holdout,
         },
+        "loss": {
+            "final": final["test_loss"],
+            "untrained": rows[0]["test_loss"],
+            "perplexity_final": final.get("test_perplexity"),
+            "perplexity_untrained": rows[0].get("test_perplexity"),
+        },
+        "task": cfg.model.task,
         "privacy": privacy,
         "noise_source": rows[0].get("noise_source") or {},
         "transport": rows[0].get("transport", "in-process"),
@@ -270,9 +330,7 @@ def write_report(out: str | Path) -> Path:
         f"{cfg.federation.rounds} rounds x {cfg.training.local_steps} local steps, LoRA rank "
         f"{list(cfg.lora.ranks) or cfg.lora.r} on {list(cfg.lora.target_modules)}, seed {cfg.seed}.",
         f"- Aggregation: {aggregation_statement(cfg)}",
-        f"- Accuracy on {holdout_statement(cfg)}: **{final['test_accuracy']:.4f}** after round {final['round']} "
-        f"(untrained model {rows[0]['test_accuracy']:.4f}; always predicting the majority class "
-        f"{rows[0]['majority_baseline']:.4f}).",
+        accuracy_line(cfg, rows, final),
     ]
     if (tuned := tuning_statement(cfg)) is not None:
         lines.append(tuned)
@@ -282,9 +340,10 @@ def write_report(out: str | Path) -> Path:
         lines += ["- **No differential privacy**: this run is a non-private baseline; no epsilon applies."]
     lines.append("- Upload and download are the mean tensor bytes (float32) one client sent and received in the round "
                  "(under secure aggregation: every message of the protocol).")
-    lines += ["", "| round | accuracy | loss | train loss | max ε | clients trained | not admitted | "
-              "upload / client | download / client | seconds |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    ppl = any(r.get("test_perplexity") is not None for r in rows)
+    lines += ["", "| round | accuracy | loss |" + (" perplexity |" if ppl else "") + " train loss | max ε | clients trained | "
+              "not admitted | upload / client | download / client | seconds |",
+              "|---|---|---|" + ("---|" if ppl else "") + "---|---|---|---|---|---|---|"]
     for r in rows:
         if "stopped" in r:
             continue
@@ -293,11 +352,14 @@ def write_report(out: str | Path) -> Path:
         pc = r.get("per_client") or []
         up = _kb(sum(c["upload_bytes"] for c in pc) / len(pc)) if pc else "-"
         down = _kb(sum(c["download_bytes"] for c in pc) / len(pc)) if pc else "-"
+        acc = "-" if r["test_accuracy"] is None else f"{r['test_accuracy']:.4f}"
+        pp = (f" {r['test_perplexity']:.3f} |" if r.get("test_perplexity") is not None else " - |") if ppl else ""
         lines.append(
-            f"| {r['round']} | {r['test_accuracy']:.4f} | {r['test_loss']:.4f} | {tl} | {eps} | "
+            f"| {r['round']} | {acc} | {r['test_loss']:.4f} |{pp} {tl} | {eps} | "
             f"{len(r.get('clients', []))} | {len(r.get('refused', {}))} | {up} | {down} | {r['seconds']:.1f} |"
         )
     lines += ["", "![accuracy and epsilon per round](accuracy_epsilon.png)", ""]
+    lines += samples_section(out)
     if statement:
         lines += [statement]
     from .audit import render_audit_section

@@ -28,7 +28,6 @@ from accounting import SubsampledGaussian
 
 from .adapters import adapter_state, frozen_weights, load_adapter_state, make_peft_model, merge_into_base
 from .config import ExperimentConfig
-from .data import trim_collate
 from .fedavgm import server_momentum_step
 from .messages import Message, MessageError
 from .strategies import Strategy, sum_states
@@ -72,6 +71,21 @@ class Server:
         self.client_ranks: dict[int, int] = {k: cfg.client_rank(k) for k in range(cfg.data.num_clients)}
         self.download_bytes: dict[int, int] = {}
         """Tensor bytes of the last instruction sent to each client (`Strategy.download_bytes`)."""
+        self.sample_prompts: list[dict[str, str]] | None = None
+        """Task "causal-lm": held-out instructions (with their reference responses) whose greedy
+        generations the report shows (`set_samples`); None = no samples."""
+        self._tokenizer = None
+
+    def set_samples(self, tokenizer, instructions: list[str], references: list[str]) -> None:
+        self._tokenizer = tokenizer
+        self.sample_prompts = [{"instruction": i, "reference": r} for i, r in zip(instructions, references)]
+
+    def generate_samples(self, model=None) -> list[str]:
+        """Greedy generations of ``model`` (default: the global model) for `sample_prompts`."""
+        from .causal_lm import generate
+
+        return generate(model if model is not None else self.global_model, self._tokenizer,
+                        [p["instruction"] for p in self.sample_prompts or []], system_prompt=self.cfg.model.system_prompt)
 
     def load_global_state(self, state: dict[str, np.ndarray]) -> None:
         """Make ``state`` the global model: adapter tensors into the adapter, base deltas onto
@@ -190,20 +204,9 @@ class Server:
         load_adapter_state(model, out)
         return model
 
-    def evaluate(self) -> dict[str, float]:
-        """Accuracy and mean cross-entropy of the global model on the held-out split."""
-        import torch
-        import torch.nn.functional as F
-        from torch.utils.data import DataLoader
+    def evaluate(self) -> dict[str, float | None]:
+        """Accuracy and mean loss (and, for "causal-lm", perplexity) of the global model on the
+        held-out split (`privlora.tasks.evaluate`)."""
+        from .tasks import evaluate
 
-        model = self.global_model
-        model.eval()
-        loader = DataLoader(self.test_dataset, batch_size=self.cfg.training.eval_batch_size, collate_fn=trim_collate)
-        correct, total, loss_sum = 0, 0, 0.0
-        with torch.inference_mode():
-            for ids, mask, labels in loader:
-                logits = model(input_ids=ids, attention_mask=mask).logits
-                loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
-                correct += int((logits.argmax(-1) == labels).sum())
-                total += int(labels.shape[0])
-        return {"accuracy": correct / total, "loss": loss_sum / total}
+        return evaluate(self.cfg, self.global_model, self.test_dataset)

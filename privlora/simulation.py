@@ -32,9 +32,10 @@ from accounting import delta_warning
 
 from .client import Client
 from .config import ConfigError, ExperimentConfig, config_to_toml, load_config
-from .data import load_labelled_data, run_split, tokenize
+from .data import run_split
 from .engine import RoundEngine, _bar
-from .models import load_classifier, load_tokenizer, quiet_hf, write_model_card
+from .models import quiet_hf, write_model_card
+from . import tasks
 from .node import ClientNode
 from . import preflight
 from .errors import OutputDirError
@@ -43,6 +44,10 @@ from .partition import partition
 from .server import Server
 from .strategies import strategy_from_config
 from .transport import STAGE_TRAIN, InProcessTransport
+
+
+SAMPLE_PROMPTS = 3
+"""Task "causal-lm": how many held-out instructions report.md shows generations for."""
 
 
 @dataclass
@@ -64,9 +69,13 @@ def build_server(cfg: ExperimentConfig, test, tokenizer, base_model, reporter: P
 
     if test_ds is None:
         with (reporter or Progress(False)).stage(f"tokenizing {len(test)} held-out examples"):
-            test_ds = tokenize(test, tokenizer, cfg.model.max_length)
+            test_ds = tasks.tokenize_heldout(cfg, test, tokenizer)
     torch.manual_seed(cfg.seed)
-    return Server(cfg, strategy_from_config(cfg), base_model, test_ds)
+    server = Server(cfg, strategy_from_config(cfg), base_model, test_ds)
+    if tasks.is_causal(cfg):
+        k = min(SAMPLE_PROMPTS, len(test))
+        server.set_samples(tokenizer, test.texts[:k], test.responses[:k])
+    return server
 
 
 def load_split(cfg: ExperimentConfig, reporter: Progress | None = None):
@@ -77,7 +86,7 @@ def load_split(cfg: ExperimentConfig, reporter: Progress | None = None):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     with (reporter or Progress(False)).stage(f"loading data ({cfg.data.source})"):
-        data = load_labelled_data(cfg.data)
+        data = tasks.load_records(cfg)
     train, test = run_split(data, cfg.data, cfg.seed)
     return data, train, test
 
@@ -86,9 +95,9 @@ def load_base(cfg: ExperimentConfig, num_labels: int, reporter: Progress | None 
     """(tokenizer, base model) of the run, with a progress stage."""
     with (reporter or Progress(False)).stage(f"loading the model ({cfg.model.path})"):
         if tokenizer is None:
-            tokenizer = load_tokenizer(cfg.model.path)
+            tokenizer = tasks.load_tokenizer(cfg)
         if base_model is None:
-            base_model = load_classifier(cfg.model.path, num_labels, cfg.seed, cfg.model.pooling)
+            base_model = tasks.load_model(cfg, num_labels)
     return tokenizer, base_model
 
 
@@ -101,8 +110,8 @@ def build_federation(cfg: ExperimentConfig, base_model=None, tokenizer=None, rep
     preflight.check_budgets(cfg, [len(s) for s in shards], reporter)  # before the model loads
     tokenizer, base_model = load_base(cfg, data.num_labels, reporter, tokenizer, base_model)
     with (reporter or Progress(False)).stage(f"tokenizing {len(train) + len(test)} examples"):
-        test_ds = tokenize(test, tokenizer, cfg.model.max_length)
-        shard_ds = [tokenize(train.subset(idx), tokenizer, cfg.model.max_length) for idx in shards]
+        test_ds = tasks.tokenize_heldout(cfg, test, tokenizer)
+        shard_ds = [tasks.tokenize_train(cfg, train.subset(idx), tokenizer) for idx in shards]
     server = build_server(cfg, test, tokenizer, base_model, reporter, test_ds=test_ds)
     clients = []
     for k, ds in enumerate(shard_ds):

@@ -214,10 +214,10 @@ def test_a_budget_below_one_rounds_cost_is_refused_before_anything_is_written(tm
 
 
 def test_a_calibrated_run_whose_budget_is_below_one_round_names_the_target(tmp_path, capsys, tiny_cfg, monkeypatch):
-    import privlora.simulation
+    import privlora.tasks
 
     loaded = []
-    monkeypatch.setattr(privlora.simulation, "load_classifier", lambda *a, **k: loaded.append(a))
+    monkeypatch.setattr(privlora.tasks, "load_model", lambda *a, **k: loaded.append(a))
     cfg = tiny_cfg(privacy={"noise_multiplier": 0.0, "target_epsilon": 8.0, "budget_epsilon": 0.5})
     path = write_cfg(tmp_path, cfg)
     assert main(["run", str(path), "--out", str(tmp_path / "run")]) == 2

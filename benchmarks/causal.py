@@ -1,0 +1,285 @@
+#!/usr/bin/env python3
+"""Task "causal-lm" on SmolLM2-135M-Instruct: the cost of one DP step, and the strategies compared.
+
+    python benchmarks/causal.py steps                 # seconds/step and peak memory (table below)
+    python benchmarks/causal.py steps --lengths 64    # one sequence length only
+    python benchmarks/causal.py strategies            # every stored-missing strategy point
+    python benchmarks/causal.py --table               # re-render both tables from the store
+
+``steps``: one optimizer step on a logical batch of 16 review instructions padded to exactly
+L tokens (L = 64 and 256), LoRA rank 8 on q_proj and v_proj, physical batches of 8, for
+non-private training, DP-SGD with Opacus's hooks (per-sample gradients materialised; what
+privlora's client runs) and DP-SGD with Opacus's ghost clipping (per-sample norms without
+per-sample gradients, two backward passes). Before timing, ghost clipping is checked to give
+the same clipped gradient sum as hooks on the same batch (noise 0). Peak memory is the
+process's peak resident set (``ru_maxrss``) measured in a fresh process per row.
+
+``strategies``: examples/causal.toml with each strategy (FedIT, FFA-LoRA, FLoRA, HetLoRA), at
+rank 8 for every client and with FLoRA's heterogeneous ranks [64, 32, 16, 16, 8, 8, 4, 4, 4, 4]
+(FFA-LoRA, FLoRA, HetLoRA; FedIT cannot average different shapes), with and without DP, seeds
+0, 1, 2. Finished points are appended to benchmarks/results/causal.jsonl with their command
+line; re-running skips them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[0] = str(ROOT)  # benchmarks/ holds scripts named like the packages: never import from it
+RESULTS = ROOT / "benchmarks" / "results"
+STORE = RESULTS / "causal.jsonl"
+TABLE = RESULTS / "causal.md"
+EXAMPLE = ROOT / "examples" / "causal.toml"
+MODES = ("plain", "hooks", "ghost")
+BATCH, PHYSICAL, REPEATS = 16, 8, 3
+
+
+# --------------------------------------------------------------------------- one step
+
+
+def _model_and_batch(length: int):
+    import torch
+
+    from privlora.adapters import make_peft_model
+    from privlora.causal_lm import IGNORE, load_causal_model, load_causal_tokenizer, tokenize_causal
+    from privlora.config import load_config
+    from privlora.tasks import load_records
+
+    cfg = load_config(EXAMPLE)
+    tok = load_causal_tokenizer(cfg.model.path)
+    reviews = load_records(cfg).subset(range(BATCH))
+    ds = tokenize_causal(reviews, tok, length, cfg.model.system_prompt)
+    ids, mask, labels = ds.tensors
+    # pad every sequence to exactly `length` real tokens: repeat its prompt body (measures L, not the data)
+    for i in range(BATCH):
+        n = int(mask[i].sum())
+        if n < length:
+            body = ids[i, : n - 8].repeat(length // max(1, n - 8) + 1)[: length - n]
+            ids[i] = torch.cat([body, ids[i, :n]])[:length]
+            labels[i] = torch.cat([torch.full((length - n,), IGNORE), labels[i, :n]])[:length]
+            mask[i] = 1
+    base = load_causal_model(cfg.model.path, 0)
+    model = make_peft_model(base, cfg, cfg.lora.r, copy_base=False)
+    return cfg, model, (ids, mask, labels)
+
+
+def _ghost_step(model, optimizer, batch, sigma: float):
+    """Opacus ghost clipping on privlora's per-sequence loss (the loss wrapper takes the vector)."""
+    from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
+
+    from privlora.causal_lm import sequence_nll
+
+    ids, mask, labels = batch
+    for s in range(0, ids.shape[0], PHYSICAL):
+        part = slice(s, s + PHYSICAL)
+        total, count = sequence_nll(model, ids[part], mask[part], labels[part])
+        loss = DPTensorFastGradientClipping(model, optimizer, total / count.clamp(min=1), "mean")
+        loss.backward()
+        optimizer.signal_skip_step(do_skip=s + PHYSICAL < ids.shape[0])
+        optimizer.step()
+
+
+def _hooks_step(model, optimizer, batch, plain: bool):
+    from privlora.causal_lm import causal_loss
+
+    ids, mask, labels = batch
+    optimizer.zero_grad(set_to_none=True)
+    for s in range(0, ids.shape[0], PHYSICAL):
+        part = slice(s, s + PHYSICAL)
+        loss = causal_loss(model, (ids[part], mask[part], labels[part]))
+        (loss * (PHYSICAL / ids.shape[0]) if plain else loss).backward()
+        if not plain:
+            optimizer.signal_skip_step(do_skip=s + PHYSICAL < ids.shape[0])
+            optimizer.step()
+    if plain:
+        optimizer.step()
+
+
+def _private(model, mode: str, sigma: float):
+    import torch
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    engine = PrivacyEngine(accountant="rdp")
+    loader = DataLoader(TensorDataset(torch.zeros(BATCH, 1)), batch_size=BATCH)
+    kwargs = {"grad_sample_mode": "ghost", "criterion": torch.nn.CrossEntropyLoss()} if mode == "ghost" else {}
+    out = engine.make_private(module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
+                              max_grad_norm=1.0, poisson_sampling=False, **kwargs)
+    return out[0], out[1]
+
+
+def clipped_sum(mode: str, length: int) -> dict:
+    """The summed clipped gradient of one logical batch at noise 0 (ghost must equal hooks)."""
+    cfg, model, batch = _model_and_batch(length)
+    gs, opt = _private(model, mode, 0.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    (_ghost_step if mode == "ghost" else lambda m, o, b, s: _hooks_step(m, o, b, False))(gs, opt, batch, 0.0)
+    return {"update": [float((b - p.detach()).double().sum()) for b, p in zip(before, params)]}
+
+
+def time_step(mode: str, length: int) -> dict:
+    import torch
+
+    torch.set_num_threads(2)
+    cfg, model, batch = _model_and_batch(length)
+    if mode == "plain":
+        model.train()
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        step = lambda: _hooks_step(model, optimizer, batch, True)  # noqa: E731
+    else:
+        gs, optimizer = _private(model, mode, 1.0)
+        step = (lambda: _ghost_step(gs, optimizer, batch, 1.0)) if mode == "ghost" else (lambda: _hooks_step(gs, optimizer, batch, False))
+    step()  # warm-up
+    times = []
+    for _ in range(REPEATS):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return {"mode": mode, "length": length, "seconds": statistics.median(times), "all_seconds": times,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+# --------------------------------------------------------------------------- the strategy grid
+
+GRID_STRATEGIES = {
+    "fedit": {},
+    "ffa": {},
+    "flora": {},
+    "hetlora": {},
+    "ffa-het": {"lora": {"rank_distribution": "flora"}},
+    "flora-het": {"lora": {"rank_distribution": "flora"}},
+    "hetlora-het": {"lora": {"rank_distribution": "flora"}},
+}
+
+
+def strategy_point(name: str, private: bool, seed: int) -> dict:
+    from privlora.config import config_from_dict, config_to_dict, load_config
+    from privlora.simulation import run_experiment
+
+    raw = config_to_dict(load_config(EXAMPLE))
+    raw["federation"]["strategy"] = name.split("-")[0]
+    raw["federation"]["server_momentum"] = -1.0
+    raw["seed"] = seed
+    raw["privacy"]["enabled"] = private
+    for section, values in GRID_STRATEGIES[name].items():
+        raw[section].update(values)
+    cfg = config_from_dict(raw)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        final = run_experiment(cfg, Path(tmp) / "run", progress=False)
+        rows = [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+    return {"kind": "strategy", "name": name, "dp": private, "seed": seed, "accuracy": final["test_accuracy"],
+            "loss": final["test_loss"], "perplexity": final.get("test_perplexity"), "epsilon_max": final.get("epsilon_max"),
+            "zero_shot_accuracy": rows[0]["test_accuracy"], "zero_shot_loss": rows[0]["test_loss"],
+            "seconds": time.perf_counter() - t0}
+
+
+# --------------------------------------------------------------------------- store and table
+
+
+def stored() -> list[dict]:
+    if not STORE.is_file():
+        return []
+    return [json.loads(line) for line in STORE.read_text().splitlines() if line.strip()]
+
+
+def append(record: dict) -> None:
+    record = {**record, "command": " ".join(shlex.quote(a) for a in ["python", "benchmarks/causal.py", *sys.argv[1:]]),
+              "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores"}
+    with STORE.open("a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def render() -> str:
+    rows = stored()
+    lines = ["# Causal LM (SmolLM2-135M-Instruct): step cost and strategies", "",
+             "Made by `python benchmarks/causal.py steps` and `python benchmarks/causal.py strategies`; "
+             "every row of benchmarks/results/causal.jsonl names its command.", ""]
+    steps = [r for r in rows if r.get("kind") == "step"]
+    if steps:
+        lines += ["## One optimizer step (logical batch 16, physical 8, LoRA r 8 on q_proj/v_proj)", "",
+                  "| mode | tokens per sequence | seconds per step (median of 3) | peak RSS (MB) |", "|---|---|---|---|"]
+        for r in sorted(steps, key=lambda r: (r["length"], MODES.index(r["mode"]))):
+            lines.append(f"| {r['mode']} | {r['length']} | {r['seconds']:.2f} | {r['peak_rss_mb']:.0f} |")
+        checks = [r for r in rows if r.get("kind") == "ghost-check"]
+        for c in checks:
+            lines += ["", f"Ghost clipping against hooks, same batch at noise 0 (L = {c['length']}): largest relative "
+                          f"difference of the per-tensor update sums {c['max_rel_diff']:.2e}."]
+        lines.append("")
+    grid = [r for r in rows if r.get("kind") == "strategy"]
+    if grid:
+        lines += ["## Strategies on examples/causal.toml (held-out answer accuracy and response loss, final round)", "",
+                  "| strategy | ranks | DP | seeds | accuracy mean (sd) | loss mean | max ε | seconds |", "|---|---|---|---|---|---|---|---|"]
+        keys = sorted({(r["name"], r["dp"]) for r in grid})
+        for name, dp in keys:
+            g = [r for r in grid if r["name"] == name and r["dp"] == dp]
+            acc = [r["accuracy"] for r in g]
+            sd = f" ({statistics.stdev(acc):.3f})" if len(acc) > 1 else ""
+            eps = max((r["epsilon_max"] or 0) for r in g)
+            lines.append(f"| {name.split('-')[0]} | {'FLoRA het.' if name.endswith('-het') else 'r 8'} | {'yes' if dp else 'no'} | "
+                         f"{len(g)} | {statistics.fmean(acc):.3f}{sd} | {statistics.fmean(r['loss'] for r in g):.4f} | "
+                         f"{eps:.2f} | {statistics.fmean(r['seconds'] for r in g):.0f} |")
+        z = grid[0]
+        lines += ["", f"Zero-shot (round 0): accuracy {z['zero_shot_accuracy']:.3f}, loss {z['zero_shot_loss']:.4f}."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", nargs="?", choices=("steps", "strategies", "_step", "_check"))
+    ap.add_argument("--lengths", type=int, nargs="+", default=[64, 256])
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--table", action="store_true")
+    ap.add_argument("--mode")
+    args = ap.parse_args(argv)
+    if args.what == "_step":  # one row in a fresh process, so ru_maxrss is this row's peak
+        print(json.dumps(time_step(args.mode, args.lengths[0])))
+        return 0
+    if args.what == "_check":
+        print(json.dumps(clipped_sum(args.mode, args.lengths[0])))
+        return 0
+    if args.what == "steps":
+        def child(kind: str, mode: str, length: int) -> dict:
+            out = subprocess.run([sys.executable, __file__, kind, "--mode", mode, "--lengths", str(length)],
+                                 check=True, capture_output=True, text=True).stdout
+            return json.loads(out.strip().splitlines()[-1])
+
+        for length in args.lengths:
+            hooks, ghost = child("_check", "hooks", length)["update"], child("_check", "ghost", length)["update"]
+            worst = max(abs(a - b) / max(abs(a), 1e-12) for a, b in zip(hooks, ghost))
+            append({"kind": "ghost-check", "length": length, "max_rel_diff": worst})
+            for mode in args.modes:
+                row = child("_step", mode, length)
+                append({"kind": "step", **row})
+                print(f"{mode:6s} L={length:4d} {row['seconds']:.2f} s/step  peak {row['peak_rss_mb']:.0f} MB", flush=True)
+    if args.what == "strategies":
+        done = {(r["name"], r["dp"], r["seed"]) for r in stored() if r.get("kind") == "strategy"}
+        for name in GRID_STRATEGIES:
+            for dp in (True, False):
+                for seed in args.seeds:
+                    if (name, dp, seed) in done:
+                        continue
+                    row = strategy_point(name, dp, seed)
+                    append(row)
+                    print(f"{name} dp={dp} seed={seed}: accuracy {row['accuracy']:.3f} ({row['seconds']:.0f} s)", flush=True)
+    TABLE.write_text(render())
+    print(render())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
