@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .checkpoint import CheckpointError, atomic_write, load_checkpoint
-from .config import STRATEGIES, ConfigError, ExperimentConfig, FederationConfig, config_to_toml, read_toml
+from .config import STRATEGIES, ConfigError, ExperimentConfig, FederationConfig, config_to_dict, config_to_toml, load_config, read_toml
 from .errors import RunFolderError, UserError
 from .overrides import apply_overrides, flatten, parse_overrides, read_table, resolve
 
@@ -295,10 +295,27 @@ def expand(grid: Grid) -> tuple[list[Point], str]:
     neutral = apply_overrides(raw, {"seed": 0, "federation.strategy": "ffa", "privacy.enabled": False,
                                         "privacy.target_epsilon": 8.0})
     try:
-        ident = hashlib.sha256(config_to_toml(resolve(neutral, {})).encode()).hexdigest()
+        ident = hashlib.sha256(json.dumps(non_default(resolve(neutral, {})), sort_keys=True).encode()).hexdigest()
     except ConfigError:  # the base is only valid with the points' strategies: hash its raw table
         ident = hashlib.sha256(json.dumps(neutral, sort_keys=True, default=str).encode()).hexdigest()
     return points, ident
+
+
+def non_default(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The fields of ``cfg`` that differ from the defaults (dotted keys): what identifies a base
+    config, so that a release adding a field with a default keeps every sweep's identity."""
+    flat, default = flatten(config_to_dict(cfg)), flatten(config_to_dict(ExperimentConfig()))
+    return {k: v for k, v in flat.items() if default.get(k, object()) != v}
+
+
+def same_config(cfg_file: Path, cfg: ExperimentConfig) -> bool:
+    """Whether the run folder's ``config.toml`` is ``cfg``: read by this version (a field it has
+    that the file lacks takes its default, which is what the older version that wrote the file
+    ran) and compared as resolved configs."""
+    try:
+        return config_to_toml(load_config(cfg_file)) == config_to_toml(cfg)
+    except ConfigError:
+        return False
 
 
 # --------------------------------------------------------------------------- a point's folder
@@ -366,7 +383,7 @@ def plan_point(out: Path, point: Point) -> tuple[str, str]:
     if not cfg_file.is_file():
         raise SweepError(f"{folder} holds files but no config.toml, so it is not a run of this sweep; move it away and "
                          "run the sweep again")
-    if cfg_file.read_text(encoding="utf-8", errors="replace") != config_to_toml(point.cfg):
+    if not same_config(cfg_file, point.cfg):
         raise SweepError(
             f"{folder}: its config.toml is not point {point.name}'s config (the base config or a --set changed since it "
             f"ran); run the sweep with the CONFIG and --set it was started with (`privlora sweep --resume {out}`), use a "
@@ -475,8 +492,10 @@ def read_state(out: str | Path) -> dict[str, Any]:
     return doc
 
 
-def check_out(out: Path, ident: str) -> None:
-    """``--out`` is new, empty, or holds a sweep of the same base config."""
+def check_out(out: Path, ident: str, points: list[Point] | None = None) -> None:
+    """``--out`` is new, empty, or holds a sweep of the same base config: the same identity, or
+    (a sweep.json written by an older version, whose identity was computed otherwise) run
+    folders of which at least one exists and every one is its point's config."""
     if os.path.lexists(out) and not out.is_dir():
         raise SweepError(f"--out: {out} is a file, not a folder; give the path of a new folder")
     if not out.is_dir() or not any(out.iterdir()):
@@ -486,11 +505,16 @@ def check_out(out: Path, ident: str) -> None:
             return  # the sweep.json was lost: each run folder is checked against its point
         raise SweepError(f"--out: {out} holds files but no {SWEEP_JSON}, so it is not a sweep folder; choose a new folder")
     doc = read_state(out)
-    if doc.get("identity") != ident:
+    if doc.get("identity") != ident and not _folders_match(out, points or []):
         raise SweepError(
             f"--out: {out} holds a sweep of another base config (the config or a --set differ); continue that one with "
             f"`privlora sweep --resume {out}`, or give a new --out"
         )
+
+
+def _folders_match(out: Path, points: list[Point]) -> bool:
+    present = [p for p in points if (out / p.folder / "config.toml").is_file()]
+    return bool(present) and all(same_config(out / p.folder / "config.toml", p.cfg) for p in present)
 
 
 def _emit(bar, text: str) -> None:
@@ -518,7 +542,7 @@ def run_sweep(
 
     out = Path(out)
     points, ident = expand(grid)
-    check_out(out, ident)
+    check_out(out, ident, points)
     plans = {p.name: plan_point(out, p) for p in points}  # every folder checked before anything runs
     print(f"privlora: sweep of {len(points)} points over {'the embedded default' if grid.config is None else grid.config} "
           f"-> {out} ({grid.workers} worker{'s' if grid.workers > 1 else ''})", file=sys.stderr, flush=True)

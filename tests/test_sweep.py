@@ -238,6 +238,36 @@ def test_a_changed_config_is_refused_before_anything_runs(finished_sweep, base_c
     assert {k: h for k, (h, _) in snapshot(out).items()} == {k: h for k, (h, _) in before.items()}  # nothing written
 
 
+def test_a_sweep_written_before_a_config_field_existed_still_resumes(finished_sweep, tmp_path, monkeypatch):
+    """An older version wrote config.toml without a field this one has (here: model.task, which
+    then did not exist) and computed the sweep's identity otherwise: its finished points are
+    still skipped, untouched, because the folders hold the same configs read by this version."""
+    out = tmp_path / "s"
+    shutil.copytree(finished_sweep, out)
+    for folder in (out / "runs").iterdir():
+        cfg = folder / "config.toml"
+        text = cfg.read_text()
+        assert 'task = "classification"\n' in text
+        cfg.write_text(text.replace('task = "classification"\n', ""))
+        report = json.loads((folder / "report.json").read_text())  # as that version wrote it, for that file
+        report["run"]["config_sha256"] = hashlib.sha256(cfg.read_bytes()).hexdigest()
+        (folder / "report.json").write_text(json.dumps(report))
+    state = json.loads((out / "sweep.json").read_text())
+    state["identity"] = "0" * 64
+    (out / "sweep.json").write_text(json.dumps(state))
+    before = snapshot(out / "runs")
+    monkeypatch.setattr(simulation, "run_experiment", lambda *a, **kw: pytest.fail("nothing may run"))
+    grid = sweep.resume_grid(out)
+    assert {sweep.plan_point(out, p)[0] for p in sweep.expand(grid)[0]} == {"skip"}
+    assert run_sweep(grid, out, progress=False)["done"] == 4
+    assert snapshot(out / "runs") == before
+    # one folder really of another config is still refused
+    cfg = out / "runs" / "ffa-eps2-seed1" / "config.toml"
+    cfg.write_text(cfg.read_text().replace("lr = 0.5", "lr = 0.25"))
+    with pytest.raises(SweepError, match="another base config|its config.toml is not point"):
+        run_sweep(sweep.resume_grid(out), out, progress=False)
+
+
 def test_a_failing_point_does_not_stop_the_others(base_config, tmp_path, monkeypatch, capsys):
     out = tmp_path / "s"
     real = simulation.run_experiment
