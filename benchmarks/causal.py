@@ -3,6 +3,7 @@
 
     python benchmarks/causal.py steps                 # seconds/step and peak memory (table below)
     python benchmarks/causal.py steps --lengths 64    # one sequence length only
+    python benchmarks/causal.py eval                  # held-out evaluation: shared prompt vs one sequence per answer
     python benchmarks/causal.py strategies            # every stored-missing strategy point
     python benchmarks/causal.py --table               # re-render both tables from the store
 
@@ -13,6 +14,11 @@ privlora's client runs) and DP-SGD with Opacus's ghost clipping (per-sample norm
 per-sample gradients, two backward passes). Before timing, ghost clipping is checked to give
 the same clipped gradient sum as hooks on the same batch (noise 0). Peak memory is the
 process's peak resident set (``ru_maxrss``) measured in a fresh process per row.
+
+``eval``: one held-out evaluation of examples/causal.toml's test split (answer accuracy, loss,
+perplexity) on the untrained SmolLM2, scoring each allowed answer as its own sequence against
+running the prompt once and its key/value cache per answer (`options_nll`, what the server
+runs); the two must give the same accuracy and the same loss to 1e-4.
 
 ``strategies``: examples/causal.toml with each strategy (FedIT, FFA-LoRA, FLoRA, HetLoRA), at
 rank 8 for every client and with FLoRA's heterogeneous ranks [64, 32, 16, 16, 8, 8, 4, 4, 4, 4]
@@ -155,6 +161,32 @@ def time_step(mode: str, length: int) -> dict:
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+def time_eval() -> dict:
+    from contextlib import nullcontext
+    from unittest import mock
+
+    from privlora import causal_lm
+    from privlora.config import load_config
+    from privlora.simulation import load_split
+
+    cfg = load_config(EXAMPLE)
+    _, _, test = load_split(cfg)
+    tok = causal_lm.load_causal_tokenizer(cfg.model.path)
+    ds = causal_lm.tokenize_causal_eval(test, tok, cfg.model.max_length, cfg.model.system_prompt)
+    model = causal_lm.load_causal_model(cfg.model.path, 0)
+    row = {"kind": "eval", "examples": len(ds), "batch": cfg.training.eval_batch_size}
+    for name, shared in (("separate", False), ("shared", True)):
+        ctx = mock.patch.object(causal_lm, "_shared_prefix", lambda *a: None) if not shared else nullcontext()
+        with ctx:
+            t0 = time.perf_counter()
+            row[name] = causal_lm.evaluate_causal(model, ds, cfg.training.eval_batch_size)
+            row[f"{name}_seconds"] = time.perf_counter() - t0
+    a, b = row["separate"], row["shared"]
+    if a["accuracy"] != b["accuracy"] or abs(a["loss"] - b["loss"]) > 1e-4 * abs(a["loss"]):
+        raise SystemExit(f"shared-prompt evaluation differs from separate sequences: {a} vs {b}")
+    return row
+
+
 # --------------------------------------------------------------------------- the strategy grid
 
 GRID_STRATEGIES = {
@@ -232,6 +264,13 @@ def render() -> str:
             lines += ["", f"Ghost clipping against hooks, same batch at noise 0 (L = {c['length']}): largest relative "
                           f"difference of the per-tensor update sums {c['max_rel_diff']:.2e}."]
         lines.append("")
+    for r in [r for r in rows if r.get("kind") == "eval"][-1:]:
+        lines += [f"## One held-out evaluation ({r['examples']} reviews x 2 answers, untrained model, batch {r['batch']})", "",
+                  "| scoring | seconds | accuracy | loss |", "|---|---|---|---|",
+                  f"| each answer as its own sequence | {r['separate_seconds']:.1f} | {r['separate']['accuracy']:.3f} | "
+                  f"{r['separate']['loss']:.5f} |",
+                  f"| prompt once, key/value cache per answer (privlora) | {r['shared_seconds']:.1f} | "
+                  f"{r['shared']['accuracy']:.3f} | {r['shared']['loss']:.5f} |", ""]
     grid = [r for r in rows if r.get("kind") == "strategy"]
     if grid:
         lines += ["## Strategies on examples/causal.toml (held-out answer accuracy and response loss, final round)", "",
@@ -252,7 +291,7 @@ def render() -> str:
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", nargs="?", choices=("steps", "strategies", "_step", "_check"))
+    ap.add_argument("what", nargs="?", choices=("steps", "eval", "strategies", "_step", "_check"))
     ap.add_argument("--lengths", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -279,6 +318,10 @@ def main(argv: list[str]) -> int:
                 row = child("_step", mode, length)
                 append({"kind": "step", **row})
                 print(f"{mode:6s} L={length:4d} {row['seconds']:.2f} s/step  peak {row['peak_rss_mb']:.0f} MB", flush=True)
+    if args.what == "eval":
+        row = time_eval()
+        append(row)
+        print(f"separate {row['separate_seconds']:.1f} s, shared {row['shared_seconds']:.1f} s", flush=True)
     if args.what == "strategies":
         done = {(r["name"], r["dp"], r["seed"]) for r in stored() if r.get("kind") == "strategy"}
         for name in GRID_STRATEGIES:

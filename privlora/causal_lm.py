@@ -24,7 +24,10 @@ Evaluation (`evaluate_causal`). Held-out loss (mean over examples of the per-seq
 perplexity (exp of the total NLL over the total number of response tokens) of the true
 responses; with a closed answer set (the review task), answer accuracy: the prediction is the
 allowed answer the model gives the highest likelihood (sum of its tokens' log-probabilities,
-end-of-turn included), which is how zero-shot and tuned models are compared on equal terms.
+end-of-turn included), which is how zero-shot and tuned models are compared on equal terms. The options of one
+example share their prompt, so it is run once: its key/value cache, repeated per option, feeds
+a short pass over each option's response (`options_nll`; the same values as scoring every
+option as its own sequence, which is the fallback for models without a cache).
 """
 
 from __future__ import annotations
@@ -238,6 +241,75 @@ def causal_loss(model, batch):
     return (total / count.clamp(min=1)).mean()
 
 
+def _shared_prefix(ids, mask, labels):
+    """Per row of a ``(b, C, T)`` batch, the length of the prefix every option shares: the prompt
+    without its last token. None when some row's options differ before their responses or a
+    prompt is a single token (then the options are scored as separate sequences)."""
+    import torch
+
+    has = labels != IGNORE
+    start = torch.where(has.any(dim=-1), has.int().argmax(dim=-1), torch.zeros_like(mask[..., 0]))  # (b, C)
+    if not bool(has.any(dim=-1).all()) or not bool((start == start[:, :1]).all()) or int(start.min()) < 2:
+        return None
+    prefix = start[:, 0] - 1
+    width = int(prefix.max())
+    cols = torch.arange(width)
+    inside = cols[None, :] < prefix[:, None]  # (b, width)
+    if not bool(((ids[:, :, :width] == ids[:, :1, :width]) | ~inside[:, None, :]).all()):
+        return None
+    return prefix
+
+
+def _options_nll(model, ids, mask, labels, prefix):
+    """`sequence_nll` of every option of a ``(b, C, T)`` batch, the shared prefix computed once:
+    one forward pass over the ``b`` prefixes fills a key/value cache, repeated for the ``C``
+    options, and one pass over each option's last prompt token and response reads the logits.
+    Returns ``(total, count)``, each ``(b, C)``."""
+    import torch
+    import torch.nn.functional as F
+
+    b, c, _ = ids.shape
+    width = int(prefix.max())
+    cols = torch.arange(width)
+    head_mask = (cols[None, :] < prefix[:, None]).long()
+    head_ids = torch.where(head_mask.bool(), ids[:, 0, :width], torch.zeros_like(head_mask))
+    out = model(input_ids=head_ids, attention_mask=head_mask, use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(c)
+    ends = mask.sum(dim=-1)  # (b, C)
+    tail_len = ends - prefix[:, None]
+    k = int(tail_len.max())
+    offs = torch.arange(k)
+    pos = (prefix[:, None, None] + offs[None, None, :]).expand(b, c, k)
+    inside = offs[None, None, :] < tail_len[..., None]
+    gather = pos.clamp(max=ids.shape[-1] - 1)
+    tail_ids = torch.where(inside, ids.gather(-1, gather), torch.zeros_like(gather))
+    tail_labels = torch.where(inside, labels.gather(-1, gather), torch.full_like(gather, IGNORE))
+    full_mask = torch.cat([head_mask.repeat_interleave(c, dim=0), inside.reshape(b * c, k).long()], dim=1)
+    logits = model(input_ids=tail_ids.reshape(b * c, k), attention_mask=full_mask, past_key_values=cache,
+                   position_ids=pos.reshape(b * c, k), use_cache=False).logits
+    targets = tail_labels.reshape(b * c, k)[:, 1:]
+    nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE,
+                          reduction="none").view(targets.shape)
+    return nll.sum(dim=1).view(b, c), (targets != IGNORE).sum(dim=1).view(b, c)
+
+
+def options_nll(model, ids, mask, labels):
+    """(total, count), each ``(b, C)``: `sequence_nll` of every option of a ``(b, C, T)`` batch,
+    sharing the prompt's computation across options where they share it (`_options_nll`)."""
+    from .data import trim_batch
+
+    b, c, t = ids.shape
+    prefix = _shared_prefix(ids, mask, labels) if c > 1 else None
+    if prefix is not None:
+        try:
+            return _options_nll(model, ids, mask, labels, prefix)
+        except (TypeError, AttributeError, NotImplementedError):  # a model without a usable key/value cache
+            pass
+    flat = trim_batch(ids.reshape(b * c, t), mask.reshape(b * c, t), labels.reshape(b * c, t))
+    return tuple(x.view(b, c) for x in sequence_nll(model, *flat))
+
+
 def evaluate_causal(model, dataset, batch_size: int) -> dict[str, float | None]:
     """``loss``, ``perplexity`` and (closed answer sets) ``accuracy`` on a `tokenize_causal_eval` set."""
     import torch
@@ -254,8 +326,8 @@ def evaluate_causal(model, dataset, batch_size: int) -> dict[str, float | None]:
     with torch.inference_mode():
         for ids, mask, labels, answer in loader:
             b = ids.shape[0]
-            flat = trim_batch(ids.reshape(b * c, -1), mask.reshape(b * c, -1), labels.reshape(b * c, -1))
-            total, count = (x.view(b, c) for x in sequence_nll(model, *flat))
+            ids, mask, labels = trim_batch(ids, mask, labels)
+            total, count = options_nll(model, ids, mask, labels)
             rows = torch.arange(b)
             true_nll, true_count = total[rows, answer], count[rows, answer]
             loss_sum += float((true_nll / true_count.clamp(min=1)).sum())

@@ -240,6 +240,40 @@ def test_answer_accuracy_is_the_likelihood_ranking_of_the_allowed_answers(tok, l
     assert ev["perplexity"] == pytest.approx(math.exp(nll / tokens), rel=1e-4)
 
 
+def test_options_scored_through_a_shared_prompt_cache_equal_each_sequence_scored_alone(tok, llama_dir):
+    from peft import LoraConfig, get_peft_model
+
+    from privlora.causal_lm import _shared_prefix, load_causal_model, options_nll, tokenize_causal_eval
+    from privlora.data import trim_batch
+
+    import torch
+
+    torch.manual_seed(3)
+    model = get_peft_model(load_causal_model(str(llama_dir), 0), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.5)  # a trained-looking adapter, so LoRA is on the path
+    model.eval()
+    data = records(9, seed=5)
+    ids, mask, labels, _ = tokenize_causal_eval(data, tok, 96).tensors
+    ids, mask, labels = trim_batch(ids, mask, labels)
+    assert _shared_prefix(ids, mask, labels) is not None  # the cached path is the one under test
+    with torch.no_grad():
+        total, count = options_nll(model, ids, mask, labels)
+        for i in range(ids.shape[0]):
+            for c in range(ids.shape[1]):
+                alone = trim_batch(ids[i, c][None], mask[i, c][None], labels[i, c][None])
+                s, n = reference_nll(model, *alone)
+                assert float(total[i, c]) == pytest.approx(s[0], rel=1e-4, abs=1e-5)
+                assert int(count[i, c]) == n[0]
+        # options that differ before their responses are scored as separate sequences, with the same values
+        other = ids.clone()
+        other[0, 1, 1] = (int(other[0, 1, 1]) + 1) % len(tok)
+        assert _shared_prefix(other, mask, labels) is None
+        total2, _ = options_nll(model, other, mask, labels)
+        torch.testing.assert_close(total2[1:], total[1:], rtol=1e-4, atol=1e-5)
+
+
 # --------------------------------------------------------------------------- whole runs
 
 
