@@ -8,7 +8,7 @@ with an optimizer and learning rate, before a federated DP run is spent on them.
 
 Each result is appended to benchmarks/results/causal_probe.jsonl.
 """
-import argparse, json, time, sys
+import argparse, json, os, platform, time, sys
 from pathlib import Path
 
 import torch
@@ -71,7 +71,9 @@ for step in range(1, a.steps + 1):
     if step % 10 == 0:
         log.append(round(float(loss.detach()), 3))
 ev = evaluate_causal(model, va, 64)
-res.update(final=ev, train_loss=log, seconds=round(time.time() - t0, 1))
+res.update(final=ev, train_loss=log, seconds=round(time.time() - t0, 1),
+           command=" ".join(["python", "benchmarks/causal_probe.py", *sys.argv[1:]]),
+           machine=f"{platform.machine()}, {os.cpu_count()} cores")
 print(json.dumps(res))
 with open(ROOT / "benchmarks" / "results" / "causal_probe.jsonl", "a") as f:
     f.write(json.dumps(res) + "\n")

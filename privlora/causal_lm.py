@@ -24,10 +24,10 @@ Evaluation (`evaluate_causal`). Held-out loss (mean over examples of the per-seq
 perplexity (exp of the total NLL over the total number of response tokens) of the true
 responses; with a closed answer set (the review task), answer accuracy: the prediction is the
 allowed answer the model gives the highest likelihood (sum of its tokens' log-probabilities,
-end-of-turn included), which is how zero-shot and tuned models are compared on equal terms. The options of one
-example share their prompt, so it is run once: its key/value cache, repeated per option, feeds
-a short pass over each option's response (`options_nll`; the same values as scoring every
-option as its own sequence, which is the fallback for models without a cache).
+end-of-turn included), which is how zero-shot and tuned models are compared on equal terms.
+The options of one example share their prompt, so it is run once: its key/value cache,
+repeated per option, feeds a short pass over each option's response (`options_nll`; the same
+values as scoring every option as its own sequence, the fallback for models without a cache).
 """
 
 from __future__ import annotations
