@@ -5,6 +5,7 @@
     python benchmarks/causal.py steps --lengths 64    # one sequence length only
     python benchmarks/causal.py eval                  # held-out evaluation: shared prompt vs one sequence per answer
     python benchmarks/causal.py strategies            # every stored-missing strategy point
+    python benchmarks/causal.py strategies --set federation.rounds=2   # a smaller grid
     python benchmarks/causal.py --table               # re-render both tables from the store
 
 ``steps``: one optimizer step on a logical batch of 16 review instructions padded to exactly
@@ -23,8 +24,11 @@ runs); the two must give the same accuracy and the same loss to 1e-4.
 ``strategies``: examples/causal.toml with each strategy (FedIT, FFA-LoRA, FLoRA, HetLoRA), at
 rank 8 for every client and with FLoRA's heterogeneous ranks [64, 32, 16, 16, 8, 8, 4, 4, 4, 4]
 (FFA-LoRA, FLoRA, HetLoRA; FedIT cannot average different shapes), with and without DP, seeds
-0, 1, 2. Finished points are appended to benchmarks/results/causal.jsonl with their command
-line; re-running skips them.
+0, 1, 2; ``--set KEY=VALUE`` (repeatable) changes a field of the example for every point, for a
+grid smaller than the example (its points are stored and tabled apart from other grids'). All
+points run in one process, which reads the base model from disk once (later points' seconds
+leave out that load). Finished points are appended to benchmarks/results/causal.jsonl with their
+command line; re-running skips them.
 """
 
 from __future__ import annotations
@@ -200,11 +204,12 @@ GRID_STRATEGIES = {
 }
 
 
-def strategy_point(name: str, private: bool, seed: int) -> dict:
-    from privlora.config import config_from_dict, config_to_dict, load_config
+def strategy_point(name: str, private: bool, seed: int, sets: tuple[str, ...] = ()) -> dict:
+    from privlora.config import config_from_dict, config_to_dict
+    from privlora.overrides import load_with_overrides
     from privlora.simulation import run_experiment
 
-    raw = config_to_dict(load_config(EXAMPLE))
+    raw = config_to_dict(load_with_overrides(EXAMPLE, sets))
     raw["federation"]["strategy"] = name.split("-")[0]
     raw["federation"]["server_momentum"] = -1.0
     raw["seed"] = seed
@@ -216,7 +221,8 @@ def strategy_point(name: str, private: bool, seed: int) -> dict:
         t0 = time.perf_counter()
         final = run_experiment(cfg, Path(tmp) / "run", progress=False)
         rows = [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
-    return {"kind": "strategy", "name": name, "dp": private, "seed": seed, "accuracy": final["test_accuracy"],
+    return {"kind": "strategy", "name": name, "dp": private, "seed": seed, "set": list(sets),
+            "accuracy": final["test_accuracy"],
             "loss": final["test_loss"], "perplexity": final.get("test_perplexity"), "epsilon_max": final.get("epsilon_max"),
             "zero_shot_accuracy": rows[0]["test_accuracy"], "zero_shot_loss": rows[0]["test_loss"],
             "seconds": time.perf_counter() - t0}
@@ -271,19 +277,21 @@ def render() -> str:
                   f"{r['separate']['loss']:.5f} |",
                   f"| prompt once, key/value cache per answer (privlora) | {r['shared_seconds']:.1f} | "
                   f"{r['shared']['accuracy']:.3f} | {r['shared']['loss']:.5f} |", ""]
-    grid = [r for r in rows if r.get("kind") == "strategy"]
-    if grid:
-        lines += ["## Strategies on examples/causal.toml (held-out answer accuracy and response loss, final round)", "",
+    every = [r for r in rows if r.get("kind") == "strategy"]
+    for sets in sorted({tuple(r.get("set", [])) for r in every}):
+        grid = [r for r in every if tuple(r.get("set", [])) == sets]
+        given = " with " + " ".join(f"`--set {a}`" for a in sets) if sets else ""
+        lines += [f"## Strategies on examples/causal.toml{given} (held-out answer accuracy and response loss, final round)", "",
                   "| strategy | ranks | DP | seeds | accuracy mean (sd) | loss mean | max ε | seconds |", "|---|---|---|---|---|---|---|---|"]
         keys = sorted({(r["name"], r["dp"]) for r in grid})
         for name, dp in keys:
             g = [r for r in grid if r["name"] == name and r["dp"] == dp]
             acc = [r["accuracy"] for r in g]
             sd = f" ({statistics.stdev(acc):.3f})" if len(acc) > 1 else ""
-            eps = max((r["epsilon_max"] or 0) for r in g)
+            eps = f"{max(r['epsilon_max'] for r in g):.2f}" if dp else "-"
             lines.append(f"| {name.split('-')[0]} | {'FLoRA het.' if name.endswith('-het') else 'r 8'} | {'yes' if dp else 'no'} | "
                          f"{len(g)} | {statistics.fmean(acc):.3f}{sd} | {statistics.fmean(r['loss'] for r in g):.4f} | "
-                         f"{eps:.2f} | {statistics.fmean(r['seconds'] for r in g):.0f} |")
+                         f"{eps} | {statistics.fmean(r['seconds'] for r in g):.0f} |")
         z = grid[0]
         lines += ["", f"Zero-shot (round 0): accuracy {z['zero_shot_accuracy']:.3f}, loss {z['zero_shot_loss']:.4f}."]
     return "\n".join(lines) + "\n"
@@ -297,6 +305,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--table", action="store_true")
     ap.add_argument("--mode")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="strategies: override a field of examples/causal.toml for every point (repeatable)")
     args = ap.parse_args(argv)
     if args.what == "_step":  # one row in a fresh process, so ru_maxrss is this row's peak
         print(json.dumps(time_step(args.mode, args.lengths[0])))
@@ -323,13 +333,15 @@ def main(argv: list[str]) -> int:
         append(row)
         print(f"separate {row['separate_seconds']:.1f} s, shared {row['shared_seconds']:.1f} s", flush=True)
     if args.what == "strategies":
-        done = {(r["name"], r["dp"], r["seed"]) for r in stored() if r.get("kind") == "strategy"}
+        sets = tuple(args.sets)
+        done = {(r["name"], r["dp"], r["seed"]) for r in stored()
+                if r.get("kind") == "strategy" and tuple(r.get("set", [])) == sets}
         for name in GRID_STRATEGIES:
             for dp in (True, False):
                 for seed in args.seeds:
                     if (name, dp, seed) in done:
                         continue
-                    row = strategy_point(name, dp, seed)
+                    row = strategy_point(name, dp, seed, sets)
                     append(row)
                     print(f"{name} dp={dp} seed={seed}: accuracy {row['accuracy']:.3f} ({row['seconds']:.0f} s)", flush=True)
     TABLE.write_text(render())

@@ -102,16 +102,40 @@ def load_causal_tokenizer(path: str):
     return tokenizer
 
 
+_PRISTINE: dict[tuple, object] = {}
+"""The last base model read from disk, keyed by its files (`_files_key`); `load_causal_model`
+hands out deep copies, so a process running several configs (a sweep, a benchmark grid)
+dequantises a GGUF file once, and no caller's LoRA wrapping or training reaches the copy."""
+
+
+def _files_key(path: str) -> tuple:
+    """What identifies a model's bytes on disk: its folder, its GGUF file, and the name, size and
+    modification time of every file in the folder (a re-saved model is read again)."""
+    folder, gguf = resolve_causal_model(path)
+    stats = tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in folder.iterdir() if f.is_file()))
+    return str(folder.resolve()), gguf, stats
+
+
 def load_causal_model(path: str, seed: int):
-    """The base causal LM in float32, eval mode, named by its configured identity."""
+    """The base causal LM in float32, eval mode, named by its configured identity.
+
+    Read from disk once per process and files (see `_PRISTINE`); every call returns a fresh
+    copy and leaves torch's random generator seeded with ``seed``, whether or not it read."""
+    import copy
+
     import torch
     from transformers import AutoModelForCausalLM
 
     from .models import base_model_identity
 
-    torch.manual_seed(seed)
-    model = _from_pretrained(AutoModelForCausalLM, path, "model", dtype=torch.float32)
+    key = _files_key(path)
+    if key not in _PRISTINE:
+        model = _from_pretrained(AutoModelForCausalLM, path, "model", dtype=torch.float32)
+        _PRISTINE.clear()  # one model at a time: a 135M-parameter copy is about 540 MB
+        _PRISTINE[key] = model.eval()
+    model = copy.deepcopy(_PRISTINE[key])
     model.name_or_path = model.config._name_or_path = base_model_identity(path)
+    torch.manual_seed(seed)
     return model.eval()
 
 

@@ -61,6 +61,37 @@ def causal_cfg(llama_dir, **sections):
     return config_from_dict(raw)
 
 
+def test_the_base_model_is_read_once_and_every_load_is_an_independent_copy_seeded_alike(tmp_path):
+    import torch
+
+    from privlora.causal_lm import load_causal_model
+    from privlora.models import load_tokenizer
+
+    tok = load_tokenizer("embedded:minilm")
+    tok.save_pretrained(tmp_path)
+    first = tiny_llama(len(tok), tok.pad_token_id, seed=3)
+    first.save_pretrained(tmp_path)
+    a = load_causal_model(str(tmp_path), 5)
+    after_a = torch.rand(4)
+    b = load_causal_model(str(tmp_path), 5)
+    assert torch.equal(torch.rand(4), after_a)  # the generator is left seeded with the seed, read or not
+    ref = first.state_dict()
+    for name, t in b.state_dict().items():
+        assert torch.equal(t, ref[name]), name
+    with torch.no_grad():  # training one copy must not reach the next
+        for p in a.parameters():
+            p.add_(1.0)
+    c = load_causal_model(str(tmp_path), 5)
+    assert all(torch.equal(t, ref[n]) for n, t in c.state_dict().items())
+    assert c.model.embed_tokens.weight.data_ptr() != b.model.embed_tokens.weight.data_ptr()
+    second = tiny_llama(len(tok), tok.pad_token_id, seed=4)  # the folder re-saved: read again
+    second.save_pretrained(tmp_path)
+    d = load_causal_model(str(tmp_path), 5)
+    ref2 = second.state_dict()
+    assert all(torch.equal(t, ref2[n]) for n, t in d.state_dict().items())
+    assert not torch.equal(ref2["model.embed_tokens.weight"], ref["model.embed_tokens.weight"])
+
+
 def records(n=12, seed=0):
     from privlora.data import LabelledData
     from privlora.instructions import review_instructions
