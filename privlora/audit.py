@@ -80,6 +80,10 @@ from .config import ExperimentConfig
 
 AUDIT_FILE = "audit.json"
 DESIGNS = ("tokens", "mislabelled")
+# the command's defaults: the design and m that gave the highest bound on a non-private run of
+# the embedded default config (benchmarks/results/audit.md: 0.515 against 0.074 for tokens)
+DEFAULT_DESIGN = "mislabelled"
+DEFAULT_CANARIES = 2000
 SCORES = ("whitebox", "blackbox")
 CANARY_TOKENS = 24
 
@@ -268,7 +272,7 @@ class Auditor:
         if design not in DESIGNS:
             raise AuditError(f"--design: {design!r} is not one of {', '.join(DESIGNS)}")
         if int(m) < 2:
-            raise AuditError(f"--canaries: need at least 2 canaries (1000 is a good start), found {m}")
+            raise AuditError(f"--canaries: need at least 2 canaries (2000, the default, is a good start), found {m}")
         self.m, self.design, self.seed = int(m), design, int(seed)
         self.canaries: CanarySet | None = None
         self.fed = None
@@ -452,9 +456,9 @@ def claimed_epsilon(out: Path, clients_with_canaries) -> float | None:
 def run_audit(
     cfg: ExperimentConfig | None,
     out: str | Path,
-    canaries: int = 1000,
+    canaries: int = DEFAULT_CANARIES,
     confidence: float = 0.95,
-    design: str = "tokens",
+    design: str = DEFAULT_DESIGN,
     seed: int | None = None,
     progress: bool = True,
     overwrite: bool = False,

@@ -191,7 +191,7 @@ def _positive_int(text: str) -> int:
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
-    from .audit import AuditError, default_auditor_dir, run_audit, verdict
+    from .audit import DEFAULT_CANARIES, DEFAULT_DESIGN, AuditError, default_auditor_dir, run_audit, verdict
     from .simulation import OutputDirError
 
     if args.resume:
@@ -206,16 +206,17 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         if not args.out:
             raise ConfigError("audit: --out DIR is required (or --resume DIR to continue an interrupted audit)")
         out, cfg = Path(args.out), load_with_overrides(args.config, args.set)
-        canaries = 1000 if args.canaries is None else args.canaries
+        canaries = DEFAULT_CANARIES if args.canaries is None else args.canaries
+        design = args.design or DEFAULT_DESIGN
         print(f"privlora: auditing {'the embedded default' if args.config is None else args.config} with {canaries} "
-              f"{args.design or 'tokens'} canaries -> {out}", file=sys.stderr)
+              f"{design} canaries -> {out}", file=sys.stderr)
     auditor_dir = Path(args.auditor_dir) if args.auditor_dir else default_auditor_dir(out)
     try:
         if args.resume:
             record = run_audit(None, out, progress=not args.quiet, resume=True, auditor_dir=auditor_dir)
         else:
             record = run_audit(cfg, out, canaries=canaries, confidence=0.95 if args.confidence is None else args.confidence,
-                               design=args.design or "tokens", seed=args.seed, progress=not args.quiet,
+                               design=design, seed=args.seed, progress=not args.quiet,
                                overwrite=args.overwrite, auditor_dir=auditor_dir)
     except (AuditError, OutputDirError) as exc:
         raise ConfigError(str(exc)) from exc
@@ -329,9 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     aud.add_argument("--resume", metavar="DIR", default=None, help="continue an interrupted audit from its run's checkpoint and the auditor's state")
     aud.add_argument("--auditor-dir", default=None,
                      help="where the secret and the scores so far wait until training ends (default: DIR.auditor beside the run folder; keep it from the server)")
-    aud.add_argument("--canaries", type=int, default=None, help="number of canaries m (default 1000)")
+    aud.add_argument("--canaries", type=int, default=None, help="number of canaries m (default 2000)")
     aud.add_argument("--confidence", type=float, default=None, help="confidence of the lower bound (default 0.95)")
-    aud.add_argument("--design", choices=("tokens", "mislabelled"), default=None, help="canary design (default tokens)")
+    aud.add_argument("--design", choices=("tokens", "mislabelled"), default=None, help="canary design (default mislabelled: the highest bound measured on the default config; tokens needs no training data to replace)")
     aud.add_argument("--seed", type=int, default=None, help="secret seed of the canaries (default: fresh; written to audit.json after training)")
     aud.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
     aud.add_argument("--quiet", action="store_true", help="no progress bars")

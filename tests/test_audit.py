@@ -104,7 +104,7 @@ def run_cli(cfg, tmp_path, *extra):
     path = tmp_path / "audit.toml"
     path.write_text(config_to_toml(cfg), encoding="utf-8")
     out = tmp_path / "audit-run"
-    code = main(["audit", str(path), "--out", str(out), "--canaries", str(CANARIES), "--seed", "11", "--quiet", *extra])
+    code = main(["audit", str(path), "--out", str(out), "--canaries", str(CANARIES), "--design", "tokens", "--seed", "11", "--quiet", *extra])
     return code, out, json.loads((out / "audit.json").read_text())
 
 
@@ -276,6 +276,20 @@ def test_too_many_mislabelled_canaries_for_the_data_is_a_clear_error(tiny_cfg):
         Auditor(2000, "mislabelled", seed=1).prepare(fed)
 
 
+def test_the_command_defaults_to_the_design_measured_strongest_and_says_when_the_data_is_too_small(tiny_cfg, tmp_path, capsys):
+    """Without --design and --canaries the command deals 2000 mislabelled canaries (the highest
+    bound on the default config, benchmarks/results/audit.md); the tiny config's clients hold
+    far fewer than their 2000/k canaries, which is one clear error, not a traceback."""
+    from privlora.cli import main
+
+    path = tmp_path / "c.toml"
+    path.write_text(config_to_toml(tiny_cfg()), encoding="utf-8")
+    assert main(["audit", str(path), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "with 2000 mislabelled canaries" in err
+    assert "--canaries 2000: client" in err and "use fewer canaries or more data" in err
+
+
 def test_a_bad_canary_count_is_refused_before_anything_is_written(tiny_cfg, tmp_path, capsys):
     from privlora.cli import main
 
@@ -300,7 +314,7 @@ def test_an_interrupted_audit_resumes_to_the_uninterrupted_result_without_leakin
     assert code == 0
 
     out = tmp_path / "cut"
-    assert run_audit(audit_cfg, out, canaries=CANARIES, seed=SECRET, progress=False, stop_after=1) is None
+    assert run_audit(audit_cfg, out, canaries=CANARIES, design="tokens", seed=SECRET, progress=False, stop_after=1) is None
     state_dir = tmp_path / "cut.auditor"
     state_file = state_dir / "audit-state.json"
     # while training runs the secret is only in the auditor's folder, never in the run folder

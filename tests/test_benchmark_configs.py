@@ -106,8 +106,13 @@ def test_audit_benchmark_table_shows_both_scores_and_failed_runs():
     bench = load_audit_benchmark()
     ok = {"design": "tokens", "privacy": "eps1", "canaries": 500, "rounds": 3, "max_examples": 4000, "seed": 0,
           "epsilon_lower": 0.25, "epsilon_claimed": 0.99, "test_accuracy": 0.6, "seconds": 100.0, "error": None,
+          "epsilon_lower_fdp": 0.125, "tests": 30,
           "per_score": {"whitebox": {"epsilon_lower": 0.25, "r": 50, "v": 40}, "blackbox": {"epsilon_lower": 0.0, "r": 25, "v": 13}}}
     bad = dict(ok, design="mislabelled", error="AuditError: too few")
     lines = bench.table([ok, bad])
-    assert "| tokens | eps1 | 500 | 3 | 4000 | 0.99 | 0.250 (50, 40) | 0.000 (25, 13) | **0.250** | 0.600 | 100 |" in lines
+    assert "| tokens | eps1 | 500 | 3 | 4000 | 0.99 | 0.250 (50, 40) | 0.000 (25, 13) | **0.250** | 0.125 | 30 | 0.600 | 100 |" in lines
+    # the verdict is the larger of the two bounds, whichever method gave it
+    assert "| **0.400** | 0.400 | 30 |" in bench.table([dict(ok, epsilon_lower_fdp=0.4)])[2]
+    older = {k: v for k, v in ok.items() if k not in ("epsilon_lower_fdp", "tests")}  # stored before the f-DP reading
+    assert "| tokens | eps1 | 500 | 3 | 4000 | 0.99 | 0.250 (50, 40) | 0.000 (25, 13) | **0.250** | - | 10 | 0.600 | 100 |" in bench.table([older])
     assert any("could not run: AuditError: too few" in x for x in lines)
