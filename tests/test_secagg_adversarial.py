@@ -201,7 +201,9 @@ def test_secagg_plus_honest_run_with_the_assumed_dropouts_is_exact_and_absent_cl
     assert list(res.survivors) == survivors and list(res.dropped) == sorted(gone[7:])
     assert [int(v) for v in res.field_sum] == expected_field_sum(clients, survivors, 32)
     degrees = [len(server._neigh[c]) for c in server._neigh]
-    assert max(degrees) == 36 and min(degrees) < 36  # the 7 absent clients are empty slots, not replaced
+    # the 7 absent clients are empty slots, not replaced: no client gains a neighbour, some lose one
+    # (whether some client keeps all 36 depends on where the random slots put the empty ones)
+    assert max(degrees) <= 36 and min(degrees) < 36
     # an empty slot is one of the k nearest slots of exactly k slots, some of them empty too
     assert 7 * (36 - 6) <= sum(36 - d for d in degrees) <= 7 * 36
     assert all(u in server._neigh[v] for u in server._neigh for v in server._neigh[u])  # undirected
