@@ -221,7 +221,9 @@ def strategy_point(name: str, private: bool, seed: int, sets: tuple[str, ...] = 
         t0 = time.perf_counter()
         final = run_experiment(cfg, Path(tmp) / "run", progress=False)
         rows = [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+    ranks = sorted(set(cfg.client_ranks()), reverse=True)
     return {"kind": "strategy", "name": name, "dp": private, "seed": seed, "set": list(sets),
+            "ranks": "FLoRA het." if name.endswith("-het") else "r " + "/".join(map(str, ranks)),
             "accuracy": final["test_accuracy"],
             "loss": final["test_loss"], "perplexity": final.get("test_perplexity"), "epsilon_max": final.get("epsilon_max"),
             "zero_shot_accuracy": rows[0]["test_accuracy"], "zero_shot_loss": rows[0]["test_loss"],
@@ -289,7 +291,7 @@ def render() -> str:
             acc = [r["accuracy"] for r in g]
             sd = f" ({statistics.stdev(acc):.3f})" if len(acc) > 1 else ""
             eps = f"{max(r['epsilon_max'] for r in g):.2f}" if dp else "-"
-            lines.append(f"| {name.split('-')[0]} | {'FLoRA het.' if name.endswith('-het') else 'r 8'} | {'yes' if dp else 'no'} | "
+            lines.append(f"| {name.split('-')[0]} | {g[0].get('ranks', 'FLoRA het.' if name.endswith('-het') else 'r 8')} | {'yes' if dp else 'no'} | "
                          f"{len(g)} | {statistics.fmean(acc):.3f}{sd} | {statistics.fmean(r['loss'] for r in g):.4f} | "
                          f"{eps} | {statistics.fmean(r['seconds'] for r in g):.0f} |")
         z = grid[0]

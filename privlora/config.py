@@ -13,6 +13,7 @@ the expected logical batch under Poisson sampling, so each client's sample rate 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import tomllib
 import typing
@@ -81,6 +82,13 @@ class DataConfig:
     file of instruction and response columns."""
     text_column: str = "text"
     label_column: str = "label"
+    review_prompt: str = ""
+    """Task "causal-lm", ``embedded:rotten_tomatoes``: the instruction each review becomes, with
+    ``{text}`` where the review goes; empty = `privlora.instructions.REVIEW_INSTRUCTION` ("Is
+    this movie review fresh or rotten? ..."). Zero-shot and tuned models are scored with it alike."""
+    review_answers: tuple[str, ...] = ()
+    """The two allowed answers, for a rotten and for a fresh review (e.g. ``["negative",
+    "positive"]``); empty = the label names, ``["rotten", "fresh"]``."""
     instruction_column: str = "instruction"
     """Task "causal-lm", local files: the column holding each record's instruction."""
     response_column: str = "response"
@@ -384,6 +392,15 @@ def _per_client(values: tuple, where: str, what: str, num_clients: int, lo: floa
         _require(ok, f"{where}[{i}]", f"must be in {bounds}, found {v}")
 
 
+def _formats(template: str) -> bool:
+    """Whether ``template.format(text=...)`` works and uses no other field."""
+    try:
+        template.format(text="")
+    except (KeyError, IndexError, ValueError):
+        return False
+    return True
+
+
 def _choice(value: str, allowed: tuple[str, ...], where: str) -> None:
     _require(value in allowed, where, f"{value!r} is not one of {', '.join(map(repr, allowed))}")
 
@@ -414,6 +431,18 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _require(d.num_clients >= 1, "data.num_clients", f"must be >= 1, found {d.num_clients}")
     _require(d.max_examples >= 0, "data.max_examples", f"must be >= 0 (0 = all), found {d.max_examples}")
     _require(d.dirichlet_alpha > 0, "data.dirichlet_alpha", f"must be > 0, found {d.dirichlet_alpha}")
+    if d.review_prompt:
+        _require(d.review_prompt.count("{text}") == 1 and _formats(d.review_prompt), "data.review_prompt",
+                 "must hold '{text}' exactly once (where the review goes) and no other braces; "
+                 f"found {d.review_prompt!r}")
+    if d.review_answers:
+        _require(len(d.review_answers) == 2 and all(a.strip() for a in d.review_answers)
+                 and len(set(d.review_answers)) == 2, "data.review_answers",
+                 f"must be two different non-empty answers [for rotten, for fresh], found {list(d.review_answers)}")
+    if (d.review_prompt or d.review_answers) and not (m.task == "causal-lm" and d.source == EMBEDDED_DATA):
+        _require(False, "data.review_prompt",
+                 "review_prompt and review_answers phrase the embedded reviews for model.task = 'causal-lm'; "
+                 f"remove them (task {m.task!r}, source {d.source!r})")
     if d.partition == "natural":
         _require(
             bool(d.group_column) or d.source in (EMBEDDED_DATA, EMBEDDED_QA),
@@ -583,7 +612,7 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, (int, float)):
         return repr(v)
     if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")  # JSON escapes are TOML escapes; TOML also bars a raw DEL
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     raise TypeError(type(v))

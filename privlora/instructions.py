@@ -34,14 +34,18 @@ REVIEW_INSTRUCTION = "Is this movie review fresh or rotten? Answer with one word
 CHATTERBOT_LANGUAGE = "english"
 
 
-def review_instructions(reviews: LabelledData) -> LabelledData:
-    """The embedded reviews as instruction records: the closed answer set is the label names."""
+def review_instructions(reviews: LabelledData, prompt: str = "", answers: tuple[str, ...] = ()) -> LabelledData:
+    """The embedded reviews as instruction records (``prompt`` with ``{text}``, default
+    `REVIEW_INSTRUCTION`): the closed answer set is ``answers`` (one per label, rotten first),
+    default the label names."""
+    names = list(answers) if answers else list(reviews.label_names)
+    template = prompt or REVIEW_INSTRUCTION
     return LabelledData(
-        texts=[REVIEW_INSTRUCTION.format(text=t) for t in reviews.texts],
+        texts=[template.format(text=t) for t in reviews.texts],
         labels=reviews.labels,
         groups=reviews.groups,
-        label_names=list(reviews.label_names),
-        responses=[reviews.label_names[int(k)] for k in reviews.labels],
+        label_names=names,
+        responses=[names[int(k)] for k in reviews.labels],
     )
 
 
@@ -121,7 +125,7 @@ def load_instruction_data(cfg: DataConfig) -> LabelledData:
     if cfg.source == EMBEDDED_DATA:
         from .data import load_labelled_data
 
-        return review_instructions(load_labelled_data(cfg))
+        return review_instructions(load_labelled_data(cfg), cfg.review_prompt, tuple(cfg.review_answers))
     if cfg.source == EMBEDDED_QA:
         questions, answers, groups = chatterbot_pairs(chatterbot_folder())
         return _open_records(questions, answers, groups)

@@ -448,6 +448,52 @@ def test_the_review_instructions_answer_with_the_label_name():
     assert (data.groups == reviews.groups).all()
 
 
+def test_a_configured_review_prompt_and_answers_phrase_every_review_and_survive_config_toml():
+    from privlora.config import DataConfig, config_from_dict, config_to_toml, load_config
+    from privlora.data import load_labelled_data
+    from privlora.instructions import load_instruction_data
+
+    prompt = 'Is this movie review positive or negative?\n\nReview: "{text}"'
+    cfg = DataConfig(review_prompt=prompt, review_answers=("negative", "positive"))
+    reviews, data = load_labelled_data(cfg), load_instruction_data(cfg)
+    assert data.label_names == ["negative", "positive"]
+    assert [data.responses[i] for i in (3, 4000, 9000)] == [["negative", "positive"][reviews.labels[i]] for i in (3, 4000, 9000)]
+    assert data.texts[7] == 'Is this movie review positive or negative?\n\nReview: "' + reviews.texts[7] + '"'
+    # the run folder's config.toml holds the newline and quotes and reads back to the same config
+    full = config_from_dict({"model": {"task": "causal-lm", "path": "embedded:smollm2"},
+                             "lora": {"modules_to_save": [], "target_modules": TARGETS},
+                             "data": {"review_prompt": prompt, "review_answers": ["negative", "positive"]}})
+    import tempfile, pathlib
+    with tempfile.TemporaryDirectory() as d:
+        path = pathlib.Path(d) / "config.toml"
+        path.write_text(config_to_toml(full))
+        again = load_config(path)
+    assert again.data.review_prompt == prompt and again.data.review_answers == ("negative", "positive")
+
+
+CAUSAL = {"model": {"task": "causal-lm", "path": "embedded:smollm2"}, "lora": {"modules_to_save": [], "target_modules": TARGETS}}
+
+
+@pytest.mark.parametrize("data,message", [
+    ({"review_prompt": "Is this review good?"}, "'{text}' exactly once"),
+    ({"review_prompt": "{text} or {text}?"}, "'{text}' exactly once"),
+    ({"review_prompt": "{text} is {label}?"}, "no other braces"),
+    ({"review_answers": ["good"]}, "two different non-empty"),
+    ({"review_answers": ["good", "good"]}, "two different non-empty"),
+    ({"review_answers": ["good", " "]}, "two different non-empty"),
+    ({"review_answers": ["a", "b"], "source": "embedded:chatterbot"}, "phrase the embedded reviews"),
+])
+def test_review_prompt_and_answer_mistakes_name_the_field(data, message):
+    from privlora.config import ConfigError, config_from_dict
+
+    field = "data.review_answers" if "review_answers" in data and "source" not in data else "data.review_prompt"
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.") + ".*" + __import__("re").escape(message)):
+        config_from_dict({**CAUSAL, "data": data})
+    if "source" not in data:  # the classifier has no prompt to phrase
+        with pytest.raises(ConfigError, match="data.review_prompt"):
+            config_from_dict({"data": {"review_prompt": "{text}?", "review_answers": ["a", "b"]}})
+
+
 @pytest.mark.parametrize("raw,field", [
     ({"model": {"task": "causal-lm", "path": "embedded:smollm2"}}, "lora.modules_to_save"),
     ({"model": {"task": "causal-lm", "path": "embedded:smollm2"}, "lora": {"modules_to_save": []}}, "lora.target_modules"),
