@@ -95,7 +95,8 @@ def main(argv: list[str]) -> int:
     from privlora.overrides import load_with_overrides
 
     base_cfg = load_with_overrides(argv[0], [])
-    torch.set_num_threads(max(1, base_cfg.threads) if base_cfg.threads else torch.get_num_threads())
+    if base_cfg.threads:
+        torch.set_num_threads(base_cfg.threads)
     model = load_causal_model(base_cfg.model.path, 0).eval()
     tok = tasks.load_tokenizer(base_cfg)
     for name, (prompt, answers) in PHRASINGS.items():

@@ -439,10 +439,10 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         _require(len(d.review_answers) == 2 and all(a.strip() for a in d.review_answers)
                  and len(set(d.review_answers)) == 2, "data.review_answers",
                  f"must be two different non-empty answers [for rotten, for fresh], found {list(d.review_answers)}")
-    if (d.review_prompt or d.review_answers) and not (m.task == "causal-lm" and d.source == EMBEDDED_DATA):
-        _require(False, "data.review_prompt",
+    for name in ("review_prompt", "review_answers"):
+        _require(not getattr(d, name) or (m.task == "causal-lm" and d.source == EMBEDDED_DATA), f"data.{name}",
                  "review_prompt and review_answers phrase the embedded reviews for model.task = 'causal-lm'; "
-                 f"remove them (task {m.task!r}, source {d.source!r})")
+                 f"remove it (task {m.task!r}, source {d.source!r})")
     if d.partition == "natural":
         _require(
             bool(d.group_column) or d.source in (EMBEDDED_DATA, EMBEDDED_QA),

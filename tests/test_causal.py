@@ -486,7 +486,7 @@ CAUSAL = {"model": {"task": "causal-lm", "path": "embedded:smollm2"}, "lora": {"
 def test_review_prompt_and_answer_mistakes_name_the_field(data, message):
     from privlora.config import ConfigError, config_from_dict
 
-    field = "data.review_answers" if "review_answers" in data and "source" not in data else "data.review_prompt"
+    field = "data.review_answers" if "review_answers" in data else "data.review_prompt"
     with pytest.raises(ConfigError, match=field.replace(".", r"\.") + ".*" + __import__("re").escape(message)):
         config_from_dict({**CAUSAL, "data": data})
     if "source" not in data:  # the classifier has no prompt to phrase
