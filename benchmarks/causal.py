@@ -17,9 +17,9 @@ the same clipped gradient sum as hooks on the same batch (noise 0). Peak memory 
 process's peak resident set (``ru_maxrss``) measured in a fresh process per row.
 
 ``eval``: one held-out evaluation of examples/causal.toml's test split (answer accuracy, loss,
-perplexity) on the untrained SmolLM2, scoring each allowed answer as its own sequence against
-running the prompt once and its key/value cache per answer (`options_nll`, what the server
-runs); the two must give the same accuracy and the same loss to 1e-4.
+perplexity) on the untrained SmolLM2, scoring each allowed answer as its own sequence, against
+running the prompt once and its key/value cache per answer (`options_nll`), in the data's order
+and shortest first (what the server runs); all must give the same accuracy and loss to 1e-4.
 
 ``strategies``: examples/causal.toml with each strategy (FedIT, FFA-LoRA, FLoRA, HetLoRA), at
 rank 8 for every client and with FLoRA's heterogeneous ranks [64, 32, 16, 16, 8, 8, 4, 4, 4, 4]
@@ -179,15 +179,16 @@ def time_eval() -> dict:
     ds = causal_lm.tokenize_causal_eval(test, tok, cfg.model.max_length, cfg.model.system_prompt)
     model = causal_lm.load_causal_model(cfg.model.path, 0)
     row = {"kind": "eval", "examples": len(ds), "batch": cfg.training.eval_batch_size}
-    for name, shared in (("separate", False), ("shared", True)):
+    for name, shared, by_length in (("separate", False, False), ("shared_unsorted", True, False), ("shared", True, True)):
         ctx = mock.patch.object(causal_lm, "_shared_prefix", lambda *a: None) if not shared else nullcontext()
         with ctx:
             t0 = time.perf_counter()
-            row[name] = causal_lm.evaluate_causal(model, ds, cfg.training.eval_batch_size)
+            row[name] = causal_lm.evaluate_causal(model, ds, cfg.training.eval_batch_size, by_length=by_length)
             row[f"{name}_seconds"] = time.perf_counter() - t0
-    a, b = row["separate"], row["shared"]
-    if a["accuracy"] != b["accuracy"] or abs(a["loss"] - b["loss"]) > 1e-4 * abs(a["loss"]):
-        raise SystemExit(f"shared-prompt evaluation differs from separate sequences: {a} vs {b}")
+    for other in ("separate", "shared_unsorted"):
+        a, b = row[other], row["shared"]
+        if a["accuracy"] != b["accuracy"] or abs(a["loss"] - b["loss"]) > 1e-4 * abs(a["loss"]):
+            raise SystemExit(f"the evaluation by length with a shared prompt differs from {other}: {b} vs {a}")
     return row
 
 
@@ -277,8 +278,10 @@ def render() -> str:
                   "| scoring | seconds | accuracy | loss |", "|---|---|---|---|",
                   f"| each answer as its own sequence | {r['separate_seconds']:.1f} | {r['separate']['accuracy']:.3f} | "
                   f"{r['separate']['loss']:.5f} |",
-                  f"| prompt once, key/value cache per answer (privlora) | {r['shared_seconds']:.1f} | "
-                  f"{r['shared']['accuracy']:.3f} | {r['shared']['loss']:.5f} |", ""]
+                  *([f"| prompt once, key/value cache per answer, batches in the data's order | {r['shared_unsorted_seconds']:.1f} | "
+                     f"{r['shared_unsorted']['accuracy']:.3f} | {r['shared_unsorted']['loss']:.5f} |"] if "shared_unsorted" in r else []),
+                  f"| prompt once, key/value cache per answer{', batches shortest first' if 'shared_unsorted' in r else ''} (privlora) | "
+                  f"{r['shared_seconds']:.1f} | {r['shared']['accuracy']:.3f} | {r['shared']['loss']:.5f} |", ""]
     every = [r for r in rows if r.get("kind") == "strategy"]
     for sets in sorted({tuple(r.get("set", [])) for r in every}):
         grid = [r for r in every if tuple(r.get("set", [])) == sets]

@@ -192,6 +192,17 @@ def encode(tokenizer, instruction: str, response: str, max_length: int, system_p
     return p, r[: max_length - len(p)]
 
 
+def response_length(tokenizer, instruction: str, response: str, system_prompt: str = "") -> int:
+    """How many of ``response``'s rendered tokens are its own: the rest (the chat template's end
+    of turn) follow them. Raises when the rendering does not begin with the response's tokens."""
+    _, answer = render(tokenizer, instruction, response, system_prompt)
+    own = _ids(tokenizer, response)
+    if not answer.startswith(response) or _ids(tokenizer, answer)[: len(own)] != own:
+        raise CausalTaskError(f"the chat template renders the response {response[:40]!r} as tokens that do not begin with "
+                              "its own; set model.end_of_turn_loss = true (train on the whole rendered turn)")
+    return len(own)
+
+
 def _row(prompt: list[int], response: list[int], width: int, pad: int):
     ids = prompt + response
     n = len(ids)
@@ -202,14 +213,23 @@ def pad_id(tokenizer) -> int:
     return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0))
 
 
-def tokenize_causal(data, tokenizer, max_length: int, system_prompt: str = ""):
+def tokenize_causal(data, tokenizer, max_length: int, system_prompt: str = "", end_of_turn: bool = True):
     """Training examples: a TensorDataset of (input_ids, attention_mask, labels), each
-    ``(N, max_length)``, right-padded; labels are `IGNORE` except on response tokens."""
+    ``(N, max_length)``, right-padded; labels are `IGNORE` except on response tokens (and, with
+    ``end_of_turn`` false, `IGNORE` on the template's end of turn after each response too)."""
     import torch
     from torch.utils.data import TensorDataset
 
-    rows = [_row(*encode(tokenizer, t, r, max_length, system_prompt), max_length, pad_id(tokenizer))
-            for t, r in zip(data.texts, data.responses)]
+    rows, own = [], {}
+    for t, r in zip(data.texts, data.responses):
+        prompt, response = encode(tokenizer, t, r, max_length, system_prompt)
+        row = _row(prompt, response, max_length, pad_id(tokenizer))
+        if not end_of_turn:
+            if r not in own:
+                own[r] = response_length(tokenizer, t, r, system_prompt)
+            cut = len(prompt) + own[r]
+            row = (row[0], row[1], row[2][:cut] + [IGNORE] * (max_length - cut))
+        rows.append(row)
     ids, mask, labels = (torch.tensor([row[j] for row in rows], dtype=torch.long).reshape(len(rows), max_length) for j in range(3))
     return TensorDataset(ids, mask, labels)
 
@@ -334,8 +354,9 @@ def options_nll(model, ids, mask, labels):
     return tuple(x.view(b, c) for x in sequence_nll(model, *flat))
 
 
-def evaluate_causal(model, dataset, batch_size: int) -> dict[str, float | None]:
-    """``loss``, ``perplexity`` and (closed answer sets) ``accuracy`` on a `tokenize_causal_eval` set."""
+def evaluate_causal(model, dataset, batch_size: int, by_length: bool = True) -> dict[str, float | None]:
+    """``loss``, ``perplexity`` and (closed answer sets) ``accuracy`` on a `tokenize_causal_eval` set,
+    batched shortest first (``by_length``; false = in the dataset's order: the same results, slower)."""
     import torch
     from torch.utils.data import DataLoader
 
@@ -343,7 +364,9 @@ def evaluate_causal(model, dataset, batch_size: int) -> dict[str, float | None]:
 
     model.eval()
     _, c, _ = dataset.tensors[0].shape
-    loader = DataLoader(dataset, batch_size=max(1, batch_size // c))
+    # shortest first: each batch is trimmed to its longest sequence, so similar lengths pad least
+    order = dataset.tensors[1].sum(dim=-1).amax(dim=-1).argsort(stable=True).tolist() if by_length else None
+    loader = DataLoader(dataset, batch_size=max(1, batch_size // c), sampler=order)
     correct = n = 0
     loss_sum = nll_sum = 0.0
     tokens = 0

@@ -63,6 +63,11 @@ class ModelConfig:
     system_prompt: str = ""
     """Task "causal-lm": the system message put before every prompt; empty = the chat
     template's own default (SmolLM2's adds one of about 20 tokens)."""
+    end_of_turn_loss: bool = True
+    """Task "causal-lm": local training also learns the chat template's end-of-turn tokens after
+    each response. false = the training loss covers the response's own tokens only, so the model
+    keeps its own way of ending a turn (held-out loss, perplexity and answer scores still count
+    the end of turn, so they stay comparable with the untrained model's)."""
     max_length: int = 64
     """Tokens per example after truncation."""
     pooling: str = "mean"
@@ -416,6 +421,8 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _require(8 <= m.max_length <= 4096, "model.max_length", f"must be in [8, 4096], found {m.max_length}")
     _require(bool(m.path), "model.path", f"must be {EMBEDDED_MODEL!r} or a local model folder")
     _choice(m.pooling, POOLINGS, "model.pooling")
+    _require(m.end_of_turn_loss or m.task == "causal-lm", "model.end_of_turn_loss",
+             "is about the end of a chat turn, which only model.task = 'causal-lm' has; remove it")
     if m.task == "causal-lm":
         _validate_causal(cfg)
     else:

@@ -52,7 +52,7 @@ def tokenize_train(cfg: ExperimentConfig, data, tokenizer):
     if is_causal(cfg):
         from .causal_lm import tokenize_causal
 
-        return tokenize_causal(data, tokenizer, cfg.model.max_length, cfg.model.system_prompt)
+        return tokenize_causal(data, tokenizer, cfg.model.max_length, cfg.model.system_prompt, cfg.model.end_of_turn_loss)
     from .data import tokenize
 
     return tokenize(data, tokenizer, cfg.model.max_length)

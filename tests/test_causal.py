@@ -123,6 +123,24 @@ def test_prompt_and_padding_carry_no_label_and_the_response_is_the_templates_ans
         assert labels[i].tolist() == [IGNORE] * len(p) + r + [IGNORE] * (96 - n)
 
 
+def test_without_end_of_turn_loss_only_the_responses_own_tokens_carry_labels(tok):
+    import torch
+
+    from privlora.causal_lm import IGNORE, render, tokenize_causal
+
+    data = records(6)
+    whole = tokenize_causal(data, tok, 96).tensors
+    own = tokenize_causal(data, tok, 96, end_of_turn=False).tensors
+    assert torch.equal(whole[0], own[0]) and torch.equal(whole[1], own[1])
+    for i in range(len(data)):
+        prompt, _ = render(tok, data.texts[i], data.responses[i])
+        p = len(tok(prompt, add_special_tokens=False)["input_ids"])
+        words = tok(data.responses[i], add_special_tokens=False)["input_ids"]
+        end = tok("<|im_end|>", add_special_tokens=False)["input_ids"]
+        assert whole[2][i, p:p + len(words) + len(end)].tolist() == words + end
+        assert own[2][i].tolist() == [IGNORE] * p + words + [IGNORE] * (96 - p - len(words))
+
+
 def test_a_long_instruction_is_cut_and_the_response_kept(tok):
     from privlora.causal_lm import CausalTaskError, encode
 
@@ -251,7 +269,8 @@ def test_answer_accuracy_is_the_likelihood_ranking_of_the_allowed_answers(tok, l
 
     model = load_causal_model(str(llama_dir), 2)
     data = records(10, seed=4)
-    ev = evaluate_causal(model, tokenize_causal_eval(data, tok, 96), batch_size=4)
+    ds = tokenize_causal_eval(data, tok, 96)
+    evs = [evaluate_causal(model, ds, batch_size=4, by_length=b) for b in (True, False)]
     correct, losses, nll, tokens = 0, [], 0.0, 0
     for i in range(len(data)):
         scores = []
@@ -266,9 +285,10 @@ def test_answer_accuracy_is_the_likelihood_ranking_of_the_allowed_answers(tok, l
         losses.append(s / c)
         nll += s
         tokens += c
-    assert ev["accuracy"] == pytest.approx(correct / len(data))
-    assert ev["loss"] == pytest.approx(float(np.mean(losses)), rel=1e-4)
-    assert ev["perplexity"] == pytest.approx(math.exp(nll / tokens), rel=1e-4)
+    for ev in evs:  # batched shortest first (the server's order) and in the data's order
+        assert ev["accuracy"] == pytest.approx(correct / len(data))
+        assert ev["loss"] == pytest.approx(float(np.mean(losses)), rel=1e-4)
+        assert ev["perplexity"] == pytest.approx(math.exp(nll / tokens), rel=1e-4)
 
 
 def test_options_scored_through_a_shared_prompt_cache_equal_each_sequence_scored_alone(tok, llama_dir):
@@ -501,6 +521,7 @@ def test_review_prompt_and_answer_mistakes_name_the_field(data, message):
     ({"model": {"path": "embedded:smollm2"}}, "model.path"),
     ({"data": {"source": "embedded:chatterbot"}}, "data.source"),
     ({"model": {"task": "generate"}}, "model.task"),
+    ({"model": {"end_of_turn_loss": False}}, "model.end_of_turn_loss"),
 ])
 def test_causal_config_mistakes_name_the_field(raw, field):
     from privlora.config import ConfigError, config_from_dict
