@@ -22,8 +22,8 @@ running the prompt once and its key/value cache per answer (`options_nll`), in t
 and shortest first (what the server runs); all must give the same accuracy and loss to 1e-4.
 
 ``strategies``: examples/causal.toml with each strategy (FedIT, FFA-LoRA, FLoRA, HetLoRA), at
-rank 8 for every client and with FLoRA's heterogeneous ranks [64, 32, 16, 16, 8, 8, 4, 4, 4, 4]
-(FFA-LoRA, FLoRA, HetLoRA; FedIT cannot average different shapes), with and without DP, seeds
+the example's rank (lora.r) for every client and with FLoRA's heterogeneous ranks
+[64, 32, 16, 16, 8, 8, 4, 4, 4, 4] (FFA-LoRA, FLoRA, HetLoRA; FedIT cannot average different shapes), with and without DP, seeds
 0, 1, 2; ``--set KEY=VALUE`` (repeatable) changes a field of the example for every point, for a
 grid smaller than the example (its points are stored and tabled apart from other grids'). All
 points run in one process, which reads the base model from disk once (later points' seconds
