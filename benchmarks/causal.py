@@ -6,6 +6,8 @@
     python benchmarks/causal.py eval                  # held-out evaluation: shared prompt vs one sequence per answer
     python benchmarks/causal.py strategies            # every stored-missing strategy point
     python benchmarks/causal.py strategies --set federation.rounds=2   # a smaller grid
+    python benchmarks/causal.py strategies --seeds 0 1 2 --set federation.rounds=1 --set training.local_steps=3 \
+        --set training.batch_size=16 --set data.test_fraction=0.01 --lr-a 0.2 0.03   # the committed grid (README)
     python benchmarks/causal.py --table               # re-render both tables from the store
 
 ``steps``: one optimizer step on a logical batch of 16 review instructions padded to exactly
@@ -28,7 +30,12 @@ the example's rank (lora.r) for every client and with FLoRA's heterogeneous rank
 grid smaller than the example (its points are stored and tabled apart from other grids'). All
 points run in one process, which reads the base model from disk once (later points' seconds
 leave out that load). Finished points are appended to benchmarks/results/causal.jsonl with their
-command line; re-running skips them.
+command line; re-running skips them; seeds are the outer loop, so an interrupted grid leaves whole
+seeds. ``--lr-a LR [LR_CLEAR]`` gives the strategies that train A (FedIT, FLoRA, HetLoRA) their
+own learning rate, with DP and in the clear (FFA-LoRA keeps training.lr); ``--only NAME...`` and
+``--dp yes|no`` run part of the grid (the learning-rate probes: ``--only fedit --set
+data.holdout=validation``). Each grid (its ``--set`` list and ``--lr-a``) is stored and tabled
+apart; FedIT's rows keep its measured cross-term error per round.
 """
 
 from __future__ import annotations
@@ -205,7 +212,14 @@ GRID_STRATEGIES = {
 }
 
 
-def strategy_point(name: str, private: bool, seed: int, sets: tuple[str, ...] = ()) -> dict:
+def trains_a(name: str) -> bool:
+    """FedIT, FLoRA and HetLoRA train both LoRA factors; FFA-LoRA trains B only (A frozen)."""
+    return not name.startswith("ffa")
+
+
+def strategy_point(name: str, private: bool, seed: int, sets: tuple[str, ...] = (), lr_a: tuple[float, ...] | None = None) -> dict:
+    """One grid point; ``lr_a`` is (lr with DP, lr in the clear) or (one lr for both) of the
+    strategies that train A, or None for the example's training.lr."""
     from privlora.config import config_from_dict, config_to_dict
     from privlora.overrides import load_with_overrides
     from privlora.simulation import run_experiment
@@ -215,6 +229,8 @@ def strategy_point(name: str, private: bool, seed: int, sets: tuple[str, ...] = 
     raw["federation"]["server_momentum"] = -1.0
     raw["seed"] = seed
     raw["privacy"]["enabled"] = private
+    if lr_a is not None and trains_a(name):
+        raw["training"]["lr"] = lr_a[0] if private or len(lr_a) == 1 else lr_a[1]
     for section, values in GRID_STRATEGIES[name].items():
         raw[section].update(values)
     cfg = config_from_dict(raw)
@@ -224,14 +240,23 @@ def strategy_point(name: str, private: bool, seed: int, sets: tuple[str, ...] = 
         rows = [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
     ranks = sorted(set(cfg.client_ranks()), reverse=True)
     return {"kind": "strategy", "name": name, "dp": private, "seed": seed, "set": list(sets),
+            "lr_a": None if lr_a is None else lr_a[0] if len(lr_a) == 1 else list(lr_a),
+            "lr": cfg.training.lr,
             "ranks": "FLoRA het." if name.endswith("-het") else "r " + "/".join(map(str, ranks)),
             "accuracy": final["test_accuracy"],
             "loss": final["test_loss"], "perplexity": final.get("test_perplexity"), "epsilon_max": final.get("epsilon_max"),
             "zero_shot_accuracy": rows[0]["test_accuracy"], "zero_shot_loss": rows[0]["test_loss"],
+            "fedit_cross_term_error": [r["fedit_cross_term_error"] for r in rows if r.get("fedit_cross_term_error") is not None],
             "seconds": time.perf_counter() - t0}
 
 
 # --------------------------------------------------------------------------- store and table
+
+
+def grid_key(r: dict) -> tuple[tuple[str, ...], float | None]:
+    """Which grid a stored strategy point belongs to: its ``--set`` list and ``--lr-a``."""
+    lr_a = r.get("lr_a")
+    return tuple(r.get("set", [])), tuple(lr_a) if isinstance(lr_a, list) else None if lr_a is None else (lr_a,)
 
 
 def stored() -> list[dict]:
@@ -283,22 +308,35 @@ def render() -> str:
                   f"| prompt once, key/value cache per answer{', batches shortest first' if 'shared_unsorted' in r else ''} (privlora) | "
                   f"{r['shared_seconds']:.1f} | {r['shared']['accuracy']:.3f} | {r['shared']['loss']:.5f} |", ""]
     every = [r for r in rows if r.get("kind") == "strategy"]
-    for sets in sorted({tuple(r.get("set", [])) for r in every}):
-        grid = [r for r in every if tuple(r.get("set", [])) == sets]
-        given = " with " + " ".join(f"`--set {a}`" for a in sets) if sets else ""
-        lines += [f"## Strategies on examples/causal.toml{given} (held-out answer accuracy and response loss, final round)", "",
-                  "| strategy | ranks | DP | seeds | accuracy mean (sd) | loss mean | max ε | seconds |", "|---|---|---|---|---|---|---|---|"]
+    for sets, lr_a in sorted({grid_key(r) for r in every}, key=lambda k: (k[0], k[1] or ())):
+        grid = [r for r in every if grid_key(r) == (sets, lr_a)]
+        given = " ".join(f"`--set {a}`" for a in sets) + (" `--lr-a " + " ".join(f"{x:g}" for x in lr_a) + "`" if lr_a else "")
+        probe = "data.holdout=validation" in sets
+        lines += [f"## {'Learning-rate probe on the validation split' if probe else 'Strategies'} on examples/causal.toml"
+                  f"{' with ' + given if given else ''} (held-out answer accuracy and response loss, final round)", "",
+                  "| strategy | ranks | DP | lr | seeds | accuracy mean (sd) | loss mean (sd) | max ε | seconds |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         keys = sorted({(r["name"], r["dp"]) for r in grid})
         for name, dp in keys:
             g = [r for r in grid if r["name"] == name and r["dp"] == dp]
             acc = [r["accuracy"] for r in g]
             sd = f" ({statistics.stdev(acc):.3f})" if len(acc) > 1 else ""
+            loss = [r["loss"] for r in g]
+            loss_sd = f" ({statistics.stdev(loss):.4f})" if len(loss) > 1 else ""
             eps = f"{max(r['epsilon_max'] for r in g):.2f}" if dp else "-"
+            lr = g[0].get("lr", 0.5)
             lines.append(f"| {name.split('-')[0]} | {g[0].get('ranks', 'FLoRA het.' if name.endswith('-het') else 'r 8')} | {'yes' if dp else 'no'} | "
-                         f"{len(g)} | {statistics.fmean(acc):.3f}{sd} | {statistics.fmean(r['loss'] for r in g):.4f} | "
+                         f"{lr:g} | {len(g)} | {statistics.fmean(acc):.3f}{sd} | {statistics.fmean(loss):.4f}{loss_sd} | "
                          f"{eps} | {statistics.fmean(r['seconds'] for r in g):.0f} |")
-        z = grid[0]
-        lines += ["", f"Zero-shot (round 0): accuracy {z['zero_shot_accuracy']:.3f}, loss {z['zero_shot_loss']:.4f}."]
+        zero = {r["seed"]: (r["zero_shot_accuracy"], r["zero_shot_loss"]) for r in grid}
+        lines += ["", "Zero-shot (round 0): " + "; ".join(f"seed {k}: accuracy {a:.3f}, loss {l:.4f}" for k, (a, l) in sorted(zero.items())) + "."]
+        for dp in (True, False):
+            errs = [e for r in grid if r["name"] == "fedit" and r["dp"] == dp for e in r.get("fedit_cross_term_error", [])]
+            if errs:
+                lines.append(f"FedIT's cross-term error {'with DP' if dp else 'in the clear'} (||its update - the mean of the "
+                             f"clients' updates||_F / ||the mean||_F, every round and seed): mean {statistics.fmean(errs):.3g}, "
+                             f"range {min(errs):.3g} to {max(errs):.3g}.")
+        lines.append("")
     return "\n".join(lines) + "\n"
 
 
@@ -309,6 +347,11 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--table", action="store_true")
+    ap.add_argument("--only", nargs="+", choices=list(GRID_STRATEGIES), help="strategies: these grid strategies only")
+    ap.add_argument("--dp", choices=("both", "yes", "no"), default="both", help="strategies: with DP, without, or both")
+    ap.add_argument("--lr-a", type=float, nargs="+", metavar="LR", help="strategies: learning rate of the strategies "
+                    "that train A (FedIT, FLoRA, HetLoRA), one for both or two: with DP, then in the clear; FFA-LoRA "
+                    "keeps the example's training.lr")
     ap.add_argument("--mode")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="strategies: override a field of examples/causal.toml for every point (repeatable)")
@@ -340,13 +383,16 @@ def main(argv: list[str]) -> int:
     if args.what == "strategies":
         sets = tuple(args.sets)
         done = {(r["name"], r["dp"], r["seed"]) for r in stored()
-                if r.get("kind") == "strategy" and tuple(r.get("set", [])) == sets}
-        for name in GRID_STRATEGIES:
-            for dp in (True, False):
-                for seed in args.seeds:
+                if r.get("kind") == "strategy" and grid_key(r) == (sets, tuple(args.lr_a) if args.lr_a else None)}
+        dps = {"both": (True, False), "yes": (True,), "no": (False,)}[args.dp]
+        if args.lr_a is not None and len(args.lr_a) > 2:
+            ap.error("--lr-a takes one learning rate, or two (with DP, in the clear)")
+        for seed in args.seeds:  # seed outermost: an interrupted grid leaves whole seeds
+            for name in args.only or GRID_STRATEGIES:
+                for dp in dps:
                     if (name, dp, seed) in done:
                         continue
-                    row = strategy_point(name, dp, seed, sets)
+                    row = strategy_point(name, dp, seed, sets, tuple(args.lr_a) if args.lr_a else None)
                     append(row)
                     print(f"{name} dp={dp} seed={seed}: accuracy {row['accuracy']:.3f} ({row['seconds']:.0f} s)", flush=True)
     TABLE.write_text(render())
