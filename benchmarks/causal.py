@@ -253,10 +253,13 @@ def strategy_point(name: str, private: bool, seed: int, sets: tuple[str, ...] = 
 # --------------------------------------------------------------------------- store and table
 
 
-def grid_key(r: dict) -> tuple[tuple[str, ...], float | None]:
-    """Which grid a stored strategy point belongs to: its ``--set`` list and ``--lr-a``."""
+def grid_key(r: dict) -> tuple[tuple[str, ...], tuple[float, ...] | None]:
+    """Which grid a stored strategy point belongs to: its ``--set`` list and ``--lr-a`` (stored as
+    one number when one was given, else as a list)."""
     lr_a = r.get("lr_a")
-    return tuple(r.get("set", [])), tuple(lr_a) if isinstance(lr_a, list) else None if lr_a is None else (lr_a,)
+    if lr_a is not None:
+        lr_a = tuple(lr_a) if isinstance(lr_a, list) else (lr_a,)
+    return tuple(r.get("set", [])), lr_a
 
 
 def stored() -> list[dict]:
@@ -324,7 +327,7 @@ def render() -> str:
             loss = [r["loss"] for r in g]
             loss_sd = f" ({statistics.stdev(loss):.4f})" if len(loss) > 1 else ""
             eps = f"{max(r['epsilon_max'] for r in g):.2f}" if dp else "-"
-            lr = g[0].get("lr", 0.5)
+            lr = g[0].get("lr", 0.5)  # rows stored before "lr" was recorded ran at the example's 0.5
             lines.append(f"| {name.split('-')[0]} | {g[0].get('ranks', 'FLoRA het.' if name.endswith('-het') else 'r 8')} | {'yes' if dp else 'no'} | "
                          f"{lr:g} | {len(g)} | {statistics.fmean(acc):.3f}{sd} | {statistics.fmean(loss):.4f}{loss_sd} | "
                          f"{eps} | {statistics.fmean(r['seconds'] for r in g):.0f} |")
@@ -381,18 +384,18 @@ def main(argv: list[str]) -> int:
         append(row)
         print(f"separate {row['separate_seconds']:.1f} s, shared {row['shared_seconds']:.1f} s", flush=True)
     if args.what == "strategies":
-        sets = tuple(args.sets)
-        done = {(r["name"], r["dp"], r["seed"]) for r in stored()
-                if r.get("kind") == "strategy" and grid_key(r) == (sets, tuple(args.lr_a) if args.lr_a else None)}
-        dps = {"both": (True, False), "yes": (True,), "no": (False,)}[args.dp]
         if args.lr_a is not None and len(args.lr_a) > 2:
             ap.error("--lr-a takes one learning rate, or two (with DP, in the clear)")
+        sets, lr_a = tuple(args.sets), tuple(args.lr_a) if args.lr_a else None
+        done = {(r["name"], r["dp"], r["seed"]) for r in stored()
+                if r.get("kind") == "strategy" and grid_key(r) == (sets, lr_a)}
+        dps = {"both": (True, False), "yes": (True,), "no": (False,)}[args.dp]
         for seed in args.seeds:  # seed outermost: an interrupted grid leaves whole seeds
             for name in args.only or GRID_STRATEGIES:
                 for dp in dps:
                     if (name, dp, seed) in done:
                         continue
-                    row = strategy_point(name, dp, seed, sets, tuple(args.lr_a) if args.lr_a else None)
+                    row = strategy_point(name, dp, seed, sets, lr_a)
                     append(row)
                     print(f"{name} dp={dp} seed={seed}: accuracy {row['accuracy']:.3f} ({row['seconds']:.0f} s)", flush=True)
     TABLE.write_text(render())
