@@ -161,14 +161,39 @@ def register_accountant(name: str, factory: Callable[[], Accountant]) -> None:
     _INSTANCES.pop(name, None)
 
 
+ENTRY_POINT_GROUP = "accounting.accountants"
+"""Installed packages offer accountants under this entry-point group (name = accountant name,
+value = ``module:factory``); `get_accountant` loads one the first time it is asked for, so no
+import has to happen first for its side effect."""
+
+
+def _plugin(name: str) -> Callable[[], Accountant] | None:
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name == name:
+            return ep.load()
+    return None
+
+
+def available_plugins() -> list[str]:
+    from importlib.metadata import entry_points
+
+    return sorted({ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)})
+
+
 def get_accountant(name: str) -> Accountant:
-    """A shared (caching) instance of the accountant called ``name``."""
+    """A shared (caching) instance of the accountant called ``name``: a built-in one, one given to
+    `register_accountant`, or one an installed package offers under `ENTRY_POINT_GROUP`."""
+    if name not in _REGISTRY and (factory := _plugin(name)) is not None:
+        _REGISTRY[name] = factory
     if name not in _REGISTRY:
-        raise ValueError(f"accountant {name!r} is not one of {sorted(_REGISTRY)}")
+        known = sorted(set(_REGISTRY) | set(available_plugins()))
+        raise ValueError(f"accountant {name!r} is not one of {known}")
     if name not in _INSTANCES:
         _INSTANCES[name] = _REGISTRY[name]()
     return _INSTANCES[name]
 
 
 def available_accountants() -> Sequence[str]:
-    return sorted(_REGISTRY)
+    return sorted(set(_REGISTRY) | set(available_plugins()))

@@ -2,7 +2,7 @@
 """Empirical lower bounds on epsilon (`privlora audit`) for the default task: no DP, epsilon 8
 and epsilon 1, each canary design, m in {500, 2000}, with seconds.
 
-Each run is `privlora.audit.run_audit` on the embedded default config with the reductions given
+Each run is `privlora.commands.audit.run_audit` on the embedded default config with the reductions given
 by the flags (the table says which were used): by default ``--rounds 3 --max-examples 4000``;
 ``--rounds 6 --max-examples 0`` is the default config itself (6 rounds on all 12,808 reviews,
 8 to 18 minutes per run on 2 cores). Everything else is the default: MiniLM, FFA-LoRA rank 8 on
@@ -73,8 +73,8 @@ def load_runs() -> dict[str, dict]:
 
 
 def run_one(job: dict) -> dict:
-    from privlora.audit import run_audit
-    from privlora.config import config_from_dict
+    from privlora.commands.audit import run_audit
+    from privlora.core.config import config_from_dict
 
     cfg = config_from_dict(config(job["privacy"], job["rounds"], job["max_examples"], job["seed"],
                                            job.get("threads", 1)))

@@ -68,9 +68,9 @@ BATCH, PHYSICAL, REPEATS = 16, 8, 3
 def _model_and_batch(length: int):
     import torch
 
-    from privlora.adapters import make_peft_model
-    from privlora.causal_lm import IGNORE, load_causal_model, load_causal_tokenizer, tokenize_causal
-    from privlora.config import load_config
+    from privlora.tasks.adapters import make_peft_model
+    from privlora.tasks.causal_lm import IGNORE, load_causal_model, load_causal_tokenizer, tokenize_causal
+    from privlora.core.config import load_config
     from privlora.tasks import load_records
 
     cfg = load_config(EXAMPLE)
@@ -95,7 +95,7 @@ def _ghost_step(model, optimizer, batch, sigma: float):
     """Opacus ghost clipping on privlora's per-sequence loss (the loss wrapper takes the vector)."""
     from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 
-    from privlora.causal_lm import sequence_nll
+    from privlora.tasks.causal_lm import sequence_nll
 
     ids, mask, labels = batch
     for s in range(0, ids.shape[0], PHYSICAL):
@@ -109,7 +109,7 @@ def _ghost_step(model, optimizer, batch, sigma: float):
 
 
 def _hooks_step(model, optimizer, batch, plain: bool):
-    from privlora.causal_lm import causal_loss
+    from privlora.tasks.causal_lm import causal_loss
 
     ids, mask, labels = batch
     optimizer.zero_grad(set_to_none=True)
@@ -176,9 +176,9 @@ def time_eval() -> dict:
     from contextlib import nullcontext
     from unittest import mock
 
-    from privlora import causal_lm
-    from privlora.config import load_config
-    from privlora.simulation import load_split
+    from privlora.tasks import causal_lm
+    from privlora.core.config import load_config
+    from privlora.federation.startup import load_split
 
     cfg = load_config(EXAMPLE)
     _, _, test = load_split(cfg)
@@ -220,9 +220,9 @@ def trains_a(name: str) -> bool:
 def strategy_point(name: str, private: bool, seed: int, sets: tuple[str, ...] = (), lr_a: tuple[float, ...] | None = None) -> dict:
     """One grid point; ``lr_a`` is (lr with DP, lr in the clear) or (one lr for both) of the
     strategies that train A, or None for the example's training.lr."""
-    from privlora.config import config_from_dict, config_to_dict
-    from privlora.overrides import load_with_overrides
-    from privlora.simulation import run_experiment
+    from privlora.core.config import config_from_dict, config_to_dict
+    from privlora.core.overrides import load_with_overrides
+    from privlora.transports.inprocess import run_experiment
 
     raw = config_to_dict(load_with_overrides(EXAMPLE, sets))
     raw["federation"]["strategy"] = name.split("-")[0]

@@ -19,9 +19,9 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 from peft import PeftModel  # noqa: E402
 
 from privlora import tasks  # noqa: E402
-from privlora.causal_lm import IGNORE, load_causal_model  # noqa: E402
-from privlora.overrides import load_with_overrides  # noqa: E402
-from privlora.simulation import load_split  # noqa: E402
+from privlora.tasks.causal_lm import IGNORE, load_causal_model  # noqa: E402
+from privlora.core.overrides import load_with_overrides  # noqa: E402
+from privlora.federation.startup import load_split  # noqa: E402
 
 
 def parts(model, batch):

@@ -16,11 +16,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 torch.set_num_threads(1)
-from privlora.overrides import load_with_overrides
-from privlora.simulation import load_split
+from privlora.core.overrides import load_with_overrides
+from privlora.federation.startup import load_split
 from privlora import tasks
-from privlora.causal_lm import causal_loss, load_causal_model
-from privlora.data import trim_batch
+from privlora.tasks.causal_lm import causal_loss, load_causal_model
+from privlora.tasks.data import trim_batch
 from peft import LoraConfig, get_peft_model, PeftModel
 cfg = load_with_overrides(str(ROOT / "benchmarks" / "results" / "causal_recipes" / "c-r2.toml"), [])
 torch.manual_seed(0)

@@ -30,14 +30,14 @@ ap.add_argument("--max_length", type=int, default=128)
 ap.add_argument("--seed", type=int, default=0)
 a = ap.parse_args()
 
-from privlora import instructions
+from privlora.tasks import instructions
 if a.instr:
     instructions.REVIEW_INSTRUCTION = a.instr
-from privlora.overrides import load_with_overrides
-from privlora.simulation import load_split
+from privlora.core.overrides import load_with_overrides
+from privlora.federation.startup import load_split
 from privlora import tasks
-from privlora.causal_lm import evaluate_causal, causal_loss
-from privlora.data import trim_batch
+from privlora.tasks.causal_lm import evaluate_causal, causal_loss
+from privlora.tasks.data import trim_batch
 from peft import LoraConfig, get_peft_model
 
 cfg = load_with_overrides(str(ROOT / "examples" / "causal.toml"), [f"data.holdout=validation", f"model.max_length={a.max_length}"])

@@ -46,8 +46,8 @@ def score(model, cfg, tok) -> dict:
     import torch
 
     from privlora import tasks
-    from privlora.causal_lm import options_nll
-    from privlora.simulation import load_split
+    from privlora.tasks.causal_lm import options_nll
+    from privlora.federation.startup import load_split
 
     _, _, heldout = load_split(cfg)
     va = tasks.tokenize_heldout(cfg, heldout, tok)
@@ -90,9 +90,9 @@ def main(argv: list[str]) -> int:
     import torch
 
     from privlora import tasks
-    from privlora.causal_lm import load_causal_model
-    from privlora.config import config_from_dict, config_to_dict
-    from privlora.overrides import load_with_overrides
+    from privlora.tasks.causal_lm import load_causal_model
+    from privlora.core.config import config_from_dict, config_to_dict
+    from privlora.core.overrides import load_with_overrides
 
     base_cfg = load_with_overrides(argv[0], [])
     if base_cfg.threads:

@@ -16,8 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peft import PeftModel
 from causal_prompts import score  # the same AUC and accuracies as the zero-shot phrasing table
 from privlora import tasks
-from privlora.causal_lm import load_causal_model
-from privlora.overrides import load_with_overrides
+from privlora.tasks.causal_lm import load_causal_model
+from privlora.core.overrides import load_with_overrides
 cfg = load_with_overrides(sys.argv[1], [])
 tok = tasks.load_tokenizer(cfg)
 for adapter in sys.argv[2:]:

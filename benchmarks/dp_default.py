@@ -67,7 +67,7 @@ def merged(base: dict, over: dict) -> dict:
 
 def old_default() -> dict:
     """The default config as it stood before the new default (so variants stay comparable)."""
-    from privlora.config import ExperimentConfig, config_to_dict
+    from privlora.core.config import ExperimentConfig, config_to_dict
 
     d = config_to_dict(ExperimentConfig())
     # pinned: the fields the new default changes, at their values before it
@@ -83,8 +83,8 @@ def old_default() -> dict:
 
 
 def run_variant(name: str, over: dict, base: dict) -> dict:
-    from privlora.config import config_from_dict
-    from privlora.simulation import run_experiment
+    from privlora.core.config import config_from_dict
+    from privlora.transports.inprocess import run_experiment
 
     cfg = config_from_dict(merged(base, over))
     with tempfile.TemporaryDirectory(prefix=f"dpdef-{name}-") as tmp:

@@ -58,7 +58,7 @@ def summary(out: Path) -> dict:
 
 
 def write_cfg(cfg, path: Path) -> Path:
-    from privlora.config import config_to_toml
+    from privlora.core.config import config_to_toml
 
     path.write_text(config_to_toml(cfg), encoding="utf-8")
     return path
@@ -72,7 +72,7 @@ def run_inprocess(cfg_path: Path, out: Path) -> dict:
 
 
 def run_flower(cfg_path: Path, out: Path, n: int) -> dict:
-    from privlora.flower.local import LocalDeployment, node_configs
+    from privlora.transports.flower.local import LocalDeployment, node_configs
 
     work = out.parent / f"{out.name}-flower"
     t = time.perf_counter()
@@ -89,8 +89,8 @@ def run_sim100(work: Path, secure: bool) -> dict:
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import TOKENIZER_FILES, tiny_bert
 
-    from privlora.config import config_from_dict
-    from privlora.models import resolve_model_path
+    from privlora.core.config import config_from_dict
+    from privlora.tasks.models import resolve_model_path
 
     model = work / "tiny-bert"
     if not model.exists():
@@ -112,7 +112,7 @@ def run_sim100(work: Path, secure: bool) -> dict:
     path = write_cfg(cfg, work / f"sim100-{'secure' if secure else 'clear'}.toml")
     out = work / f"sim100-{'secure' if secure else 'clear'}"
     t = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "privlora.flower.local", str(path), "--out", str(out), "--simulation"], check=True,
+    subprocess.run([sys.executable, "-m", "privlora.transports.flower.local", str(path), "--out", str(out), "--simulation"], check=True,
                    cwd=ROOT, stdout=subprocess.DEVNULL)
     return {**summary(out), "wall_s": time.perf_counter() - t, "loopback_mb": None}
 
@@ -125,7 +125,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "flower.md"))
     ap.add_argument("--fresh", action="store_true", help="ignore the stored runs and measure everything again")
     args = ap.parse_args()
-    from privlora.config import ExperimentConfig
+    from privlora.core.config import ExperimentConfig
 
     work = Path(tempfile.mkdtemp(prefix="privlora-flower-bench-"))
     store = Path(args.out).with_suffix(".runs.jsonl")

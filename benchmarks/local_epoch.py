@@ -28,9 +28,9 @@ def measure(config: str | None, private: bool, repeats: int) -> dict:
     """Runs inside the child process."""
     import torch
 
-    from privlora.adapters import adapter_state, make_peft_model
-    from privlora.config import load_config
-    from privlora.simulation import build_federation
+    from privlora.tasks.adapters import adapter_state, make_peft_model
+    from privlora.core.config import load_config
+    from privlora.federation.startup import build_federation
 
     cfg = load_config(config)
     fed = build_federation(cfg)

@@ -26,8 +26,8 @@ sys.path[0] = str(ROOT)  # benchmarks/secagg.py must not shadow the secagg packa
 import numpy as np  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
-from privlora.config import ExperimentConfig  # noqa: E402
-from privlora.simulation import run_experiment  # noqa: E402
+from privlora.core.config import ExperimentConfig  # noqa: E402
+from privlora.transports.inprocess import run_experiment  # noqa: E402
 
 
 def main() -> None:

@@ -113,8 +113,8 @@ def run_one(job: dict) -> dict:
     import tempfile
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from privlora.config import config_from_dict
-    from privlora.simulation import run_experiment
+    from privlora.core.config import config_from_dict
+    from privlora.transports.inprocess import run_experiment
 
     cfg = config_from_dict(job["config"])
     with tempfile.TemporaryDirectory() as tmp:

@@ -37,7 +37,7 @@ def tiny_bert(num_labels: int = 2, seed: int = 0):
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from privlora.models import quiet_hf, resolve_model_path
+    from privlora.tasks.models import quiet_hf, resolve_model_path
 
     quiet_hf()
     out = tmp_path_factory.mktemp("tiny-bert")
@@ -52,7 +52,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture()
 def tiny_cfg(tiny_model_dir):
     """A factory for small, fast experiment configs on the tiny model and 400 real reviews."""
-    from privlora.config import config_from_dict
+    from privlora.core.config import config_from_dict
 
     def make(**sections):
         raw = {

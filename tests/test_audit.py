@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from scipy import optimize, stats
 
-from privlora.config import config_to_toml
+from privlora.core.config import config_to_toml
 
 from .conftest import TOKENIZER_FILES
 
@@ -31,7 +31,7 @@ def make_audit_model(tmp_path_factory, initializer_range):
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
-    from privlora.models import quiet_hf, resolve_model_path
+    from privlora.tasks.models import quiet_hf, resolve_model_path
 
     quiet_hf()
     torch.manual_seed(0)
@@ -99,7 +99,7 @@ def reference_bound(m, r, v, delta, level):
 
 
 def run_cli(cfg, tmp_path, *extra):
-    from privlora.cli import main
+    from privlora.commands.cli import main
 
     path = tmp_path / "audit.toml"
     path.write_text(config_to_toml(cfg), encoding="utf-8")
@@ -229,8 +229,8 @@ def test_with_dp_on_the_bound_stays_below_the_claim_and_the_run_verifies(request
 
 
 def test_canaries_enter_their_clients_data_exactly_when_the_secret_says(tiny_cfg):
-    from privlora.audit import Auditor
-    from privlora.simulation import build_federation
+    from privlora.commands.audit import Auditor
+    from privlora.federation.startup import build_federation
 
     for design in ("tokens", "mislabelled"):
         fed = build_federation(tiny_cfg())
@@ -258,7 +258,7 @@ def test_canaries_enter_their_clients_data_exactly_when_the_secret_says(tiny_cfg
 
 
 def test_the_same_secret_deals_the_same_canaries_and_another_does_not():
-    from privlora.audit import deal
+    from privlora.commands.audit import deal
 
     a, b, c = deal(1000, 10, 1), deal(1000, 10, 1), deal(1000, 10, 2)
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
@@ -268,8 +268,8 @@ def test_the_same_secret_deals_the_same_canaries_and_another_does_not():
 
 
 def test_too_many_mislabelled_canaries_for_the_data_is_a_clear_error(tiny_cfg):
-    from privlora.audit import AuditError, Auditor
-    from privlora.simulation import build_federation
+    from privlora.commands.audit import AuditError, Auditor
+    from privlora.federation.startup import build_federation
 
     fed = build_federation(tiny_cfg())
     with pytest.raises(AuditError, match="too few for its"):
@@ -280,7 +280,7 @@ def test_the_command_defaults_to_the_design_measured_strongest_and_says_when_the
     """Without --design and --canaries the command deals 2000 mislabelled canaries (the highest
     bound on the default config, benchmarks/results/audit.md); the tiny config's clients hold
     far fewer than their 2000/k canaries, which is one clear error, not a traceback."""
-    from privlora.cli import main
+    from privlora.commands.cli import main
 
     path = tmp_path / "c.toml"
     path.write_text(config_to_toml(tiny_cfg()), encoding="utf-8")
@@ -291,7 +291,7 @@ def test_the_command_defaults_to_the_design_measured_strongest_and_says_when_the
 
 
 def test_a_bad_canary_count_is_refused_before_anything_is_written(tiny_cfg, tmp_path, capsys):
-    from privlora.cli import main
+    from privlora.commands.cli import main
 
     path = tmp_path / "c.toml"
     path.write_text(config_to_toml(tiny_cfg()), encoding="utf-8")
@@ -307,8 +307,8 @@ def test_an_interrupted_audit_resumes_to_the_uninterrupted_result_without_leakin
     import os
     import stat
 
-    from privlora.audit import run_audit
-    from privlora.cli import main
+    from privlora.commands.audit import run_audit
+    from privlora.commands.cli import main
 
     code, _, full = run_cli(audit_cfg, tmp_path, "--seed", str(SECRET))
     assert code == 0
@@ -347,7 +347,7 @@ def test_an_interrupted_audit_resumes_to_the_uninterrupted_result_without_leakin
 
 
 def test_the_auditor_state_keeps_only_rounds_the_checkpoint_has(tmp_path):
-    from privlora.audit import AuditError, AuditorState
+    from privlora.commands.audit import AuditError, AuditorState
 
     run = tmp_path / "run"
     run.mkdir()

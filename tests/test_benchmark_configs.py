@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from privlora.config import config_from_dict
+from privlora.core.config import config_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,7 +89,7 @@ def load_audit_benchmark():
 
 @pytest.mark.parametrize("privacy, enabled, target", [("none", False, None), ("eps8", True, 8.0), ("eps1", True, 1.0)])
 def test_audit_benchmark_configs_are_the_default_with_only_the_stated_reductions(privacy, enabled, target):
-    from privlora.config import ExperimentConfig
+    from privlora.core.config import ExperimentConfig
 
     bench = load_audit_benchmark()
     cfg, default = config_from_dict(bench.config(privacy, rounds=3, max_examples=4000, seed=0)), ExperimentConfig()

@@ -27,7 +27,7 @@ def tiny_llama(vocab: int, pad: int, seed: int = 0):
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
-    from privlora.models import load_tokenizer, quiet_hf
+    from privlora.tasks.models import load_tokenizer, quiet_hf
 
     quiet_hf()
     out = tmp_path_factory.mktemp("tiny-llama")
@@ -40,13 +40,13 @@ def llama_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tok(llama_dir):
-    from privlora.causal_lm import load_causal_tokenizer
+    from privlora.tasks.causal_lm import load_causal_tokenizer
 
     return load_causal_tokenizer(str(llama_dir))
 
 
 def causal_cfg(llama_dir, **sections):
-    from privlora.config import config_from_dict
+    from privlora.core.config import config_from_dict
 
     raw = {
         "name": "tiny-causal", "seed": 1, "threads": 1,
@@ -64,8 +64,8 @@ def causal_cfg(llama_dir, **sections):
 def test_the_base_model_is_read_once_and_every_load_is_an_independent_copy_seeded_alike(tmp_path):
     import torch
 
-    from privlora.causal_lm import load_causal_model
-    from privlora.models import load_tokenizer
+    from privlora.tasks.causal_lm import load_causal_model
+    from privlora.tasks.models import load_tokenizer
 
     tok = load_tokenizer("embedded:minilm")
     tok.save_pretrained(tmp_path)
@@ -93,8 +93,8 @@ def test_the_base_model_is_read_once_and_every_load_is_an_independent_copy_seede
 
 
 def records(n=12, seed=0):
-    from privlora.data import LabelledData
-    from privlora.instructions import review_instructions
+    from privlora.tasks.data import LabelledData
+    from privlora.tasks.instructions import review_instructions
 
     rng = np.random.default_rng(seed)
     words = ["a", "tedious", "joyless", "slog", "bright", "warm", "film", "plot", "great", "dull"]
@@ -107,7 +107,7 @@ def records(n=12, seed=0):
 
 
 def test_prompt_and_padding_carry_no_label_and_the_response_is_the_templates_answer(tok):
-    from privlora.causal_lm import IGNORE, render, tokenize_causal
+    from privlora.tasks.causal_lm import IGNORE, render, tokenize_causal
 
     data = records(6)
     ds = tokenize_causal(data, tok, 96)
@@ -126,7 +126,7 @@ def test_prompt_and_padding_carry_no_label_and_the_response_is_the_templates_ans
 def test_without_end_of_turn_loss_only_the_responses_own_tokens_carry_labels(tok):
     import torch
 
-    from privlora.causal_lm import IGNORE, render, tokenize_causal
+    from privlora.tasks.causal_lm import IGNORE, render, tokenize_causal
 
     data = records(6)
     whole = tokenize_causal(data, tok, 96).tensors
@@ -142,7 +142,7 @@ def test_without_end_of_turn_loss_only_the_responses_own_tokens_carry_labels(tok
 
 
 def test_a_long_instruction_is_cut_and_the_response_kept(tok):
-    from privlora.causal_lm import CausalTaskError, encode
+    from privlora.tasks.causal_lm import CausalTaskError, encode
 
     long = "word " * 300
     p, r = encode(tok, long, "rotten", 64)
@@ -173,8 +173,8 @@ def reference_nll(model, ids, mask, labels):
 def test_loss_is_the_mean_response_nll_and_padding_changes_nothing(tok, llama_dir):
     import torch
 
-    from privlora.causal_lm import causal_loss, load_causal_model, sequence_nll, tokenize_causal
-    from privlora.data import trim_batch
+    from privlora.tasks.causal_lm import causal_loss, load_causal_model, sequence_nll, tokenize_causal
+    from privlora.tasks.data import trim_batch
 
     model = load_causal_model(str(llama_dir), 0)
     ids, mask, labels = trim_batch(*tokenize_causal(records(5), tok, 96).tensors)
@@ -203,9 +203,9 @@ def test_opacus_per_sample_gradients_of_lora_equal_one_sequence_at_a_time(tok, l
     import torch
     from opacus import GradSampleModule
 
-    from privlora.adapters import make_peft_model
-    from privlora.causal_lm import causal_loss, load_causal_model, tokenize_causal
-    from privlora.data import trim_batch
+    from privlora.tasks.adapters import make_peft_model
+    from privlora.tasks.causal_lm import causal_loss, load_causal_model, tokenize_causal
+    from privlora.tasks.data import trim_batch
 
     cfg = causal_cfg(llama_dir, federation={"strategy": "fedit"})
     model = make_peft_model(load_causal_model(str(llama_dir), 0), cfg, 4)
@@ -237,9 +237,9 @@ def test_opacus_per_sample_gradients_of_lora_equal_one_sequence_at_a_time(tok, l
 
 @pytest.mark.parametrize("strategy", ["fedit", "ffa"])
 def test_a_dp_step_changes_every_trained_lora_tensor(tok, llama_dir, strategy):
-    from privlora.adapters import adapter_state, make_peft_model
-    from privlora.causal_lm import load_causal_model, tokenize_causal
-    from privlora.client import Client
+    from privlora.tasks.adapters import adapter_state, make_peft_model
+    from privlora.tasks.causal_lm import load_causal_model, tokenize_causal
+    from privlora.federation.client import Client
     from privlora.strategies import strategy_from_config
 
     cfg = causal_cfg(llama_dir, federation={"strategy": strategy}, privacy={"noise_multiplier": 0.8},
@@ -263,7 +263,7 @@ def test_a_dp_step_changes_every_trained_lora_tensor(tok, llama_dir, strategy):
 
 
 def test_answer_accuracy_is_the_likelihood_ranking_of_the_allowed_answers(tok, llama_dir):
-    from privlora.causal_lm import encode, evaluate_causal, load_causal_model, tokenize_causal_eval
+    from privlora.tasks.causal_lm import encode, evaluate_causal, load_causal_model, tokenize_causal_eval
 
     import torch
 
@@ -294,8 +294,8 @@ def test_answer_accuracy_is_the_likelihood_ranking_of_the_allowed_answers(tok, l
 def test_options_scored_through_a_shared_prompt_cache_equal_each_sequence_scored_alone(tok, llama_dir):
     from peft import LoraConfig, get_peft_model
 
-    from privlora.causal_lm import _shared_prefix, load_causal_model, options_nll, tokenize_causal_eval
-    from privlora.data import trim_batch
+    from privlora.tasks.causal_lm import _shared_prefix, load_causal_model, options_nll, tokenize_causal_eval
+    from privlora.tasks.data import trim_batch
 
     import torch
 
@@ -329,7 +329,7 @@ def test_options_scored_through_a_shared_prompt_cache_equal_each_sequence_scored
 
 
 def run(cfg, out):
-    from privlora.simulation import run_experiment
+    from privlora.transports.inprocess import run_experiment
 
     return run_experiment(cfg, out, progress=False)
 
@@ -338,9 +338,9 @@ def test_a_dp_run_reports_loss_perplexity_samples_and_saves_a_loadable_adapter(t
     import torch
     from peft import PeftModel
 
-    from privlora.causal_lm import load_causal_model, tokenize_causal_eval
-    from privlora.config import load_config
-    from privlora.data import trim_batch
+    from privlora.tasks.causal_lm import load_causal_model, tokenize_causal_eval
+    from privlora.core.config import load_config
+    from privlora.tasks.data import trim_batch
     from accounting.verify import verify_run
 
     cfg = causal_cfg(llama_dir, federation={"rounds": 2, "clients_per_round": 2, "strategy": "ffa"},
@@ -364,11 +364,11 @@ def test_a_dp_run_reports_loss_perplexity_samples_and_saves_a_loadable_adapter(t
     # the saved adapter on a fresh base gives the server's final scores
     base = load_causal_model(str(llama_dir), 0)
     model = PeftModel.from_pretrained(base, str(out / "adapter")).eval()
-    from privlora.simulation import load_split
+    from privlora.federation.startup import load_split
 
     _, _, test = load_split(load_config(out / "config.toml"))
     ds = tokenize_causal_eval(test, tok, 96)
-    from privlora.causal_lm import evaluate_causal
+    from privlora.tasks.causal_lm import evaluate_causal
 
     ev = evaluate_causal(model, ds, 64)
     assert ev["loss"] == pytest.approx(final["test_loss"], rel=1e-5)
@@ -421,8 +421,8 @@ def test_flora_slot_form_runs_the_causal_task(llama_dir, tmp_path):
 def test_chatterbot_pairs_are_grouped_by_category():
     import yaml
 
-    from privlora.config import DataConfig
-    from privlora.instructions import chatterbot_folder, load_instruction_data
+    from privlora.core.config import DataConfig
+    from privlora.tasks.instructions import chatterbot_folder, load_instruction_data
 
     data = load_instruction_data(DataConfig(source="embedded:chatterbot"))
     folder = chatterbot_folder()
@@ -439,9 +439,9 @@ def test_chatterbot_pairs_are_grouped_by_category():
 
 
 def test_local_instruction_jsonl_and_its_errors(tmp_path):
-    from privlora.config import DataConfig
-    from privlora.data import DataError
-    from privlora.instructions import load_instruction_data
+    from privlora.core.config import DataConfig
+    from privlora.tasks.data import DataError
+    from privlora.tasks.instructions import load_instruction_data
 
     path = tmp_path / "qa.jsonl"
     path.write_text("\n".join(json.dumps({"instruction": f"q{i}", "response": f"a{i}", "topic": i % 2}) for i in range(6)) + "\n")
@@ -456,9 +456,9 @@ def test_local_instruction_jsonl_and_its_errors(tmp_path):
 
 
 def test_the_review_instructions_answer_with_the_label_name():
-    from privlora.config import DataConfig
-    from privlora.data import load_labelled_data
-    from privlora.instructions import REVIEW_INSTRUCTION, load_instruction_data
+    from privlora.core.config import DataConfig
+    from privlora.tasks.data import load_labelled_data
+    from privlora.tasks.instructions import REVIEW_INSTRUCTION, load_instruction_data
 
     cfg = DataConfig()
     reviews, data = load_labelled_data(cfg), load_instruction_data(cfg)
@@ -469,9 +469,9 @@ def test_the_review_instructions_answer_with_the_label_name():
 
 
 def test_a_configured_review_prompt_and_answers_phrase_every_review_and_survive_config_toml():
-    from privlora.config import DataConfig, config_from_dict, config_to_toml, load_config
-    from privlora.data import load_labelled_data
-    from privlora.instructions import load_instruction_data
+    from privlora.core.config import DataConfig, config_from_dict, config_to_toml, load_config
+    from privlora.tasks.data import load_labelled_data
+    from privlora.tasks.instructions import load_instruction_data
 
     prompt = 'Is this movie review positive or negative?\n\nReview: "{text}"'
     cfg = DataConfig(review_prompt=prompt, review_answers=("negative", "positive"))
@@ -504,7 +504,7 @@ CAUSAL = {"model": {"task": "causal-lm", "path": "embedded:smollm2"}, "lora": {"
     ({"review_answers": ["a", "b"], "source": "embedded:chatterbot"}, "phrase the embedded reviews"),
 ])
 def test_review_prompt_and_answer_mistakes_name_the_field(data, message):
-    from privlora.config import ConfigError, config_from_dict
+    from privlora.core.config import ConfigError, config_from_dict
 
     field = "data.review_answers" if "review_answers" in data else "data.review_prompt"
     with pytest.raises(ConfigError, match=field.replace(".", r"\.") + ".*" + __import__("re").escape(message)):
@@ -524,7 +524,7 @@ def test_review_prompt_and_answer_mistakes_name_the_field(data, message):
     ({"model": {"end_of_turn_loss": False}}, "model.end_of_turn_loss"),
 ])
 def test_causal_config_mistakes_name_the_field(raw, field):
-    from privlora.config import ConfigError, config_from_dict
+    from privlora.core.config import ConfigError, config_from_dict
 
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         config_from_dict(raw)

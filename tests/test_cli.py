@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from privlora.cli import main
+from privlora.commands.cli import main
 
 
 def test_bad_config_exits_2_naming_the_field(tmp_path, capsys):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from privlora.config import ConfigError, ExperimentConfig, config_from_dict, config_to_toml, load_config
+from privlora.core.config import ConfigError, ExperimentConfig, config_from_dict, config_to_toml, load_config
 
 
 @pytest.mark.parametrize(

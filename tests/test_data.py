@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from privlora.config import DataConfig
-from privlora.data import DataError, load_labelled_data, train_test_split
+from privlora.core.config import DataConfig
+from privlora.tasks.data import DataError, load_labelled_data, train_test_split
 
 
 def test_embedded_rotten_tomatoes_has_the_documented_shape():

@@ -16,10 +16,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from privlora.adapters import adapter_state, load_adapter_state, make_peft_model
-from privlora.client import Client
-from privlora.data import LabelledData, tokenize
-from privlora.models import load_tokenizer
+from privlora.tasks.adapters import adapter_state, load_adapter_state, make_peft_model
+from privlora.federation.client import Client
+from privlora.tasks.data import LabelledData, tokenize
+from privlora.tasks.models import load_tokenizer
 from privlora.strategies import make_strategy
 
 from .conftest import tiny_bert
@@ -155,7 +155,7 @@ def test_non_private_mode_trains_without_a_mechanism(tiny_cfg):
 
 def test_target_epsilon_calibrates_per_client_noise(tiny_cfg):
     from accounting import SubsampledGaussian
-    from privlora.privacy import epsilon
+    from privlora.core.accountants import epsilon
 
     cfg = tiny_cfg(privacy={"noise_multiplier": 0.0, "target_epsilon": 3.0}, training={"batch_size": 16, "local_steps": 5},
                    federation={"rounds": 4})
@@ -171,7 +171,7 @@ def test_target_epsilon_calibrates_per_client_noise(tiny_cfg):
 @pytest.mark.parametrize("private", [True, False])
 def test_dp_clients_keep_their_training_loss_to_themselves(tiny_cfg, private):
     """The mean training loss is an un-noised function of private data: never sent under DP."""
-    from privlora.messages import Message
+    from privlora.federation.messages import Message
 
     cfg = tiny_cfg(privacy={"enabled": private}, training={"local_steps": 1, "batch_size": 16})
     client, strategy, base = make_client(cfg)

@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from privlora.adapters import make_peft_model
-from privlora.config import ConfigError, config_from_dict
-from privlora.data import LabelledData, run_split, tokenize
-from privlora.models import load_tokenizer, use_mean_pooling
+from privlora.tasks.adapters import make_peft_model
+from privlora.core.config import ConfigError, config_from_dict
+from privlora.tasks.data import LabelledData, run_split, tokenize
+from privlora.tasks.models import load_tokenizer, use_mean_pooling
 from privlora.strategies import make_strategy
 
 from .conftest import tiny_bert
@@ -96,7 +96,7 @@ def test_opacus_per_sample_gradients_through_mean_pooling_equal_one_at_a_time(ti
 
 
 def test_mean_pooling_is_refused_for_a_model_without_a_pooler():
-    from privlora.models import ModelError
+    from privlora.tasks.models import ModelError
 
     class NoPooler(torch.nn.Module):
         base_model = torch.nn.Linear(2, 2)
@@ -129,7 +129,7 @@ def test_expected_participation_calibrates_for_its_rounds_and_no_more():
     import dp_accounting
     from dp_accounting.pld import PLDAccountant
 
-    from privlora.client import planned_noise_multiplier, poisson_sample_rate
+    from privlora.federation.client import planned_noise_multiplier, poisson_sample_rate
 
     cfg = config_from_dict(_raw(privacy={"participation": "expected"}))
     q = poisson_sample_rate(1150, 64)
@@ -154,7 +154,7 @@ def test_a_run_calibrated_for_expected_participation_refuses_rather_than_overspe
     import json
 
     from accounting import verify_run
-    from privlora.simulation import run_experiment
+    from privlora.transports.inprocess import run_experiment
 
     cfg = tiny_cfg(federation={"rounds": 4, "clients_per_round": 3, "min_clients": 1},
                    privacy={"noise_multiplier": 0.0, "target_epsilon": 3.0, "participation": "expected"},
@@ -196,9 +196,9 @@ def test_a_mean_pooled_run_reloads_with_mean_pooling_and_scores_what_the_server_
     way, or the reloaded model would score differently from the run's own final evaluation."""
     import json
 
-    from privlora.data import load_labelled_data
-    from privlora.predict import load_run_model
-    from privlora.simulation import run_experiment
+    from privlora.tasks.data import load_labelled_data
+    from privlora.tasks.predict import load_run_model
+    from privlora.transports.inprocess import run_experiment
 
     cfg = tiny_cfg(model={"pooling": "mean"}, training={"lr": 1.0, "local_steps": 3})
     out = tmp_path / "run"

@@ -10,8 +10,8 @@ import pytest
 from safetensors.numpy import load_file
 
 from accounting import Ledger
-from privlora.cli import main
-from privlora.config import config_from_dict
+from privlora.commands.cli import main
+from privlora.core.config import config_from_dict
 
 
 def cfg_for(tiny_model_dir, **over):
@@ -40,7 +40,7 @@ def head(adapter):
 
 
 def test_a_client_killed_after_key_sharing_is_recovered_and_its_charge_stays_spent(tiny_model_dir, tmp_path):
-    from privlora.simulation import run_experiment
+    from privlora.transports.inprocess import run_experiment
 
     # client 2 shares its keys, then dies before sending its masked input
     out = tmp_path / "drop"
@@ -65,7 +65,7 @@ def test_a_client_killed_after_key_sharing_is_recovered_and_its_charge_stays_spe
 def test_too_many_dropouts_abort_the_round_before_any_unmasking_share_leaves(tiny_model_dir, tmp_path, capsys, monkeypatch):
     from secagg import SecAggClient
 
-    from privlora.simulation import run_experiment
+    from privlora.transports.inprocess import run_experiment
 
     sent = []
     real = SecAggClient.handle
@@ -91,7 +91,7 @@ def test_too_many_dropouts_abort_the_round_before_any_unmasking_share_leaves(tin
 
 
 def test_an_aborted_round_resumes_when_the_clients_are_back(tiny_model_dir, tmp_path):
-    from privlora.simulation import run_experiment
+    from privlora.transports.inprocess import run_experiment
 
     cfg = cfg_for(tiny_model_dir)
     whole, cut = tmp_path / "whole", tmp_path / "cut"
@@ -111,9 +111,9 @@ def test_an_aborted_round_resumes_when_the_clients_are_back(tiny_model_dir, tmp_
 def guarded_node(tiny_model_dir, tmp_path, budget=None):
     """Client 0 behind a ClientGuard with ``budget``; None = halfway between what one and two
     rounds of its release cost by the PLD accountant (computed here, not by the guard)."""
-    from privlora.node import ClientGuard, ClientNode
-    from privlora.privacy import get_accountant
-    from privlora.simulation import build_federation
+    from privlora.federation.node import ClientGuard, ClientNode
+    from privlora.core.accountants import get_accountant
+    from privlora.federation.startup import build_federation
 
     cfg = cfg_for(tiny_model_dir, secagg={"enabled": False})
     fed = build_federation(cfg)
@@ -127,8 +127,8 @@ def guarded_node(tiny_model_dir, tmp_path, budget=None):
 
 
 def test_a_client_refuses_an_instruction_over_its_own_budget_from_a_server_that_skips_admission(tiny_model_dir, tmp_path):
-    from privlora.messages import Message
-    from privlora.privacy import get_accountant
+    from privlora.federation.messages import Message
+    from privlora.core.accountants import get_accountant
 
     # the budget lies between the cost of one round and of two
     cfg, fed, node, budget = guarded_node(tiny_model_dir, tmp_path)
@@ -146,7 +146,7 @@ def test_a_client_refuses_an_instruction_over_its_own_budget_from_a_server_that_
 def test_a_client_refuses_a_mechanism_other_than_its_own_and_repeats_a_release_byte_for_byte(tiny_model_dir, tmp_path):
     import dataclasses
 
-    from privlora.messages import Message
+    from privlora.federation.messages import Message
 
     cfg, fed, node, _ = guarded_node(tiny_model_dir, tmp_path, budget=20.0)
     planned = node.client.planned_mechanism()
@@ -164,7 +164,7 @@ def test_a_client_refuses_a_mechanism_other_than_its_own_and_repeats_a_release_b
 
 
 def test_pinned_keys_from_a_registry_made_by_privlora_keys(tiny_model_dir, tmp_path):
-    from privlora.simulation import run_experiment
+    from privlora.transports.inprocess import run_experiment
 
     assert main(["keys", "--clients", "5", "--out", str(tmp_path / "keys")]) == 0
     registry = tmp_path / "keys" / "registry.json"
@@ -182,7 +182,7 @@ def test_the_secure_noise_source_is_standard_normal_and_replaces_opacus_noise():
     import torch
     from scipy import stats
 
-    from privlora.noise import SecureGaussian, noise_source
+    from privlora.federation.noise import SecureGaussian, noise_source
 
     z = SecureGaussian().standard_normal(200_000)
     assert abs(z.mean()) < 0.01 and abs(z.std() - 1) < 0.01
@@ -208,7 +208,7 @@ def test_the_secure_noise_source_is_standard_normal_and_replaces_opacus_noise():
 
 def test_verify_checks_a_client_ledger_against_the_servers_report(tiny_model_dir, tmp_path, capsys):
     from accounting import verify_client_ledger
-    from privlora.simulation import run_experiment
+    from privlora.transports.inprocess import run_experiment
 
     out = tmp_path / "run"
     run_experiment(cfg_for(tiny_model_dir, secagg={"enabled": False}), out, progress=False)

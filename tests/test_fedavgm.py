@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from privlora.fedavgm import server_momentum_step
+from privlora.strategies.fedavgm import server_momentum_step
 
 
 def test_momentum_matches_the_recurrence_written_out():

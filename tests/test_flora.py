@@ -219,8 +219,8 @@ def layer_update(model, module: str) -> torch.Tensor:
 
 
 def tiny_dataset(n, seed):
-    from privlora.data import LabelledData, tokenize
-    from privlora.models import load_tokenizer
+    from privlora.tasks.data import LabelledData, tokenize
+    from privlora.tasks.models import load_tokenizer
 
     texts = ["a gorgeous, witty, seductive movie.", "dull", "the plot is nothing but boilerplate clichés",
              "an utterly charming and hilarious film", "rarely has so much been done with so little"]
@@ -236,8 +236,8 @@ def test_a_federated_round_through_messages_merges_into_every_base(tiny_cfg, tmp
     merged base with fresh adapters; the exported adapter reloads with peft to the same logits."""
     from peft import PeftModel
 
-    from privlora.client import Client
-    from privlora.server import Server
+    from privlora.federation.client import Client
+    from privlora.federation.server import Server
 
     cfg = tiny_cfg(federation={"strategy": "flora", "flora_form": form, "server_momentum": 0.0},
                    lora={"ranks": [2, 1, 3, 1], "r": 2, "alpha": 3.0}, training={"local_steps": 2, "batch_size": 8})
@@ -249,7 +249,7 @@ def test_a_federated_round_through_messages_merges_into_every_base(tiny_cfg, tmp
     sizes = {0: 16, 1: 24, 2: 40}
     clients = {k: Client(k, cfg, base, tiny_dataset(n, k), strategy_from_config(cfg)) for k, n in sizes.items()}
     updates, states = [], {}
-    from privlora.messages import Message
+    from privlora.federation.messages import Message
 
     for k, client in clients.items():
         msg = Message.from_bytes(server.instruction(1, k), "round_instruction")
@@ -298,10 +298,10 @@ def test_merged_minilm_equals_base_plus_scaled_sum_of_products():
     transformers model whose weights were set to that sum by hand."""
     from transformers import AutoModelForSequenceClassification
 
-    from privlora.adapters import adapter_state, load_adapter_state, make_peft_model
-    from privlora.config import config_from_dict
-    from privlora.models import load_classifier, load_tokenizer, resolve_model_path
-    from privlora.server import Server
+    from privlora.tasks.adapters import adapter_state, load_adapter_state, make_peft_model
+    from privlora.core.config import config_from_dict
+    from privlora.tasks.models import load_classifier, load_tokenizer, resolve_model_path
+    from privlora.federation.server import Server
 
     torch.set_num_threads(1)
     cfg = config_from_dict({

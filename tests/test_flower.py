@@ -1,7 +1,7 @@
 """privlora on a real Flower deployment: a SuperLink and three SuperNodes on 127.0.0.1.
 
 Each test starts its own `flower-superlink` and `flower-supernode` processes on free loopback
-ports (`privlora.flower.local.LocalDeployment`), waits a bounded time for the run, and ends
+ports (`privlora.transports.flower.local.LocalDeployment`), waits a bounded time for the run, and ends
 every process it started by its id (descendants included); the last check of each test is that
 none of them is still alive.
 """
@@ -20,8 +20,8 @@ from safetensors.numpy import load_file
 pytest.importorskip("flwr")
 
 from accounting import Ledger  # noqa: E402
-from privlora.cli import main  # noqa: E402
-from privlora.flower.local import LocalDeployment, _alive, node_configs  # noqa: E402
+from privlora.commands.cli import main  # noqa: E402
+from privlora.transports.flower.local import LocalDeployment, _alive, node_configs  # noqa: E402
 
 RUN_TIMEOUT = 900.0
 FAULTS = pytest.mark.skipif(
@@ -77,7 +77,7 @@ def adapter(out: Path) -> dict[str, np.ndarray]:
 
 
 def test_two_dp_rounds_with_secure_aggregation_and_pinned_keys(tmp_path, tiny_model_dir):
-    from privlora.simulation import run_experiment
+    from privlora.transports.inprocess import run_experiment
 
     keys = tmp_path / "keys"
     assert main(["keys", "--clients", "3", "--out", str(keys)]) == 0
@@ -104,7 +104,7 @@ def test_two_dp_rounds_with_secure_aggregation_and_pinned_keys(tmp_path, tiny_mo
 
     # the same config and seed in one process: the same adapter within the fixed-point quantisation
     inproc = tmp_path / "in-process"
-    run_experiment(__import__("privlora.config", fromlist=["load_config"]).load_config(cfg), inproc, progress=False)
+    run_experiment(__import__("privlora.core.config", fromlist=["load_config"]).load_config(cfg), inproc, progress=False)
     a, b = adapter(out), adapter(inproc)
     assert a.keys() == b.keys()
     for k in a:
@@ -112,7 +112,7 @@ def test_two_dp_rounds_with_secure_aggregation_and_pinned_keys(tmp_path, tiny_mo
 
 
 def _serverapp_pids(dep) -> list[int]:
-    from privlora.flower.local import descendants
+    from privlora.transports.flower.local import descendants
 
     out = []
     for pid in descendants(dep.procs["superlink"].pid):
@@ -135,9 +135,9 @@ def test_in_the_clear_a_killed_server_resumes_to_the_in_process_bits(tmp_path, t
     the run is resumed on the same nodes: adapter, metrics and ledger equal the in-process run's."""
     import signal
 
-    from privlora.config import load_config
-    from privlora.flower.local import kill_tree
-    from privlora.simulation import run_experiment
+    from privlora.core.config import load_config
+    from privlora.transports.flower.local import kill_tree
+    from privlora.transports.inprocess import run_experiment
 
     cfg = write_config(tmp_path, tiny_model_dir, secure=False, rounds=2)
     out = tmp_path / "flower-run"

@@ -8,8 +8,8 @@ import pytest
 
 pytest.importorskip("flwr")
 
-from privlora.flower.state import node_key, seal, unseal  # noqa: E402
-from privlora.messages import MessageError  # noqa: E402
+from privlora.transports.flower.state import node_key, seal, unseal  # noqa: E402
+from privlora.federation.messages import MessageError  # noqa: E402
 
 
 def test_a_secagg_session_survives_sealing_at_every_stage(tmp_path):

@@ -162,7 +162,7 @@ def test_pruning_never_goes_below_the_tail_and_is_off_unless_asked():
 
 
 def peft_model(cfg, rank, seed=0):
-    from privlora.adapters import adapter_state, load_adapter_state, make_peft_model
+    from privlora.tasks.adapters import adapter_state, load_adapter_state, make_peft_model
 
     torch.manual_seed(seed)
     model = make_peft_model(tiny_bert(), cfg, rank)
@@ -192,7 +192,7 @@ def test_tail_penalty_under_opacus_is_added_after_clipping_and_noise(tiny_cfg):
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader
 
-    from privlora.client import Client, penalty_step
+    from privlora.federation.client import Client, penalty_step
 
     from .test_flora import tiny_dataset
 
@@ -239,9 +239,9 @@ def test_a_client_prunes_reports_its_rank_and_the_server_keeps_it(tiny_cfg):
     """Through messages, under DP: the global adapter's ranks 2 and 3 are made negligible and
     training barely moves them (tiny learning rate); the client drops them, contributes zeros
     there, reports next_rank 2, and its next instruction asks for rank 2."""
-    from privlora.client import Client
-    from privlora.messages import Message
-    from privlora.server import Server
+    from privlora.federation.client import Client
+    from privlora.federation.messages import Message
+    from privlora.federation.server import Server
 
     from .test_flora import tiny_dataset
 
@@ -270,8 +270,8 @@ def test_dp_client_training_with_the_penalty_shrinks_the_tail(tiny_cfg):
     error, three counted steps, and with the same seed (same batches, same noise) the tail
     ranks end smaller with the penalty than without it. (Not necessarily smaller than at the
     start: at this noise level DP noise grows every rank.)"""
-    from privlora.adapters import adapter_state, make_peft_model
-    from privlora.client import Client
+    from privlora.tasks.adapters import adapter_state, make_peft_model
+    from privlora.federation.client import Client
 
     from .test_flora import tiny_dataset
 

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from privlora.messages import Message, MessageError
+from privlora.federation.messages import Message, MessageError
 
 
 def test_round_trip_keeps_header_and_tensors_exactly():

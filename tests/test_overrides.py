@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from privlora.cli import main
-from privlora.config import ConfigError, ExperimentConfig, config_to_toml, load_config
-from privlora.overrides import apply_overrides, load_with_overrides, parse_overrides
+from privlora.commands.cli import main
+from privlora.core.config import ConfigError, ExperimentConfig, config_to_toml, load_config
+from privlora.core.overrides import apply_overrides, load_with_overrides, parse_overrides
 
 
 def test_values_are_toml_and_strings_may_be_bare():

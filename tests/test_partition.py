@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from privlora.data import DataError
-from privlora.partition import partition_dirichlet, partition_iid, partition_natural
+from privlora.tasks.data import DataError
+from privlora.tasks.partition import partition_dirichlet, partition_iid, partition_natural
 
 
 def assert_exact_cover(parts, n):

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from privlora.cli import main
-from privlora.config import config_to_toml
+from privlora.commands.cli import main
+from privlora.core.config import config_to_toml
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 TEXTS = ["A sharp, funny and moving film.", "Dull, long and badly acted."]
@@ -22,7 +22,7 @@ TEXTS = ["A sharp, funny and moving film.", "Dull, long and badly acted."]
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tiny_model_dir):
     """A finished tiny DP run on the embedded reviews, made through the command line."""
-    from privlora.config import config_from_dict
+    from privlora.core.config import config_from_dict
 
     cfg = config_from_dict({
         "name": "predict", "seed": 1, "threads": 1,
@@ -147,10 +147,10 @@ def test_the_readme_recipe_works_as_written(run_dir, tiny_model_dir, tmp_path):
 @pytest.mark.slow
 def test_the_embedded_base_is_named_not_located_in_the_adapter(tmp_path):
     """adapter_config.json names "embedded:minilm", not this machine's site-packages path."""
-    from privlora.adapters import make_peft_model
-    from privlora.config import ExperimentConfig
-    from privlora.models import load_classifier
-    from privlora.simulation import atomic_save_adapter as _atomic_save_adapter
+    from privlora.tasks.adapters import make_peft_model
+    from privlora.core.config import ExperimentConfig
+    from privlora.tasks.models import load_classifier
+    from privlora.tasks.adapters import atomic_save_adapter as _atomic_save_adapter
 
     cfg = ExperimentConfig()
     model = make_peft_model(load_classifier("embedded:minilm", 2, 0), cfg, 2)

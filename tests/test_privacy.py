@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from accounting import SubsampledGaussian
-from privlora.privacy import calibrate_noise, epsilon
+from privlora.core.accountants import calibrate_noise, epsilon
 
 dp_accounting = pytest.importorskip("dp_accounting")
 

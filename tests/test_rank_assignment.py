@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from privlora.config import RANK_DISTRIBUTIONS, ConfigError, config_from_dict, config_to_toml, load_config
+from privlora.core.config import RANK_DISTRIBUTIONS, ConfigError, config_from_dict, config_to_toml, load_config
 
 
 def cfg(num_clients=10, seed=0, **lora):

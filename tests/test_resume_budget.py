@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from accounting import Ledger, get_accountant
-from privlora.cli import main
-from privlora.config import config_from_dict
-from privlora.simulation import run_experiment
+from privlora.commands.cli import main
+from privlora.core.config import config_from_dict
+from privlora.transports.inprocess import run_experiment
 
 
 def tiny(tiny_model_dir, **privacy):
@@ -58,7 +58,7 @@ def test_a_killed_run_resumes_with_the_same_ledger_metrics_and_adapter(tiny_mode
     whole = tmp_path / "whole"
     run_experiment(cfg, whole, progress=False)
 
-    from privlora.client import Client
+    from privlora.federation.client import Client
 
     calls = {"n": 0}
     real = Client.handle

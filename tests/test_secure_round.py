@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from privlora.config import ConfigError, config_from_dict
-from privlora.simulation import run_experiment
+from privlora.core.config import ConfigError, config_from_dict
+from privlora.transports.inprocess import run_experiment
 
 
 def cfg_for(tiny_model_dir, strategy, secure, bits=64, **fed):
@@ -61,7 +61,7 @@ def test_one_round_with_secure_aggregation_matches_the_clear_sum(tiny_model_dir,
 
 
 def test_the_server_never_sees_a_single_contribution_or_dataset_size(tiny_model_dir, tmp_path, monkeypatch):
-    from privlora.server import Server
+    from privlora.federation.server import Server
 
     seen = []
     real = Server.read_update

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from privlora.config import load_config
-from privlora.simulation import OutputDirError, run_experiment
+from privlora.core.config import load_config
+from privlora.transports.inprocess import run_experiment
+from privlora.core.errors import OutputDirError
 
 
 def metrics(out):
@@ -18,7 +19,7 @@ def metrics(out):
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, tiny_model_dir):
-    from privlora.config import config_from_dict
+    from privlora.core.config import config_from_dict
 
     cfg = config_from_dict({
         "name": "e2e", "seed": 5, "threads": 1,
@@ -54,7 +55,7 @@ def test_output_folder_holds_the_contracted_files(finished_run):
 
 def test_epsilon_is_charged_only_for_rounds_a_client_trained_in(finished_run):
     from accounting import SubsampledGaussian
-    from privlora.privacy import epsilon
+    from privlora.core.accountants import epsilon
 
     cfg, out = finished_run
     rows = metrics(out)
@@ -71,19 +72,19 @@ def test_saved_adapter_reloads_with_peft_and_gives_the_same_logits(finished_run,
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
-    from privlora.simulation import build_federation
+    from privlora.federation.startup import build_federation
 
     cfg, out = finished_run
     fed = build_federation(cfg)
     from safetensors.numpy import load_file
 
     saved = load_file(str(out / "adapter" / "adapter_model.safetensors"))
-    from privlora.adapters import load_adapter_state
+    from privlora.tasks.adapters import load_adapter_state
 
     load_adapter_state(fed.server.global_model, saved)
     plain = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir), num_labels=2)
     if cfg.model.pooling == "mean":  # the head was trained on mean-pooled states (load_base_for_run does this)
-        from privlora.models import use_mean_pooling
+        from privlora.tasks.models import use_mean_pooling
 
         use_mean_pooling(plain)
     reloaded = PeftModel.from_pretrained(plain, str(out / "adapter")).eval()
@@ -114,7 +115,7 @@ def test_an_existing_run_is_never_overwritten_by_accident(finished_run):
 
 
 def test_a_fedit_run_in_the_clear_reports_its_cross_term_error(tiny_model_dir, tmp_path):
-    from privlora.config import config_from_dict
+    from privlora.core.config import config_from_dict
 
     base = {
         "seed": 2, "threads": 1,

@@ -156,7 +156,7 @@ def test_ffa_heterogeneous_ranks_through_peft_models_is_exact(tiny_cfg):
     Updates are read from the layers' forward passes, not from the strategy's tensors."""
     import torch
 
-    from privlora.adapters import adapter_state, load_adapter_state, make_peft_model
+    from privlora.tasks.adapters import adapter_state, load_adapter_state, make_peft_model
 
     from .conftest import tiny_bert
     from .test_flora import layer_update

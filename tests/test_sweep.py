@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 
 from accounting import verify_run
-from privlora import simulation, sweep
-from privlora.cli import main
-from privlora.config import ConfigError, load_config
-from privlora.privacy import get_accountant  # noqa: F401  (registers "prv" for verify_run)
-from privlora.sweep import Grid, SweepError, make_grid, run_sweep
+from privlora.transports import inprocess as simulation
+from privlora.commands import sweep
+from privlora.commands.cli import main
+from privlora.core.config import ConfigError, load_config
+from privlora.core.accountants import get_accountant  # noqa: F401  (registers "prv" for verify_run)
+from privlora.commands.sweep import Grid, SweepError, make_grid, run_sweep
 
 OUTPUTS = ("table.md", "table.csv", "points.csv", "sweep.png")
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from accounting import Ledger
-from privlora.cli import main
-from privlora.config import config_to_toml
+from privlora.commands.cli import main
+from privlora.core.config import config_to_toml
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -49,7 +49,7 @@ def metrics(out: Path):
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, tiny_model_dir):
     """A finished tiny DP run (4 clients, 3 per round, 2 rounds) made through the CLI."""
-    from privlora.config import config_from_dict
+    from privlora.core.config import config_from_dict
 
     cfg = config_from_dict({
         "name": "ue", "seed": 3, "threads": 1,
@@ -97,7 +97,7 @@ def test_out_that_cannot_be_created_is_refused_before_anything_is_written(tmp_pa
 
 
 def test_a_full_disk_during_a_checkpoint_loses_nothing_and_resume_finishes(finished, tmp_path, capsys, monkeypatch):
-    import privlora.checkpoint as ckpt
+    import privlora.core.checkpoint as ckpt
 
     cfg, path, whole = finished
     real = ckpt._fsync_write
@@ -139,7 +139,7 @@ def test_report_on_missing_or_torn_metrics_says_how_to_recover(finished, tmp_pat
 
 
 def test_resume_after_metrics_were_deleted_changes_nothing_and_says_so(tiny_cfg, tmp_path, capsys):
-    from privlora.simulation import run_experiment
+    from privlora.transports.inprocess import run_experiment
 
     out = tmp_path / "run"
     run_experiment(tiny_cfg(), out, progress=False, stop_after=1)
@@ -277,7 +277,7 @@ def test_report_or_verify_on_a_missing_folder_names_the_folder(tmp_path, capsys,
 
 
 def test_a_damaged_checkpoint_names_the_damage_and_the_next_step(tiny_cfg, tmp_path, capsys):
-    from privlora.simulation import run_experiment
+    from privlora.transports.inprocess import run_experiment
 
     out = tmp_path / "run"
     run_experiment(tiny_cfg(), out, progress=False, stop_after=1)
@@ -295,7 +295,7 @@ def test_a_damaged_checkpoint_names_the_damage_and_the_next_step(tiny_cfg, tmp_p
 
 
 def test_ctrl_c_names_the_real_folder(tmp_path, capsys, tiny_cfg, monkeypatch):
-    from privlora.client import Client
+    from privlora.federation.client import Client
 
     path = write_cfg(tmp_path, tiny_cfg())
     out = tmp_path / "run"
@@ -381,7 +381,7 @@ def test_flora_and_hetlora_default_to_the_papers_aggregate_and_say_so(tmp_path, 
 
 
 def test_the_default_strategies_keep_server_momentum(tiny_cfg):
-    from privlora.config import ExperimentConfig
+    from privlora.core.config import ExperimentConfig
 
     assert ExperimentConfig().federation.server_momentum == 0.7  # the measured default run (FFA-LoRA)
     assert tiny_cfg(federation={"strategy": "fedit"}).federation.server_momentum == 0.7
@@ -392,7 +392,7 @@ def test_debug_shows_the_traceback_a_plain_run_hides(tmp_path, capsys, tiny_cfg)
     path = write_cfg(tmp_path, tiny_cfg())
     target = tmp_path / "notes.txt"
     target.write_text("mine\n")
-    from privlora.errors import OutputDirError
+    from privlora.core.errors import OutputDirError
 
     with pytest.raises(OutputDirError, match="is a file, not a folder"):
         main(["run", str(path), "--out", str(target), "--quiet", "--debug"])
@@ -400,12 +400,12 @@ def test_debug_shows_the_traceback_a_plain_run_hides(tmp_path, capsys, tiny_cfg)
 
 
 def test_an_unexpected_error_is_one_line_that_says_it_is_a_bug(tmp_path, capsys, tiny_cfg, monkeypatch):
-    import privlora.server
+    import privlora.federation.server
 
     def broken(self):
         raise RuntimeError("evaluation exploded")
 
-    monkeypatch.setattr(privlora.server.Server, "evaluate", broken)
+    monkeypatch.setattr(privlora.federation.server.Server, "evaluate", broken)
     path = write_cfg(tmp_path, tiny_cfg())
     assert main(["run", str(path), "--out", str(tmp_path / "run"), "--quiet"]) == 1
     err = capsys.readouterr().err
@@ -417,7 +417,7 @@ def test_a_spinner_on_a_terminal_ends_in_a_line_with_the_time_taken():
     import io
     import time as _time
 
-    from privlora.progress import Progress
+    from privlora.core.progress import Progress
 
     class Tty(io.StringIO):
         def isatty(self):
@@ -438,7 +438,7 @@ def test_a_spinner_on_a_terminal_ends_in_a_line_with_the_time_taken():
 
 
 def test_a_ledger_cut_behind_the_checkpoints_back_says_to_restore_the_ledger(tiny_cfg, tmp_path, capsys):
-    from privlora.simulation import run_experiment
+    from privlora.transports.inprocess import run_experiment
 
     out = tmp_path / "run"
     run_experiment(tiny_cfg(), out, progress=False, stop_after=1)

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .base import BASE_DELTA_PREFIX, WEIGHT_KEY, State, Strategy, sum_states, wire_bytes
-from .fedit import FedIT, cross_term_error
-from .ffa import FFALoRA, shared_lora_a
-from .flora import FLoRA
-from .hetlora import HetLoRA
+from privlora.strategies.base import BASE_DELTA_PREFIX, WEIGHT_KEY, State, Strategy, sum_states, wire_bytes
+from privlora.strategies.fedit import FedIT, cross_term_error
+from privlora.strategies.ffa import FFALoRA, shared_lora_a
+from privlora.strategies.flora import FLoRA
+from privlora.strategies.hetlora import HetLoRA
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..config import ExperimentConfig
+    from privlora.core.config import ExperimentConfig
 
 NAMES = ("fedit", "ffa", "flora", "hetlora")
 

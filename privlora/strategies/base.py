@@ -20,9 +20,9 @@ Optional hooks, with defaults that do nothing, for the methods that need them:
 - ``base_update(payload)``: dense deltas the client adds to its frozen base weights before
   training (FLoRA merges every round's update into the base).
 
-All states are ``dict[str, np.ndarray]`` under peft's saved names (see `privlora.adapters`). A
+All states are ``dict[str, np.ndarray]`` under peft's saved names (see `privlora.tasks.adapters`). A
 global state may also carry dense deltas to frozen base weights under
-``BASE_DELTA_PREFIX + <peft parameter name>`` (FLoRA); `privlora.server` and `privlora.client`
+``BASE_DELTA_PREFIX + <peft parameter name>`` (FLoRA); `privlora.federation.server` and `privlora.federation.client`
 apply them to the model instead of loading them into the adapter. Strategies are pure numpy —
 testable without a model, a network or torch — except ``penalty``, which returns torch code.
 
@@ -158,7 +158,7 @@ class Strategy(ABC):
 
         It must depend on the adapter parameters only (never on data): the client adds its
         gradient after Opacus has clipped and noised the data gradient, so it costs no privacy
-        and is not clipped (see `privlora.client`)."""
+        and is not clipped (see `privlora.federation.client`)."""
         return None
 
     def prune(self, local_state: State, rank: int) -> tuple[State, int]:
@@ -179,6 +179,12 @@ class Strategy(ABC):
     def download_bytes(self, payload: State) -> int:
         """Bytes of tensor values one client downloads for this broadcast payload (float32)."""
         return wire_bytes(payload)
+
+    def clear_sum_metrics(self, contributions: list[State], global_state: State) -> dict[str, float]:
+        """Metrics only a sum in the clear can give, from the individual ``contributions`` of a
+        round and the ``global_state`` the clients started from (names -> values, for the round's
+        metrics line). None by default; under secure aggregation it is never called."""
+        return {}
 
     def check_secure_aggregation(self) -> None:
         """Raise ValueError, saying why and what to use instead, if the sum this strategy

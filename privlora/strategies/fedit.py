@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import WEIGHT_KEY, State, Strategy, lora_pairs
+from privlora.strategies.base import WEIGHT_KEY, State, Strategy, lora_pairs
 
 
 class FedIT(Strategy):
@@ -21,6 +21,10 @@ class FedIT(Strategy):
     def broadcast(self, global_state: State, rank: int) -> State:
         self._check_rank(rank)
         return {k: v.copy() for k, v in global_state.items()}
+
+    def clear_sum_metrics(self, contributions: list[State], global_state: State) -> dict[str, float]:
+        """``fedit_cross_term_error``: `cross_term_error` of this round's contributions."""
+        return {"fedit_cross_term_error": cross_term_error(contributions, global_state)}
 
     def local_start(self, payload: State, template: State) -> State:
         if set(payload) != set(template):

@@ -18,7 +18,7 @@ import hashlib
 
 import numpy as np
 
-from .base import State, Strategy, is_lora_a, is_lora_b, pad_rank, truncate_rank
+from privlora.strategies.base import State, Strategy, is_lora_a, is_lora_b, pad_rank, truncate_rank
 
 
 def shared_lora_a(seed: int, key: str, rank: int, in_features: int) -> np.ndarray:

@@ -1,7 +1,7 @@
 """FLoRA (Wang et al. 2024): stacking heterogeneous-rank adapters, merged into the base each round.
 
 The mathematics. Client k trains a LoRA adapter of rank r_k with peft scaling
-``s = lora_alpha_k / r_k``, the same ``s`` on every client (`privlora.adapters`: one scaling
+``s = lora_alpha_k / r_k``, the same ``s`` on every client (`privlora.tasks.adapters`: one scaling
 ``s = lora.alpha / lora.r`` for the federation, ``lora_alpha_k = s * r_k``), so its update to a
 layer's weight is ``s * B_k A_k`` (B_k: d_out x r_k, A_k: r_k x d_in). With
 ``p_k = w_k / sum_j w_j`` over the clients that contributed this round (``w_k = n_k`` or 1, see
@@ -40,7 +40,7 @@ server and clients: a client that skipped rounds (partial participation) still r
 whole merged model. This is FLoRA's real download cost: d_out * d_in values per adapted layer
 every round, on top of the head — in exchange the upload is an adapter (slot form) and the
 adapter trained is always fresh. (The FLoRA paper broadcasts the stacked factors instead, which
-assumes every client keeps every past round's merge.) Server momentum (`privlora.fedavgm`)
+assumes every client keeps every past round's merge.) Server momentum (`privlora.strategies.fedavgm`)
 applied to this state is FedAvgM on the merged weights.
 """
 
@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import (
+from privlora.strategies.base import (
     BASE_DELTA_PREFIX,
     WEIGHT_KEY,
     WIRE_BYTES_PER_VALUE,

@@ -15,7 +15,7 @@ S_k on one LoRA module; with many adapted layers privlora computes it **per laye
 (``norm_scope="layer"``: each layer's factors are weighted by that layer's ||B_k A_k||_F), or
 over the whole adapter (``norm_scope="global"``: ``S_k = sqrt(sum_layers ||B_k A_k||_F^2)``, one
 weight per client). A layer whose summed S is zero (no client moved it) keeps its previous
-global factors. The peft scaling s is the same for every client (`privlora.adapters`), so it
+global factors. The peft scaling s is the same for every client (`privlora.tasks.adapters`), so it
 cancels in the weights. The classification head (modules_to_save) is averaged with the usual
 ``p_k = w_k / sum w`` (``federation.weighting``). Like FedIT, averaging factors is not exact:
 the product of the averaged factors is not the average of the products.
@@ -32,7 +32,7 @@ factors, reports the new rank beside its update, and is sent that rank from then
 prunes the whole tail (to ``floor(decay * r_k)``) when the tail's norm has shrunk; privlora's
 per-rank threshold within the same tail is the variant this toolkit documents and tests.
 
-Privacy. The penalty depends only on the adapter parameters, never on data. `privlora.client`
+Privacy. The penalty depends only on the adapter parameters, never on data. `privlora.federation.client`
 adds its gradient after Opacus has clipped and noised the data gradient (were it part of the
 loss, Opacus would overwrite it: the noisy gradient is built from per-sample gradients only), so
 it is not clipped and costs no privacy; the pruning decision and S_k are post-processing of the
@@ -45,7 +45,7 @@ import math
 
 import numpy as np
 
-from .base import (
+from privlora.strategies.base import (
     WEIGHT_KEY,
     State,
     Strategy,

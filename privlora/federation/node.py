@@ -1,0 +1,284 @@
+"""A client node: one client's side of every message the round engine sends, bytes in, bytes out.
+
+`ClientNode.handle(blob) -> blob` is what every transport delivers to: the in-process simulation
+calls it directly, the Flower ClientApp (`privlora.transports.flower.client_app`) calls it on each message.
+
+Messages it answers (`privlora.federation.messages`):
+
+- ``describe`` -> ``client_description``: the release one round of local DP-SGD makes (sigma,
+  q, steps, clip, delta), the noise source, and, in the clear only, the number of examples.
+- ``round_instruction`` -> ``client_update`` (or ``refusal``): train (`Client.handle`). With a
+  `ClientGuard` the node first checks the instruction against its own ledger and budget, and
+  charges its own ledger (fsynced) before anything leaves. Under secure aggregation the reply
+  is the update's header only (with the contribution's layout); the contribution stays here
+  for the masked sum.
+- ``secagg_request`` -> ``secagg_reply``: one stage of `secagg`'s client state machine over the
+  contribution kept from this round's training.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from accounting import Admission, Ledger, LedgerError, SubsampledGaussian
+from privlora.core.errors import ledger_file
+from privlora.federation.client import Client
+from privlora.federation.messages import Message, MessageError, bytes_tensor, tensor_bytes
+
+ANSWERS = ("describe", "round_instruction", "secagg_request")
+
+
+class ClientGuard:
+    """A client's own privacy ledger and budget: it charges before releasing and refuses what
+    would take it past its budget, whatever the server says.
+
+    ``folder`` holds ``ledger.jsonl`` (the `accounting.ledger` format) and ``released/`` (the
+    update bytes released for each charged round). A release is idempotent: asked again for a
+    round it already charged (the server crashed and resumed), the node sends back the very
+    bytes it released before rather than a fresh, differently noised output.
+    """
+
+    def __init__(self, folder: str | Path, client_id: int, budget: float, delta: float, accountant: str, run: dict):
+        from privlora.core.accountants import get_accountant
+
+        self.folder = Path(folder)
+        self.client_id = int(client_id)
+        path = self.folder / "ledger.jsonl"
+        with ledger_file(path):
+            if path.exists():
+                self.ledger = Ledger.open(path)
+                have = self.ledger.budgets.get(self.client_id)
+                if have is not None and abs(have - budget) > 1e-12:
+                    raise LedgerError(f"it was opened with budget {have} for client {client_id}, now {budget}; a budget never changes mid-run")
+            else:
+                self.ledger = Ledger.create(path, delta, accountant, {self.client_id: budget}, run={**run, "party": f"client {client_id}"})
+        self.budget = float(budget)
+        self.admission = Admission(get_accountant(accountant), delta, {self.client_id: budget})
+        self.admission.load({self.client_id: self.ledger.history(self.client_id)})
+        (self.folder / "released").mkdir(parents=True, exist_ok=True)
+
+    def check(self, rnd: int, asked: SubsampledGaussian | None, own: SubsampledGaussian) -> str | None:
+        """None if the node may train round ``rnd``, else the reason it refuses."""
+        if asked != own:
+            return (f"client {self.client_id}: the server charged {asked} for round {rnd} but this client would release "
+                    f"{own}; refusing an instruction whose mechanism differs from its own")
+        charged = self.ledger.charge_for(self.client_id, rnd)
+        if charged is not None:
+            return None if charged.mechanism == own else f"client {self.client_id}: round {rnd} was charged for another mechanism"
+        decision = self.admission.decide(self.client_id, own)
+        return None if decision.admitted else f"refused by the client's own ledger: {decision.reason}"
+
+    def charge(self, rnd: int, mechanism: SubsampledGaussian) -> None:
+        """On disk before this returns; a round is charged once."""
+        if self.ledger.charge_for(self.client_id, rnd) is None:
+            self.ledger.append(self.client_id, rnd, mechanism)
+            self.admission.record(self.client_id, mechanism)
+
+    def released(self, rnd: int) -> bytes | None:
+        p = self.folder / "released" / f"round-{rnd:05d}.bin"
+        return p.read_bytes() if p.is_file() else None
+
+    def keep_release(self, rnd: int, blob: bytes) -> None:
+        from privlora.core.checkpoint import atomic_write
+
+        atomic_write(self.folder / "released" / f"round-{rnd:05d}.bin", blob)
+
+    def spent(self) -> float:
+        return self.admission.spent(self.client_id)
+
+
+@dataclass
+class _Pending:
+    """This round's contribution, kept for secure aggregation."""
+
+    round: int
+    layout: list[tuple[str, tuple[int, ...]]]
+    vector: np.ndarray
+
+
+class ClientNode:
+    """One client behind the bytes interface. ``noise`` is "seeded" or "secure" (`privlora.federation.noise`);
+    ``signing_key`` is this client's pinned Ed25519 private key (secure aggregation with a key
+    registry); ``guard`` its own ledger (deployments).
+
+    ``client`` is a `Client`, or a zero-argument callable that builds one (a Flower node starts a
+    new process for every message: the secure-aggregation stages then never load the model);
+    give ``cfg`` and ``client_id`` with a callable. `export_state`/`import_state` carry what a
+    node must remember between messages (this round's contribution, the secagg session)."""
+
+    def __init__(self, client, guard: ClientGuard | None = None, signing_key=None, noise: str = "seeded",
+                 label_names: list[str] | None = None, config_sha256: str | None = None, *, cfg=None, client_id: int | None = None,
+                 data_facts=None):
+        from privlora.federation.noise import NOISE_SOURCES
+
+        if noise not in NOISE_SOURCES:
+            raise ValueError(f"noise must be one of {NOISE_SOURCES}, found {noise!r}")
+        if isinstance(client, Client):
+            self._client, self._load = client, None
+            self.cfg, self.client_id = client.cfg, client.client_id
+        else:
+            if cfg is None or client_id is None:
+                raise ValueError("a ClientNode built from a loader needs cfg and client_id")
+            self._client, self._load = None, client
+            self.cfg, self.client_id = cfg, int(client_id)
+        self.guard = guard
+        self.signing_key = signing_key
+        self.noise = noise
+        self.label_names = label_names
+        """This node's label names, checked against the server's (None: not checked)."""
+        self.config_sha256 = config_sha256
+        """The hash of this node's own resolved config, checked against the server's (None: not checked)."""
+        self._pending: _Pending | None = None
+        self._session = None  # (round, SecAggClient)
+        self._data_facts = data_facts
+        """Optional zero-argument callable -> (number of examples, label names), cheaper than
+        building the client (no model): what ``describe`` needs."""
+
+    @property
+    def client(self) -> Client:
+        if self._client is None:
+            self._client = self._load()
+            if self._client.client_id != self.client_id:
+                raise ValueError(f"the loader built client {self._client.client_id}, not {self.client_id}")
+        return self._client
+
+    def export_state(self) -> dict:
+        """What must survive until the next message of this run (no model, no data)."""
+        return {"pending": self._pending, "session": self._session}
+
+    def import_state(self, state: dict) -> None:
+        self._pending, self._session = state.get("pending"), state.get("session")
+
+    # ------------------------------------------------------------------ dispatch
+    def handle(self, blob: bytes, progress=None) -> bytes:
+        msg = Message.from_bytes(blob, ANSWERS)
+        cid = msg.header.get("client_id")
+        if cid != self.client_id:
+            raise MessageError(f"a {msg.kind} message for client {cid} was delivered to client {self.client_id}")
+        if msg.kind == "describe":
+            return self._describe(msg.header)
+        if msg.kind == "round_instruction":
+            return self._train(msg, blob, progress)
+        return self._secagg(msg)
+
+    def _describe(self, asked: dict) -> bytes:
+        theirs = asked.get("config_sha256")
+        if self.config_sha256 is not None and theirs is not None and theirs != self.config_sha256:
+            raise MessageError(f"client {self.client_id}: the server runs a config (sha256 {str(theirs)[:12]}…) other than "
+                               f"this node's ({self.config_sha256[:12]}…); both must hold the same federation TOML")
+        from privlora.federation.client import planned_mechanism
+
+        labels = asked.get("labels")
+        if self._client is None and self._data_facts is not None:
+            n, mine = self._data_facts()
+        else:
+            n, mine = self.client.num_examples, getattr(self.client, "label_names", None)
+        mine = self.label_names if self.label_names is not None else mine
+        if mine is not None and labels is not None and list(labels) != list(mine):
+            raise MessageError(f"client {self.client_id}: this node's data has labels {list(mine)} but the federation's "
+                               f"are {list(labels)}; give the node data with exactly those labels")
+        planned = planned_mechanism(self.cfg, n) if self.cfg.privacy.enabled else None
+        if planned is not None and self._client is not None and planned != self._client.planned_mechanism():
+            raise RuntimeError(f"client {self.client_id}: its planned release differs from its client's")  # a bug, never a release
+        header = {
+            "client_id": self.client_id,
+            "mechanism": None if planned is None else planned.to_dict(),
+            "noise": self.noise,
+            # in the clear the size travels with every update anyway; under secagg it never leaves
+            "num_examples": None if self.cfg.secagg.enabled else n,
+            "spent": None if self.guard is None else self.guard.spent(),
+        }
+        return Message("client_description", header).to_bytes()
+
+    def _refuse(self, rnd: int, reason: str) -> bytes:
+        print(f"privlora: client {self.client_id}: round {rnd}: {reason}", file=sys.stderr)
+        return Message("refusal", {"client_id": self.client_id, "round": rnd, "reason": reason}).to_bytes()
+
+    # ------------------------------------------------------------------ training
+    def _train(self, msg: Message, blob: bytes, progress) -> bytes:
+        from privlora.federation.noise import noise_source
+
+        rnd = int(msg.header["round"])
+        dp = self.cfg.privacy.enabled
+        if self.guard is not None and dp:
+            asked = msg.header.get("mechanism")
+            asked = None if asked is None else SubsampledGaussian.from_dict(asked)
+            own = self.client.planned_mechanism()
+            reason = self.guard.check(rnd, asked, own)
+            if reason is not None:
+                return self._refuse(rnd, reason)
+            update = self.guard.released(rnd)
+            if update is None:
+                self.guard.charge(rnd, own)  # fsynced before training, long before anything leaves
+                with noise_source(self.noise):
+                    update = self.client.handle(blob, progress=progress)
+                self.guard.keep_release(rnd, update)
+        else:
+            with noise_source(self.noise):
+                update = self.client.handle(blob, progress=progress)
+        if not self.cfg.secagg.enabled:
+            return update
+        return self._keep_for_secure_sum(rnd, update)
+
+    def _keep_for_secure_sum(self, rnd: int, update: bytes) -> bytes:
+        from privlora.federation.secure_sum import flatten, layout
+
+        msg = Message.from_bytes(update, "client_update")
+        spec = layout(msg.tensors)
+        self._pending = _Pending(rnd, spec, flatten(msg.tensors, spec))
+        self._session = None
+        header = dict(msg.header, layout=[[k, list(s)] for k, s in spec])
+        return Message("client_update", header).to_bytes()
+
+    # ------------------------------------------------------------------ secure aggregation
+    def _secagg(self, msg: Message) -> bytes:
+        from privlora.federation.secure_sum import session_plan
+
+        h = msg.header
+        rnd, stage = int(h["round"]), str(h["stage"])
+        if self._pending is None or self._pending.round != rnd:
+            raise MessageError(f"client {self.client_id}: secure aggregation for round {rnd}, but it holds no contribution of that round")
+        if stage == "advertise_keys":
+            from secagg import SecAggClient
+
+            invited = [int(c) for c in h["invited"]]
+            plan, spec = session_plan(self.cfg, self._pending.layout, len(invited))
+            try:
+                nonce = bytes.fromhex(h["session_nonce"])
+            except (KeyError, TypeError, ValueError):
+                raise MessageError(f"client {self.client_id}: the key advertisement request of round {rnd} carries no valid session nonce") from None
+            client = SecAggClient(self.client_id, plan, spec, rnd, self.signing_key, session_nonce=nonce)
+            client.set_input(self._pending.vector)
+            self._session = (rnd, client)
+            out = client.advertise()
+        else:
+            if self._session is None or self._session[0] != rnd:
+                raise MessageError(f"client {self.client_id}: stage {stage!r} of round {rnd} before its key advertisement")
+            client = self._session[1]
+            out = client.handle(tensor_bytes(msg))
+            if stage == "unmasking":
+                self._session, self._pending = None, None
+        header = {"client_id": self.client_id, "round": rnd, "stage": stage}
+        return Message("secagg_reply", header, {"blob": bytes_tensor(out)}).to_bytes()
+
+
+def run_identity(cfg) -> dict:
+    """What a client ledger's header records about the run it belongs to."""
+    from privlora.core.config import resolved_sha256
+
+    return {"name": cfg.name, "config_sha256": resolved_sha256(cfg), "seed": cfg.seed}
+
+
+def ledger_folder(root: str | Path, cfg) -> Path:
+    """A client's ledger folder for one run: ``root/NAME-CONFIGHASH`` (a new run never reopens
+    another run's ledger, a resumed run reopens its own)."""
+    from privlora.core.config import resolved_sha256
+
+    return Path(root) / f"{cfg.name}-{resolved_sha256(cfg)[:12]}"
+
+
+__all__ = ["ClientGuard", "ClientNode", "ledger_folder", "run_identity"]
