@@ -23,8 +23,9 @@ import numpy as np
 import pytest
 
 from accounting import Ledger, SubsampledGaussian
-from privlora.messages import Message
-from privlora.transport import STAGE_DESCRIBE, STAGE_TRAIN, InProcessTransport, Transport
+from privlora.federation.messages import Message
+from privlora.federation.transport import STAGE_DESCRIBE, STAGE_TRAIN, Transport
+from privlora.transports.inprocess import InProcessTransport
 
 TO_CLIENTS = ("describe", "round_instruction", "secagg_request")
 
@@ -95,9 +96,9 @@ SECAGG = {"enabled": True, "bits": 64, "value_bound": 8.0, "max_weight": 1000.0}
 
 def assemble(cfg, out, rewrite=None):
     """A run folder, the real federation and nodes, and a RoundEngine driving them through a
-    FakeTransport (as `privlora.simulation.run_experiment` assembles a run)."""
-    from privlora.engine import RoundEngine
-    from privlora.simulation import build_federation, client_nodes, start_output
+    FakeTransport (as `privlora.transports.inprocess.run_experiment` assembles a run)."""
+    from privlora.federation.engine import RoundEngine
+    from privlora.federation.startup import build_federation, client_nodes, start_output
 
     fed = build_federation(cfg)
     if cfg.secagg.enabled:
@@ -214,7 +215,7 @@ def test_an_update_from_an_uncharged_client_in_an_admitted_clients_place_is_refu
     the client that was not sampled (and never charged), the engine raises MessageError naming
     it; the round leaves no metrics line, the global model and the checkpoint stay at round 0,
     and the ledger holds the admitted clients' charges only."""
-    from privlora.messages import MessageError
+    from privlora.federation.messages import MessageError
 
     cfg = config(tiny_cfg)
     swapped = {}
@@ -235,6 +236,30 @@ def test_an_update_from_an_uncharged_client_in_an_admitted_clients_place_is_refu
     assert_same_state(fed.server.global_state, before)
     assert charged(out) == [(c, 1) for c in transport.instructed(1)]
     assert swapped["outsider"] not in [c for c, _ in charged(out)]
+
+
+def test_a_reply_carrying_another_admitted_clients_update_is_refused(tiny_cfg, tmp_path):
+    """Each reply must be the update of the client it was sent to: when the reply for one
+    admitted client carries another admitted client's update (that client counted twice, the
+    first not at all), the engine raises MessageError naming both, and the round leaves no
+    metrics line and an unchanged global model."""
+    from privlora.federation.messages import MessageError
+
+    cfg = config(tiny_cfg)
+
+    def duplicate(rnd, messages, replies):
+        first, second = sorted(replies)[:2]
+        return {**replies, first: replies[second]}
+
+    out = tmp_path / "run"
+    fed, transport, engine = assemble(cfg, out, {STAGE_TRAIN: duplicate})
+    before = snapshot(fed.server.global_state)
+    with pytest.raises(MessageError, match="carries client") as err:
+        engine.run(stop_after=1)
+    first, second = transport.instructed(1)[:2]
+    assert f"the reply to client {first} carries client {second}'s update" in str(err.value)
+    assert [r["round"] for r in metrics(out)] == [0] and checkpoint_round(out) == 0
+    assert_same_state(fed.server.global_state, before)
 
 
 # ---------------------------------------------------------------- 2. what ran must be what was charged
@@ -286,8 +311,8 @@ def budgets_with_one_round_for_last_client(tiny_cfg):
     """A 2-round config where every client is sampled each round and the last client's budget
     lies halfway between what one and two of its rounds cost (by dp_accounting, here); the
     others have room for both. Returns (cfg, that client, its budget, its release)."""
-    from privlora.partition import partition
-    from privlora.simulation import load_split
+    from privlora.tasks.partition import partition
+    from privlora.federation.startup import load_split
 
     probe = config(tiny_cfg, federation={"rounds": 2, "clients_per_round": 4})
     _, train, _ = load_split(probe)

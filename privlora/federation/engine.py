@@ -302,6 +302,9 @@ class RoundEngine:
                 log(f"round {rnd}: client {cid} refused: {refused[str(cid)]}")
                 continue
             report, tensors = server.read_update(blob, rnd, set(admitted))
+            if report.client_id != cid:  # one client's update counted twice, another's not at all
+                raise MessageError(f"round {rnd}: the reply to client {cid} carries client {report.client_id}'s update; "
+                                   "refusing the round (a transport or node that mixes up replies is broken)")
             if self.dp and report.mechanism != self.ledger.charge_for(cid, rnd).mechanism:
                 raise RuntimeError(
                     f"client {cid} ran {report.mechanism} in round {rnd} but was charged for "
