@@ -548,12 +548,39 @@ def run_sweep(
     from privlora.federation.engine import _bar
 
     out = Path(out)
+    points, ident, plans = _plan_sweep(grid, out)
+    commands, earlier = _earlier_record(out, points, command)
+    records = _initial_records(points, plans, earlier)
+    _write_state(out, grid, ident, commands, records)
+    todo = [p for p in points if plans[p.name][0] != "skip"]
+    finished = len(points) - len(todo)
+    bar = _bar(len(points), "sweep", 0, progress)
+    bar.update(finished)
+    if progress and finished:
+        _emit(bar, f"privlora: sweep: {finished} of {len(points)} points already finished in {out}; running {len(todo)}")
+    sweep = _Sweep(out, grid, ident, commands, plans, records, bar, progress, after_point)
+    _run_points(sweep, todo, worker or _child)
+    rows = write_tables(out)
+    current = [records[p.name] for p in points]
+    counts = {s: sum(1 for r in current if r["status"] == s) for s in ("done", "failed", "aborted", "interrupted")}
+    return {"points": {r["name"]: r for r in current}, "table": rows, **counts, "total": len(points)}
+
+
+def _plan_sweep(grid: Grid, out: Path) -> tuple[list[Point], str, dict[str, tuple[str, str]]]:
+    """The grid's points, the sweep's identity and each point's plan (`plan_point`), with ``out``
+    and every point's folder checked before anything runs; announces the sweep and makes DIR/runs."""
     points, ident = expand(grid)
     check_out(out, ident, points)
     plans = {p.name: plan_point(out, p) for p in points}  # every folder checked before anything runs
     print(f"privlora: sweep of {len(points)} points over {'the embedded default' if grid.config is None else grid.config} "
           f"-> {out} ({grid.workers} worker{'s' if grid.workers > 1 else ''})", file=sys.stderr, flush=True)
     (out / RUNS).mkdir(parents=True, exist_ok=True)
+    return points, ident, plans
+
+
+def _earlier_record(out: Path, points: list[Point], command: list[str] | None) -> tuple[list[list[str]], list[dict]]:
+    """From DIR's sweep.json, if any: every command line so far with ``command`` last, and the
+    records of points not in this grid (marked ``in_grid: false``)."""
     commands = [list(command or [])]
     earlier: list[dict] = []
     if (out / SWEEP_JSON).is_file():  # every invocation is kept: the first made the grid
@@ -561,6 +588,12 @@ def run_sweep(
         commands = [c for c in previous.get("commands") or [previous.get("command") or []]] + commands
         names = {p.name for p in points}  # points of an earlier, larger grid stay on record (and in the table)
         earlier = [dict(r, in_grid=False) for r in previous.get("points", []) if r.get("name") not in names]
+    return commands, earlier
+
+
+def _initial_records(points: list[Point], plans: dict[str, tuple[str, str]], earlier: list[dict]) -> dict[str, dict]:
+    """Each point's sweep.json record before anything runs ("done" when skipped, else "pending"),
+    then the earlier records."""
     records: dict[str, dict] = {}
     for p in points:
         action, why = plans[p.name]
@@ -571,62 +604,79 @@ def run_sweep(
         }
     for r in earlier:
         records[r["name"]] = r
-    _write_state(out, grid, ident, commands, records)
-    todo = [p for p in points if plans[p.name][0] != "skip"]
-    finished = len(points) - len(todo)
-    bar = _bar(len(points), "sweep", 0, progress)
-    bar.update(finished)
-    if progress and finished:
-        _emit(bar, f"privlora: sweep: {finished} of {len(points)} points already finished in {out}; running {len(todo)}")
+    return records
 
-    def start(p: Point) -> str:
-        action, why = plans[p.name]
+
+@dataclass
+class _Sweep:
+    """A running sweep: its folder, grid, identity, command lines, plans, records and progress bar.
+    `start` and `end` bracket each point and write sweep.json after every change."""
+
+    out: Path
+    grid: Grid
+    ident: str
+    commands: list[list[str]]
+    plans: dict[str, tuple[str, str]]
+    records: dict[str, dict]
+    bar: Any
+    progress: bool
+    after_point: Callable[[str, dict], None] | None
+
+    def save(self) -> None:
+        _write_state(self.out, self.grid, self.ident, self.commands, self.records)
+
+    def start(self, p: Point) -> str:
+        """Mark ``p`` running (first moving an unusable folder to DIR/discarded/); returns
+        the action for `run_point`: "resume" or "run"."""
+        action, why = self.plans[p.name]
         if action == "restart":
-            dest = discard(out, p)
-            _emit(bar, f"privlora: sweep: {p.name}: {why}; moved its folder to {dest} and starting it again")
-        records[p.name].update(status="running", started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-        _write_state(out, grid, ident, commands, records)
+            dest = discard(self.out, p)
+            _emit(self.bar, f"privlora: sweep: {p.name}: {why}; moved its folder to {dest} and starting it again")
+        self.records[p.name].update(status="running", started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        self.save()
         return "resume" if action == "resume" else "run"
 
-    def end(p: Point, result: dict) -> None:
+    def end(self, p: Point, result: dict) -> None:
+        """Record ``p``'s result (a "done" whose folder is not complete is "failed"), report it
+        and call ``after_point``."""
         status = result["status"]
         if status == "done":
-            ok, why = completion(out / p.folder)
+            ok, why = completion(self.out / p.folder)
             if not ok:
                 status, result = "failed", dict(result, error=f"the run returned but its folder is not complete: {why}")
-        records[p.name].update(status=status, error=result.get("error"), seconds=round(result.get("seconds", 0.0), 2))
-        _write_state(out, grid, ident, commands, records)
+        self.records[p.name].update(status=status, error=result.get("error"), seconds=round(result.get("seconds", 0.0), 2))
+        self.save()
         if status == "done":
-            bar.update(1)
-        if progress or status != "done":
-            acc = _final_accuracy(out / p.folder) if status == "done" else None
+            self.bar.update(1)
+        if self.progress or status != "done":
+            acc = _final_accuracy(self.out / p.folder) if status == "done" else None
             tail = f", accuracy {acc:.3f}" if acc is not None else ("" if status == "interrupted" else f": {result.get('error')}")
-            _emit(bar, f"privlora: sweep: {p.name}: {status} ({result.get('seconds', 0):.1f} s){tail}")
-        if after_point is not None:
-            after_point(p.name, records[p.name])
+            _emit(self.bar, f"privlora: sweep: {p.name}: {status} ({result.get('seconds', 0):.1f} s){tail}")
+        if self.after_point is not None:
+            self.after_point(p.name, self.records[p.name])
 
+
+def _run_points(sweep: _Sweep, todo: list[Point], worker: Callable) -> None:
+    """Run ``todo`` one after another in this process, or with ``grid.workers > 1`` in worker
+    processes; on Ctrl-C marks the running points interrupted, saves, closes the bar and re-raises."""
     try:
-        if grid.workers <= 1 or len(todo) <= 1:
+        if sweep.grid.workers <= 1 or len(todo) <= 1:
             for p in todo:
-                bar.set_postfix_str(p.name)
-                action = start(p)
-                end(p, run_point(p.cfg, out / p.folder, action))
-                if records[p.name]["status"] == "interrupted":
+                sweep.bar.set_postfix_str(p.name)
+                action = sweep.start(p)
+                sweep.end(p, run_point(p.cfg, sweep.out / p.folder, action))
+                if sweep.records[p.name]["status"] == "interrupted":
                     raise KeyboardInterrupt
         else:
-            _run_parallel(todo, grid.workers, out, start, end, bar, worker or _child)
+            _run_parallel(todo, sweep.grid.workers, sweep.out, sweep.start, sweep.end, sweep.bar, worker)
     except KeyboardInterrupt:
-        for rec in records.values():
+        for rec in sweep.records.values():
             if rec["status"] == "running":
                 rec.update(status="interrupted", error="interrupted (Ctrl-C)")
-        _write_state(out, grid, ident, commands, records)
-        bar.close()
+        sweep.save()
+        sweep.bar.close()
         raise
-    bar.close()
-    rows = write_tables(out)
-    current = [records[p.name] for p in points]
-    counts = {s: sum(1 for r in current if r["status"] == s) for s in ("done", "failed", "aborted", "interrupted")}
-    return {"points": {r["name"]: r for r in current}, "table": rows, **counts, "total": len(points)}
+    sweep.bar.close()
 
 
 def _run_parallel(todo: list[Point], workers: int, out: Path, start, end, bar, target: Callable) -> None:

@@ -413,11 +413,33 @@ def _choice(value: str, allowed: tuple[str, ...], where: str) -> None:
 
 
 def validate(cfg: ExperimentConfig) -> ExperimentConfig:
-    """Check ranges and cross-field rules; return ``cfg`` unchanged or raise ConfigError."""
+    """Check ranges and cross-field rules; return ``cfg`` unchanged or raise ConfigError.
+    The checks run in this order, so a config with several faults is refused for the first."""
+    _validate_top(cfg)
+    _validate_model(cfg)
+    _validate_data(cfg)
+    _validate_review_phrasing(cfg)
+    _validate_group_column(cfg)
+    _validate_lora(cfg)
+    _validate_federation(cfg)
+    _validate_fedit_ranks(cfg)
+    _validate_strategy_options(cfg)
+    _validate_training(cfg)
+    _validate_privacy(cfg)
+    _validate_secagg(cfg)
+    _validate_secagg_federation(cfg)
+    return cfg
+
+
+def _validate_top(cfg: ExperimentConfig) -> None:
+    """The top-level fields: seed and threads >= 0, a non-empty name."""
     _require(cfg.seed >= 0, "seed", f"must be >= 0, found {cfg.seed}")
     _require(cfg.threads >= 0, "threads", f"must be >= 0 (0 = all cores), found {cfg.threads}")
     _require(bool(cfg.name.strip()), "name", "must not be empty")
 
+
+def _validate_model(cfg: ExperimentConfig) -> None:
+    """[model]'s fields, then what its task needs of the model, the data source and LoRA."""
     m = cfg.model
     _choice(m.task, TASKS, "model.task")
     _require(8 <= m.max_length <= 4096, "model.max_length", f"must be in [8, 4096], found {m.max_length}")
@@ -428,11 +450,20 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     if m.task == "causal-lm":
         _validate_causal(cfg)
     else:
-        _require(m.path != EMBEDDED_CAUSAL_MODEL, "model.path",
-                 f"{EMBEDDED_CAUSAL_MODEL!r} is a generative model; set model.task = 'causal-lm', or use {EMBEDDED_MODEL!r}")
-        _require(cfg.data.source != EMBEDDED_QA, "data.source",
-                 f"{EMBEDDED_QA!r} is question-answer data for model.task = 'causal-lm'; it has no labels to classify")
+        _validate_classification(cfg)
 
+
+def _validate_classification(cfg: ExperimentConfig) -> None:
+    """What a classification task refuses: the embedded generative model, and the embedded
+    question-answer data (it has no labels)."""
+    _require(cfg.model.path != EMBEDDED_CAUSAL_MODEL, "model.path",
+             f"{EMBEDDED_CAUSAL_MODEL!r} is a generative model; set model.task = 'causal-lm', or use {EMBEDDED_MODEL!r}")
+    _require(cfg.data.source != EMBEDDED_QA, "data.source",
+             f"{EMBEDDED_QA!r} is question-answer data for model.task = 'causal-lm'; it has no labels to classify")
+
+
+def _validate_data(cfg: ExperimentConfig) -> None:
+    """[data]'s choices and ranges."""
     d = cfg.data
     _choice(d.partition, PARTITIONS, "data.partition")
     _choice(d.holdout, HOLDOUTS, "data.holdout")
@@ -440,6 +471,12 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _require(d.num_clients >= 1, "data.num_clients", f"must be >= 1, found {d.num_clients}")
     _require(d.max_examples >= 0, "data.max_examples", f"must be >= 0 (0 = all), found {d.max_examples}")
     _require(d.dirichlet_alpha > 0, "data.dirichlet_alpha", f"must be > 0, found {d.dirichlet_alpha}")
+
+
+def _validate_review_phrasing(cfg: ExperimentConfig) -> None:
+    """data.review_prompt and data.review_answers: well formed when set, and set only for the
+    embedded reviews under model.task = 'causal-lm'."""
+    m, d = cfg.model, cfg.data
     if d.review_prompt:
         _require(d.review_prompt.count("{text}") == 1 and _formats(d.review_prompt), "data.review_prompt",
                  "must hold '{text}' exactly once (where the review goes) and no other braces; "
@@ -452,6 +489,11 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         _require(not getattr(d, name) or (m.task == "causal-lm" and d.source == EMBEDDED_DATA), f"data.{name}",
                  "review_prompt and review_answers phrase the embedded reviews for model.task = 'causal-lm'; "
                  f"remove it (task {m.task!r}, source {d.source!r})")
+
+
+def _validate_group_column(cfg: ExperimentConfig) -> None:
+    """The natural partition has a column to group by (the embedded data sets bring their own)."""
+    d = cfg.data
     if d.partition == "natural":
         _require(
             bool(d.group_column) or d.source in (EMBEDDED_DATA, EMBEDDED_QA),
@@ -459,6 +501,10 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
             "the natural partition needs a column to group by (e.g. 'movie_name'); set data.group_column",
         )
 
+
+def _validate_lora(cfg: ExperimentConfig) -> None:
+    """[lora]'s ranges, distinct layers, and per-client ranks (lora.ranks or
+    lora.rank_distribution, not both)."""
     lo = cfg.lora
     _require(1 <= lo.r <= 1024, "lora.r", f"must be in [1, 1024], found {lo.r}")
     _require(lo.alpha > 0, "lora.alpha", f"must be > 0, found {lo.alpha}")
@@ -467,7 +513,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     for i, layer in enumerate(lo.layers):
         _require(layer >= 0, f"lora.layers[{i}]", f"must be >= 0, found {layer}")
     _require(len(set(lo.layers)) == len(lo.layers), "lora.layers", f"has duplicates: {list(lo.layers)}")
-    _per_client(lo.ranks, "lora.ranks", "rank", d.num_clients, 1, 1024)
+    _per_client(lo.ranks, "lora.ranks", "rank", cfg.data.num_clients, 1, 1024)
     if lo.rank_distribution:
         _require(
             lo.rank_distribution in RANK_DISTRIBUTIONS,
@@ -476,7 +522,11 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         )
         _require(not lo.ranks, "lora.rank_distribution", "and lora.ranks are both set; give one of them")
 
-    f = cfg.federation
+
+def _validate_federation(cfg: ExperimentConfig) -> None:
+    """[federation]'s choices and ranges common to every strategy, with
+    1 <= min_clients <= clients_per_round <= data.num_clients."""
+    f, d = cfg.federation, cfg.data
     _choice(f.strategy, STRATEGIES, "federation.strategy")
     _choice(f.weighting, WEIGHTINGS, "federation.weighting")
     _require(0.0 <= f.server_momentum < 1.0, "federation.server_momentum",
@@ -494,12 +544,21 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         "federation.min_clients",
         f"must be in [1, federation.clients_per_round={f.clients_per_round}], found {f.min_clients}",
     )
-    if f.strategy == "fedit" and cfg.heterogeneous:
-        where = "lora.rank_distribution" if lo.rank_distribution else "lora.ranks"
+
+
+def _validate_fedit_ranks(cfg: ExperimentConfig) -> None:
+    """Strategy 'fedit' gets one rank for every client (it averages A and B)."""
+    if cfg.federation.strategy == "fedit" and cfg.heterogeneous:
+        where = "lora.rank_distribution" if cfg.lora.rank_distribution else "lora.ranks"
         raise ConfigError(
             f"{where}: heterogeneous ranks are not supported by federation.strategy = 'fedit' "
             "(averaging A and B needs one shape); use strategy 'ffa', 'flora' or 'hetlora', or give every client the same rank"
         )
+
+
+def _validate_strategy_options(cfg: ExperimentConfig) -> None:
+    """The FLoRA and HetLoRA options: flora_form a choice, the hetlora_* values in range."""
+    f = cfg.federation
     _choice(f.flora_form, FLORA_FORMS, "federation.flora_form")
     _require(f.hetlora_penalty >= 0, "federation.hetlora_penalty", f"must be >= 0 (0 = no tail penalty), found {f.hetlora_penalty}")
     _require(0.0 < f.hetlora_decay < 1.0, "federation.hetlora_decay", f"must be in (0, 1), found {f.hetlora_decay}")
@@ -510,6 +569,9 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     )
     _choice(f.hetlora_norm_scope, HETLORA_NORM_SCOPES, "federation.hetlora_norm_scope")
 
+
+def _validate_training(cfg: ExperimentConfig) -> None:
+    """[training]'s optimizer, step and batch counts >= 1, and learning-rate terms in range."""
     t = cfg.training
     _choice(t.optimizer, OPTIMIZERS, "training.optimizer")
     _require(t.local_steps >= 1, "training.local_steps", f"must be >= 1, found {t.local_steps}")
@@ -521,6 +583,10 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _require(0.0 <= t.momentum < 1.0, "training.momentum", f"must be in [0, 1), found {t.momentum}")
     _require(t.weight_decay >= 0, "training.weight_decay", f"must be >= 0, found {t.weight_decay}")
 
+
+def _validate_privacy(cfg: ExperimentConfig) -> None:
+    """[privacy]'s choices and ranges; target_epsilon in (0, 100] when DP is on and it sets the
+    noise or the budget; per-client budgets in (0, 1000]."""
     p = cfg.privacy
     _choice(p.accountant, ACCOUNTANTS, "privacy.accountant")
     _choice(p.participation, PARTICIPATIONS, "privacy.participation")
@@ -532,9 +598,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     if p.enabled and (calibrates or is_budget):
         why = "privacy.noise_multiplier is 0" if calibrates else "it is the budget (privacy.budget_epsilon is 0)"
         _require(0 < p.target_epsilon <= 100, "privacy.target_epsilon", f"must be in (0, 100] when {why}, found {p.target_epsilon}")
-    _per_client(p.budgets, "privacy.budgets", "budget", d.num_clients, 0, 1000, low_open=True)
-    _validate_secagg(cfg)
-    return cfg
+    _per_client(p.budgets, "privacy.budgets", "budget", cfg.data.num_clients, 0, 1000, low_open=True)
 
 
 def _validate_causal(cfg: ExperimentConfig) -> None:
@@ -554,6 +618,7 @@ def _validate_causal(cfg: ExperimentConfig) -> None:
 
 
 def _validate_secagg(cfg: ExperimentConfig) -> None:
+    """[secagg]'s ranges, and a key registry only with secure aggregation on."""
     s = cfg.secagg
     _require(s.bits in (32, 64), "secagg.bits", f"must be 32 or 64, found {s.bits}")
     _require(s.neighbours == 0 or (s.neighbours >= 2 and s.neighbours % 2 == 0), "secagg.neighbours",
@@ -563,7 +628,12 @@ def _validate_secagg(cfg: ExperimentConfig) -> None:
     _require(s.max_weight >= 1 and math.isfinite(s.max_weight), "secagg.max_weight", f"must be a finite number >= 1, found {s.max_weight}")
     _require(s.stage_timeout > 0, "secagg.stage_timeout", f"must be > 0 seconds, found {s.stage_timeout}")
     _require(not s.key_registry or s.enabled, "secagg.key_registry", "is set but secagg.enabled is false; enable secure aggregation or remove the registry")
-    if s.enabled:
+
+
+def _validate_secagg_federation(cfg: ExperimentConfig) -> None:
+    """What secure aggregation needs of the federation: at least 3 clients per round, and no
+    FLoRA slot form (whose sum would reveal each client's factors)."""
+    if cfg.secagg.enabled:
         _require(cfg.federation.clients_per_round >= 3, "federation.clients_per_round",
                  f"secure aggregation needs at least 3 clients per round (a sum of two reveals each to the other), found {cfg.federation.clients_per_round}")
         _require(not (cfg.federation.strategy == "flora" and cfg.federation.flora_form == "slot"), "federation.flora_form",
