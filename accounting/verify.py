@@ -7,8 +7,20 @@ Checks, each reported as a plain sentence:
    ledger) and every line of ``metrics.jsonl`` and the checkpoint (entries and head hash at that
    moment): each must match the ledger's own chain at that length, which catches lines cut off
    the end of the ledger;
-3. every client's epsilon, recomputed from the ledger with the ledger's accountant, against
-   ``report.json`` (relative tolerance 1e-6) and against the client's budget.
+3. every client's epsilon, recomputed from the ledger with the ledger's accountant, against the
+   client's budget;
+4. every privacy number ``report.json`` states (`report_privacy_problems`): per client its
+   epsilon, remaining budget, budget, rounds, steps, noise multipliers, sample rates, clip norms,
+   record count and cross-check epsilons, and the record-level epsilon, delta, accountant and
+   ledger hashes, each against the same number recomputed from the ledger (`privacy_summary`);
+5. every epsilon ``metrics.jsonl`` states (`metrics_privacy_problems`): each client's epsilon and
+   the maximum on every line, against the ledger as it stood when the line was written (the
+   line's anchor), and the noise multiplier round 0 announced against what the ledger charged.
+
+Numbers an accountant computes must match within that accountant's stated ``error`` plus a
+relative ``rel_tol`` (1e-6) for floating point; every other number must match exactly. A problem
+names the file, the field, the value found and the value the ledger gives. A run without
+privacy (no ledger, ``privacy.enabled = false``) must not state an epsilon anywhere.
 
 A hash chain detects tampering by anyone who does not rewrite every anchor too; publishing the
 head hash outside the run folder (as the report invites) closes that gap.
@@ -21,8 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .accountants import get_accountant, history_key
-from .ledger import check_chain
+from .accountants import Accountant, get_accountant, history_key
+from .ledger import Charge, Ledger, check_chain
+from .report import privacy_summary
 
 LEDGER_FILE = "ledger.jsonl"
 
@@ -36,6 +49,9 @@ class VerifyResult:
     checked_anchors: int = 0
     not_private: bool = False
     """The run's config.toml says ``privacy.enabled = false``: no ledger, no claim, nothing to verify."""
+    unchecked: list[str] = field(default_factory=list)
+    """Numbers of the run's files this verifier could not recompute (e.g. a cross-check by an
+    accountant it does not have): not problems, but not verified either."""
 
     @property
     def ok(self) -> bool:
@@ -68,6 +84,257 @@ def _privacy_disabled(run: Path) -> bool:
     return isinstance(privacy, dict) and privacy.get("enabled") is False
 
 
+def _show(v: Any) -> str:
+    """A value as a problem states it: floats in full (a difference may sit past the 6th digit)."""
+    if isinstance(v, float):
+        return repr(v)
+    try:
+        return json.dumps(v)
+    except (TypeError, ValueError):
+        return repr(v)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _differs(found: Any, want: Any, tol: float) -> bool:
+    """True unless ``found`` is ``want``: numbers within ``tol``, lists element by element, the rest equal."""
+    if _is_number(want):
+        return not _is_number(found) or not abs(float(found) - float(want)) <= tol
+    if isinstance(want, list):
+        return not isinstance(found, list) or len(found) != len(want) or any(_differs(f, w, tol) for f, w in zip(found, want))
+    return found != want
+
+
+def _tolerance(acc_error: float | None, want: Any, rel_tol: float) -> float:
+    """How far a stated number may be from the ledger's. An accountant's number (``acc_error``
+    given): its stated error plus ``rel_tol`` relative to max(1, value), as floating point allows.
+    Any other number (``acc_error`` None: copied from the ledger, like delta or a sample rate):
+    ``rel_tol`` relative to the value itself, so a small number is compared as closely as a big one."""
+    values = [abs(float(x)) for x in (want if isinstance(want, list) else [want]) if _is_number(x)]
+    if acc_error is None:
+        return rel_tol * max(values, default=0.0)
+    return acc_error + rel_tol * max([1.0, *values])
+
+
+REPORT_TEXT_FIELDS = ("format", "unit_of_privacy", "adjacency")
+"""Words, not numbers: report.json's privacy block states them; the ledger does not give them."""
+
+
+def report_privacy_problems(
+    privacy: Any,
+    ledger: Ledger,
+    client_sizes: dict[int, int] | None = None,
+    rel_tol: float = 1e-6,
+    where: str = "report.json",
+) -> tuple[list[str], list[str]]:
+    """Every number of report.json's ``privacy`` block against the same block recomputed from
+    ``ledger`` alone by `privacy_summary` (with the ledger's accountant, the cross-check
+    accountants the report names, and ``client_sizes`` from metrics.jsonl's round 0).
+
+    Returns (problems, unchecked). A problem names the file, the field, the value found and the
+    value the ledger gives. Epsilons (and what is computed from them: remaining budget,
+    record-level epsilon) may differ by the computing accountant's stated error plus ``rel_tol``
+    relative; every other number must match exactly (up to ``rel_tol``). ``unchecked`` lists
+    cross-checks by accountants this process does not have (``prv`` needs ``import privlora``).
+    The ledger anchor's ``entries`` and ``head`` are `verify_run`'s anchor check, not repeated here.
+    """
+    problems: list[str] = []
+    unchecked: list[str] = []
+    if not isinstance(privacy, dict):
+        return [f"{where}: privacy is {_show(privacy)}, not the privacy summary the ledger gives"], unchecked
+    if privacy.get("enabled", True) is not True:  # privlora's report says "enabled"; the summary alone does not
+        return [(f"{where}: privacy.enabled is {_show(privacy.get('enabled'))}, but the run has a ledger of "
+                 f"{len(ledger)} charges (expected true)")], unchecked
+    name = str(ledger.header.get("accountant", "pld"))
+    acc = get_accountant(name)
+    listed = privacy.get("cross_checks")
+    listed_names = [str(c.get("name")) for c in listed if isinstance(c, dict)] if isinstance(listed, list) else []
+    available, missing = [], []
+    for n in listed_names:
+        try:
+            get_accountant(n)
+            available.append(n)
+        except ValueError:
+            missing.append(n)
+    want = privacy_summary(ledger, name, cross_checks=available, client_sizes=client_sizes)
+    errors = {n: get_accountant(n).error for n in [name, *available]}
+
+    def compare(field_: str, what: str, found: Any, expected: Any, err: float | None = None, how: str = "") -> None:
+        tol = _tolerance(err, expected, rel_tol)
+        if _differs(found, expected, tol):
+            detail = f" ({how}, tolerance {tol:g})" if how else ""
+            problems.append(f"{where}: {what} ({field_}) is {_show(found)}; the ledger gives {_show(expected)}{detail}")
+
+    # the federation-level numbers
+    compare("privacy.delta", "delta", privacy.get("delta"), want["delta"])
+    compare("privacy.epsilon_record_level", "the record-level ε (the largest client ε)", privacy.get("epsilon_record_level"),
+            want["epsilon_record_level"], errors[name], f"by {name}")
+    found_acc = privacy.get("accountant") if isinstance(privacy.get("accountant"), dict) else {}
+    compare("privacy.accountant.name", "the accountant", found_acc.get("name"), name)
+    compare("privacy.accountant.error", "the accountant's stated error", found_acc.get("error"), acc.error)
+    # each named once, and never the accountant itself (what privacy_summary would have written)
+    compare("privacy.cross_checks", "the cross-check accountants", listed_names, [n for n in dict.fromkeys(listed_names) if n != name])
+    found_ledger = privacy.get("ledger") if isinstance(privacy.get("ledger"), dict) else {}
+    compare("privacy.ledger.file", "the ledger's file name", found_ledger.get("file"), want["ledger"]["file"])
+    compare("privacy.ledger.header_hash", "the ledger header's hash", found_ledger.get("header_hash"), want["ledger"]["header_hash"])
+    warnings = privacy.get("warnings") if isinstance(privacy.get("warnings"), list) else []
+    for w in want["warnings"]:
+        if w not in warnings:  # a warning the report leaves out; one more than the ledger gives is only cautious
+            problems.append(f"{where}: privacy.warnings lacks the warning the ledger gives: {w!r}")
+    known = set(want) | set(REPORT_TEXT_FIELDS) | {"enabled"}
+    for key in sorted(set(privacy) - known):
+        problems.append(f"{where}: privacy.{key} = {_show(privacy[key])} is not a number the ledger gives; verify cannot check it")
+
+    # every client
+    found_clients = privacy.get("clients") if isinstance(privacy.get("clients"), dict) else {}
+    extra = sorted(set(found_clients) - set(want["clients"]), key=lambda c: (len(c), c))
+    if extra:
+        problems.append(f"{where} lists clients the ledger never charged nor budgeted (privacy.clients): {extra}")
+    for c, expected in want["clients"].items():
+        got = found_clients.get(c)
+        if not isinstance(got, dict):
+            problems.append(f"{where} has no ε for client {c} (privacy.clients.{c}); the ledger gives {_show(expected['epsilon'])} ({name})")
+            continue
+        for key, value in expected.items():
+            field_ = f"privacy.clients.{c}.{key}"
+            if key not in got:
+                problems.append(f"{where}: client {c} has no {key} ({field_}); the ledger gives {_show(value)}")
+            elif key == "cross_checks":
+                found_cross = got[key] if isinstance(got[key], dict) else {}
+                for n, eps in value.items():
+                    compare(f"{field_}.{n}", f"client {c}'s ε by the {n} cross-check", found_cross.get(n), eps, errors[n], f"by {n}")
+                for n in sorted(set(found_cross) - set(value)):
+                    if n in missing:
+                        unchecked.append(f"{where}: client {c}'s ε by the {n} cross-check ({field_}.{n} = {_show(found_cross[n])}): "
+                                         f"this verifier has no {n!r} accountant")
+                    else:
+                        problems.append(f"{where}: {field_}.{n} = {_show(found_cross[n])} is a cross-check the report does not list")
+            elif key in ("epsilon", "remaining"):
+                compare(field_, f"client {c}'s {key}", got[key], value, errors[name], f"by {name}")
+            else:
+                compare(field_, f"client {c}'s {key}", got[key], value)
+        for key in sorted(set(got) - set(expected)):
+            problems.append(f"{where}: client {c}'s {key} (privacy.clients.{c}.{key} = {_show(got[key])}) is not a number "
+                            "the ledger (or metrics.jsonl's round 0) gives; verify cannot check it")
+    return problems, unchecked
+
+
+def metrics_privacy_problems(
+    rows: list[tuple[int, dict[str, Any]]],
+    header: dict[str, Any],
+    charges: list[Charge],
+    accountant: Accountant,
+    rel_tol: float = 1e-6,
+) -> list[str]:
+    """Every privacy number of metrics.jsonl against the ledger: on each line (``rows`` holds
+    (line number, record)) each client's ``epsilon`` and ``epsilon_max``, recomputed from the
+    ledger's charges as they stood when the line was written (the first ``ledger.entries``
+    charges; a line without an anchor: the charges of its round and before), and round 0's
+    ``noise_multiplier`` per client against every charge of that client.
+
+    A line with an anchor that does not match the ledger is `verify_run`'s anchor problem and
+    is not compared here. Clients the ledger never charged may be listed at 0 or left out; a
+    charged client must be listed.
+    """
+    problems: list[str] = []
+    delta = float(header.get("delta", 0))
+    heads = [str(header.get("hash"))] + [c.hash for c in charges]
+    budgeted = {int(k) for k in header.get("budgets", {})}
+    sigmas_charged: dict[str, set[float]] = {}
+    for ch in charges:
+        sigmas_charged.setdefault(str(ch.client), set()).add(ch.mechanism.noise_multiplier)
+
+    def tol_eps(v: float) -> float:
+        return _tolerance(accountant.error, v, rel_tol)
+
+    hist: dict[int, list] = {}  # the histories of charges[:done], grown line by line (lines only move forward)
+    done = 0
+    for i, rec in rows:
+        where = f"metrics.jsonl line {i} (round {rec.get('round')})"
+        anchor = rec.get("ledger")
+        if anchor is None:
+            upto_n = sum(1 for c in charges if _is_number(rec.get("round")) and c.round <= rec["round"])
+            upto = f"charges up to round {rec.get('round')}"
+        elif _anchor_problem(where, anchor, heads) is None:
+            upto_n, upto = anchor["entries"], f"first {anchor['entries']} entries"
+        else:
+            continue
+        if upto_n < done:
+            hist, done = {}, 0
+        for ch in charges[done:upto_n]:
+            hist.setdefault(ch.client, []).append(ch.mechanism)
+        done = upto_n
+        if "epsilon" in rec or "epsilon_max" in rec:
+            eps = rec.get("epsilon")
+            if not isinstance(eps, dict):
+                problems.append(f"{where}: epsilon is {_show(eps)}, not a mapping of clients to ε")
+                eps = {}
+            ids = set(hist)
+            for k in eps:
+                try:
+                    ids.add(int(k))
+                except ValueError:
+                    problems.append(f"{where}: epsilon.{k} names no client")
+            expected: dict[int, float] = {}
+            for c in sorted(ids):
+                expected[c] = accountant.epsilon(history_key(hist.get(c, [])), delta)
+                found = eps.get(str(c))
+                if found is None:
+                    problems.append(f"{where}: no ε for client {c} (epsilon.{c}); the ledger's {upto} give "
+                                    f"{_show(expected[c])} ({accountant.name})")
+                elif _differs(found, expected[c], tol_eps(expected[c])):
+                    problems.append(f"{where}: client {c}'s ε (epsilon.{c}) is {_show(found)}; the ledger's {upto} give "
+                                    f"{_show(expected[c])} ({accountant.name}, tolerance {tol_eps(expected[c]):g})")
+                if c not in budgeted and c not in hist:
+                    problems.append(f"{where}: epsilon.{c} names a client the ledger never budgeted nor charged")
+            top = max(expected.values(), default=0.0)
+            found_top = rec.get("epsilon_max")
+            nothing = found_top is None and not hist and not eps  # nothing spent and nothing claimed is fine
+            if not nothing and _differs(found_top, top, tol_eps(top)):
+                problems.append(f"{where}: the largest ε (epsilon_max) is {_show(found_top)}; the ledger's {upto} give "
+                                f"{_show(top)} ({accountant.name}, tolerance {tol_eps(top):g})")
+        sigmas = rec.get("noise_multiplier")
+        if isinstance(sigmas, dict):
+            for k, s in sigmas.items():
+                charged = sorted(sigmas_charged.get(str(k), ()))
+                if charged and _differs([s] * len(charged), charged, _tolerance(None, charged, rel_tol)):
+                    problems.append(f"{where}: client {k}'s noise multiplier (noise_multiplier.{k}) is {_show(s)}; the "
+                                    f"ledger charged it at {_show(charged if len(charged) > 1 else charged[0])}")
+    return problems
+
+
+def claims_without_ledger(run: Path) -> list[str]:
+    """A run without privacy makes no privacy claim: report.json's privacy block says
+    ``enabled: false`` and holds no ε, and no metrics.jsonl line states an ε."""
+    problems: list[str] = []
+    report_path = run / "report.json"
+    if report_path.is_file():
+        try:
+            report = json.loads(report_path.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            return [f"report.json is not valid JSON ({exc})"]
+        privacy = report.get("privacy") if isinstance(report, dict) else None
+        if isinstance(privacy, dict) and (privacy.get("enabled") is not False or set(privacy) - {"enabled"}):
+            problems.append(f"report.json: privacy is {_show(privacy)}, but the run has no ledger (privacy.enabled = false "
+                            'in config.toml): expected {"enabled": false} and no ε')
+    metrics_path = run / "metrics.jsonl"
+    if metrics_path.is_file():
+        for i, line in enumerate(metrics_path.read_text(encoding="utf-8").splitlines(), start=1):
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # not a claim (a line cut off by a crash)
+            if not isinstance(rec, dict):
+                continue
+            for key, none in (("epsilon", {}), ("epsilon_max", None)):
+                if rec.get(key, none) not in (none, None):
+                    problems.append(f"metrics.jsonl line {i} (round {rec.get('round')}): {key} is {_show(rec[key])}, but the run "
+                                    f"has no ledger (privacy.enabled = false in config.toml): expected {_show(none)}")
+    return problems
+
+
 def verify_run(run_dir: str | Path, rel_tol: float = 1e-6) -> VerifyResult:
     run = Path(run_dir)
     res = VerifyResult()
@@ -75,6 +342,7 @@ def verify_run(run_dir: str | Path, rel_tol: float = 1e-6) -> VerifyResult:
     if not ledger_path.is_file():
         if _privacy_disabled(run):
             res.not_private = True
+            res.problems += claims_without_ledger(run)
             return res
         res.problems.append(
             f"{ledger_path}: no ledger, but the run's config enables privacy: the ledger was deleted or moved, "
@@ -111,6 +379,7 @@ def verify_run(run_dir: str | Path, rel_tol: float = 1e-6) -> VerifyResult:
     else:
         res.problems.append("report.json is missing: nothing anchors the end of the ledger (run `privlora report`)")
     metrics_path = run / "metrics.jsonl"
+    metric_rows: list[tuple[int, dict[str, Any]]] = []
     if metrics_path.is_file():
         for i, line in enumerate(metrics_path.read_text(encoding="utf-8").splitlines(), start=1):
             try:
@@ -118,6 +387,10 @@ def verify_run(run_dir: str | Path, rel_tol: float = 1e-6) -> VerifyResult:
             except ValueError:
                 res.problems.append(f"metrics.jsonl line {i}: not JSON")
                 continue
+            if not isinstance(rec, dict):
+                res.problems.append(f"metrics.jsonl line {i}: not a JSON object")
+                continue
+            metric_rows.append((i, rec))
             if "ledger" in rec:
                 p = _anchor_problem(f"metrics.jsonl line {i} (round {rec.get('round')})", rec["ledger"], heads)
                 if p:
@@ -146,26 +419,23 @@ def verify_run(run_dir: str | Path, rel_tol: float = 1e-6) -> VerifyResult:
     for c in charges:
         hist.setdefault(c.client, []).append(c.mechanism)
     budgets = {int(k): float(v) for k, v in header.get("budgets", {}).items()}
-    reported = report.get("privacy", {}).get("clients", {}) if isinstance(report, dict) else {}
     for c in sorted(set(hist) | set(budgets)):
         eps = acc.epsilon(history_key(hist.get(c, [])), delta)
         res.epsilons[c] = eps
         if c in budgets and eps > budgets[c] + 1e-9:
             res.problems.append(f"client {c}: ε = {eps:.4f} ({name}) exceeds its budget {budgets[c]:g}")
-        if reported:
-            got = reported.get(str(c), {}).get("epsilon")
-            if got is None:
-                res.problems.append(f"report.json has no ε for client {c}")
-            elif abs(float(got) - eps) > rel_tol * max(1.0, eps):
-                res.problems.append(f"client {c}: report.json says ε = {float(got):.6f}, the ledger gives {eps:.6f} ({name})")
-    if reported:
-        extra = set(reported) - {str(c) for c in res.epsilons}
-        if extra:
-            res.problems.append(f"report.json lists clients the ledger never charged nor budgeted: {sorted(extra)}")
-        top = report["privacy"].get("epsilon_record_level")
-        want = max(res.epsilons.values(), default=0.0)
-        if top is None or abs(float(top) - want) > rel_tol * max(1.0, want):
-            res.problems.append(f"report.json's record-level ε {top} differs from the ledger's maximum {want:.6f}")
+
+    # every privacy number the run states, against the ledger
+    sizes = next((rec.get("client_sizes") for _, rec in metric_rows if rec.get("round") == 0), None)
+    client_sizes = {i: n for i, n in enumerate(sizes) if isinstance(n, int)} if isinstance(sizes, list) else {}
+    if report and "hash" in header:  # a header without its hash is already a chain problem
+        problems, unchecked = report_privacy_problems(
+            report.get("privacy") if isinstance(report, dict) else None,
+            Ledger(ledger_path, header, charges), client_sizes, rel_tol,
+        )
+        res.problems += problems
+        res.unchecked += unchecked
+    res.problems += metrics_privacy_problems(metric_rows, header, charges, acc, rel_tol)
     return res
 
 

@@ -110,7 +110,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
     run = _run_folder(args.dir, "verify")
     res = verify_run(run)
-    if res.not_private:
+    if res.not_private and res.ok:
         print(
             f"NOTHING TO VERIFY: {args.dir} is a non-private run (privacy.enabled = false in its config.toml): it makes "
             "no privacy claim and has no ledger; only DP runs have an epsilon to recompute"
@@ -118,6 +118,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         return 0
     for problem in res.problems:
         print(f"FAIL: {problem}")
+    for item in res.unchecked:
+        print(f"NOT CHECKED: {item}")
     client_problems = 0
     for path in args.client_ledger or []:
         from accounting import verify_client_ledger
@@ -137,8 +139,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         eps = max(res.epsilons.values(), default=0.0)
         print(
             f"OK: {args.dir}: ledger of {res.entries} charges, hash chain intact (head {res.head[:16]}…), "
-            f"{res.checked_anchors} anchors match, every ε recomputed from the ledger matches report.json "
-            f"(largest {eps:.4f}) and no budget is exceeded"
+            f"{res.checked_anchors} anchors match, no budget is exceeded, and every privacy number of report.json "
+            f"(largest ε {eps:.4f}) and every ε per round in metrics.jsonl match the ε recomputed from the ledger"
+            + (" (but for those NOT CHECKED above)" if res.unchecked else "")
         )
         return 0
     print(f"privlora verify: {len(res.problems)} problem(s) in {args.dir}", file=sys.stderr)
