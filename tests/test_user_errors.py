@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -484,3 +485,70 @@ def test_lora_settings_the_model_does_not_have_are_named_before_anything_is_writ
     assert main(["run", str(path), "--out", str(out), "--quiet"]) == 2
     assert expected in one_error_line(capsys.readouterr().err)
     assert not out.exists()
+
+
+# ---------------------------------------------------------------- one error family
+
+INTERNAL = {"RoundAborted"}  # the engine's own signal between its steps, never shown as a user error
+
+
+def _privlora_exception_classes():
+    import importlib
+    import inspect
+    import pkgutil
+
+    import privlora
+
+    found = {}
+    for mod in pkgutil.walk_packages(privlora.__path__, "privlora."):
+        if mod.name.endswith("__main__") or ".flower." in mod.name or mod.name.endswith(".flower"):
+            continue  # needs flwr; its modules define no error class (checked by the grep below)
+        m = importlib.import_module(mod.name)
+        for name, obj in inspect.getmembers(m, inspect.isclass):
+            if issubclass(obj, BaseException) and obj.__module__ == m.__name__:
+                found[f"{m.__name__}.{name}"] = obj
+    return found
+
+
+def test_every_error_privlora_defines_is_a_user_error_except_the_engines_internal_signal():
+    from privlora.core.errors import UserError
+
+    classes = _privlora_exception_classes()
+    assert len(classes) >= 10  # ConfigError, DataError, ModelError, CausalTaskError, ... were found
+    outside = sorted(k for k, cls in classes.items() if not issubclass(cls, UserError) and k.rsplit(".", 1)[1] not in INTERNAL)
+    assert outside == []
+    flower = ROOT_DIR / "privlora" / "transports" / "flower"
+    assert not [p.name for p in flower.glob("*.py") if re.search(r"^class \w*(Error|Exception)\b", p.read_text(), re.M)]
+
+
+ROOT_DIR = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("error", ["CausalTaskError", "LedgerFileError", "AuditError", "MessageError"])
+def test_a_user_error_from_deep_inside_is_one_line_and_exit_2(error, monkeypatch, capsys, tmp_path):
+    """The CLI catches the family's base class alone: an error raised deep inside a task (e.g.
+    model.max_length too small for the chat template) reaches the user as one line, not as an
+    "internal error ... a bug in privlora"."""
+    import privlora.commands.cli as cli
+
+    classes = {k.rsplit(".", 1)[1]: v for k, v in _privlora_exception_classes().items()}
+
+    def boom(args):
+        raise classes[error]("model.max_length: 8 tokens cannot hold the prompt; raise model.max_length")
+
+    monkeypatch.setattr(cli, "_cmd_run", boom)
+    assert main(["run", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == ["privlora: error: model.max_length: 8 tokens cannot hold the prompt; raise model.max_length"]
+
+
+def test_the_prv_accountant_needs_no_import_for_its_side_effect():
+    """accounting finds privlora's "prv" accountant through its entry point, in a process that
+    imported nothing from privlora first."""
+    import subprocess
+    import sys
+
+    code = ("import sys, accounting; acc = accounting.get_accountant('prv'); "
+            "print(type(acc).__module__, acc.error, 'privlora.core.accountants' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout.split()
+    assert out == ["privlora.core.accountants", "0.01", "True"]
