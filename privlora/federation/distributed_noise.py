@@ -50,6 +50,7 @@ numpy only; never imports torch or ``secagg``.
 from __future__ import annotations
 
 import decimal
+import functools
 import hashlib
 import json
 import math
@@ -483,9 +484,9 @@ _INV_TWO53 = 2.0**-53
 #: raises `_FORCE_EXACT` to send every draw down the exact path
 _GAMMA_REL_SLACK = 2.0**-48
 _FORCE_EXACT = 0.0
-_LN2_UPPER = Fraction(6931471805599454, 10**16)  # > ln 2
 
 
+@functools.lru_cache(maxsize=4096)
 def _exp_neg_bounds(r: Fraction, digits: int) -> tuple[Fraction, Fraction]:
     """Rational lo <= exp(-r) <= hi for rational r >= 0, from Python's decimal module at
     ``digits`` significant digits (its divide and exp are correctly rounded, so each has relative
@@ -507,15 +508,20 @@ def _exact_bernoulli_exp_neg(r: Fraction, k: int, rng: np.random.Generator) -> b
     """[U < exp(-r)] for U uniform on [0, 1) whose first 53 bits are ``k`` (U in
     [k, k+1) / 2^53): further bits are drawn 64 at a time and exp(-r) is bounded ever more
     tightly until the interval of U lies on one side. Terminates with probability 1."""
+    try:
+        r_float = float(r)
+    except OverflowError:
+        r_float = math.inf
+    int_digits = len(str(r.numerator // r.denominator))
     num, nbits = k, 53
     while True:
-        if num >= 1 and r > nbits * _LN2_UPPER:  # exp(-r) < 2^-nbits <= U
+        # exp(-r) < 2^-nbits <= U when r > 0.6932 nbits (> ln 2 nbits, with room for float(r)'s rounding)
+        if num >= 1 and r_float > 0.6932 * nbits:
             return False
-        digits = 12 + (nbits * 302) // 1000 + len(str(r.numerator // r.denominator))
-        lo, hi = _exp_neg_bounds(r, digits)
-        if Fraction(num + 1, 1 << nbits) <= lo:
+        lo, hi = _exp_neg_bounds(r, 12 + (nbits * 302) // 1000 + int_digits)
+        if (num + 1) * lo.denominator <= lo.numerator << nbits:  # U < (num + 1) 2^-nbits <= lo
             return True
-        if Fraction(num, 1 << nbits) >= hi:
+        if num * hi.denominator >= hi.numerator << nbits:  # U >= num 2^-nbits >= hi
             return False
         num = (num << 64) | int(rng.integers(0, 2**64, dtype=np.uint64))
         nbits += 64
@@ -591,6 +597,19 @@ def _sample_discrete_laplace(t: int, m: int, rng: np.random.Generator) -> np.nda
     return np.where(negative, -x, x)[keep]
 
 
+def _gaussian_exponent(y: np.ndarray, sigma: float, t: int) -> np.ndarray:
+    """(|y| - sigma^2/t)^2 / (2 sigma^2) in float64: CKS Algorithm 3's rejection exponent, within
+    2^-50 (1 + exact value) of `_gaussian_exponent_exact` (see `_bernoulli_exp_neg`)."""
+    s2 = sigma * sigma
+    return (np.abs(y) - s2 / t) ** 2 / (2.0 * s2)
+
+
+def _gaussian_exponent_exact(y: int, sigma: float, t: int) -> Fraction:
+    """(|y| - sigma^2/t)^2 / (2 sigma^2) exactly, sigma^2 the square of the float ``sigma``."""
+    s2 = Fraction(sigma) ** 2
+    return (abs(y) - s2 / t) ** 2 / (2 * s2)
+
+
 def sample_discrete_gaussian(sigma: float, size: int | tuple[int, ...], rng: np.random.Generator | None = None) -> np.ndarray:
     """int64 draws of the discrete Gaussian N_Z(0, sigma^2): P(x) = exp(-x^2 / (2 sigma^2)) / Z
     over all integers x, with sigma^2 the exact square of the float ``sigma`` (0 < sigma <= 2^40).
@@ -610,19 +629,13 @@ def sample_discrete_gaussian(sigma: float, size: int | tuple[int, ...], rng: np.
     n, shape = _size(size)
     rng = _generator(rng)
     t = math.floor(sigma) + 1
-    s2 = sigma * sigma
-    s2_exact = Fraction(sigma) ** 2
     out = np.empty(n, dtype=np.int64)
     filled = 0
     while filled < n:
         need = n - filled
         y = _sample_discrete_laplace(t, max(64, int(need * 2.5)), rng)
-        gamma = (np.abs(y) - s2 / t) ** 2 / (2.0 * s2)
-
-        def exact(i: int, y: np.ndarray = y) -> Fraction:
-            return (abs(int(y[i])) - s2_exact / t) ** 2 / (2 * s2_exact)
-
-        accepted = y[_bernoulli_exp_neg(gamma, exact, rng)]
+        gamma = _gaussian_exponent(y, sigma, t)
+        accepted = y[_bernoulli_exp_neg(gamma, lambda i, y=y: _gaussian_exponent_exact(int(y[i]), sigma, t), rng)]
         take = min(need, accepted.size)
         out[filled : filled + take] = accepted[:take]
         filled += take
