@@ -18,7 +18,12 @@ from scipy.special import logsumexp
 from scipy.stats import chi2, skellam
 
 import privlora.federation.distributed_noise as dn
-from accounting.distributed_dp import DistributedDiscreteGaussian, DistributedSkellam, rounded_sensitivities, rounding_threshold
+from accounting.distributed_dp import (
+    DistributedDiscreteGaussian,
+    DistributedSkellam,
+    rounded_sensitivities,
+    rounding_threshold,
+)
 from privlora.core.errors import UserError
 from privlora.federation.distributed_noise import (
     DDG,
@@ -64,7 +69,7 @@ def contribution(rng: np.random.Generator, scale: float = 0.1) -> dict[str, np.n
 
 
 def params(layout: Layout, /, **kw) -> DistributedNoiseParams:
-    base = dict(mechanism=DDG, clip_norm=1.0, scale=40.0, bits=16, layout=layout, rotation_seed=SEED, min_inputs=3, sigma=2.0)
+    base = {"mechanism": DDG, "clip_norm": 1.0, "scale": 40.0, "bits": 16, "layout": layout, "rotation_seed": SEED, "min_inputs": 3, "sigma": 2.0}
     base.update(kw)
     if base["mechanism"] == SKELLAM and "variance" in kw:
         base.pop("sigma", None)
@@ -98,8 +103,8 @@ def test_flatten_orders_keys_and_unflatten_inverts_it():
     np.testing.assert_array_equal(vec, [10, 11, 0, 1, 2, 3, 4, 5, 7])
     back = unflatten(vec, layout)
     assert list(back) == ["a", "b", "c"]
-    for k in c:
-        np.testing.assert_array_equal(back[k], c[k])
+    for k, v in c.items():
+        np.testing.assert_array_equal(back[k], v)
         assert back[k].dtype == np.float64
     assert Layout.from_dict(layout.to_dict()) == layout
 
@@ -316,7 +321,7 @@ def discrete_gaussian_moments(sigma: float) -> tuple[float, float]:
 def check_against_pmf(samples: np.ndarray, sigma: float, false_alarm: float) -> None:
     half = int(40 * sigma) + 10
     assert np.all(np.abs(samples) <= half)
-    x, p = discrete_gaussian_pmf(sigma, half)
+    _x, p = discrete_gaussian_pmf(sigma, half)
     counts = np.bincount(samples + half, minlength=2 * half + 1)
     stat, dof = chi_square_statistic(counts.astype(float), p * samples.size)
     assert stat <= chi2.ppf(1 - false_alarm, dof), (stat, dof)
@@ -436,6 +441,14 @@ def test_bernoulli_exp_neg_has_the_right_frequencies(monkeypatch, force_exact):
         assert abs(out.mean() - p) <= 5 * math.sqrt(p * (1 - p) / n) + 1e-12, g
 
 
+def test_the_exact_path_decides_tiny_uniforms_against_huge_exponents_without_huge_fractions():
+    """U's first 53 bits all zero against exp(-10^12): decided by drawing more bits of U (U >= 2^-117
+    almost surely), never by writing exp(-10^12) out as a fraction."""
+    assert dn._exact_bernoulli_exp_neg(Fraction(10**12), 0, noise_generator(7)) is False
+    assert dn._exact_bernoulli_exp_neg(Fraction(10**12), 5, noise_generator(7)) is False
+    assert dn._exact_bernoulli_exp_neg(Fraction(1, 10**6), 5, noise_generator(7)) is True
+
+
 def test_exact_exp_bounds_bracket_the_true_value_tightly():
     for r in [Fraction(0), Fraction(1, 3), Fraction(5), Fraction(12345, 7), Fraction(10**6, 3)]:
         lo, hi = dn._exp_neg_bounds(r, 40)
@@ -491,6 +504,12 @@ def test_choose_scale_solves_kairouz_et_als_k_sigma_equation():
     rhs = 2 * k * math.sqrt((c * n) ** 2 / 1024 + (gamma**2 / 4 + s**2) * n) / gamma
     assert rhs == pytest.approx(2.0**bits, rel=1e-12)
     assert choose_scale(bits=bits + 1, clip_norm=c, dim=d, n=n, local_stddev=s) > scale
+
+
+def test_choose_scale_is_capped_where_more_resolution_would_overflow_the_integers():
+    scale = choose_scale(bits=64, clip_norm=2.0, dim=10, n=2, local_stddev=1e-9)
+    assert scale == 2.0**52 / 2.0
+    params(Layout.of({"a": np.zeros(10)}), clip_norm=2.0, scale=scale, bits=64)  # accepted
 
 
 def test_choose_scale_refuses_too_few_bits_and_names_them():
@@ -615,7 +634,7 @@ def test_a_large_contribution_is_clipped_within_the_accounted_sensitivities(beta
 def test_a_small_contribution_is_not_clipped():
     rng = noise_generator(24)
     c = contribution(rng, 0.01)
-    rounded, report = ClientEncoder(params(Layout.of(c))).prepare(c, rng)
+    _rounded, report = ClientEncoder(params(Layout.of(c))).prepare(c, rng)
     assert not report["clipped"] and report["original_norm"] < 1.0
 
 

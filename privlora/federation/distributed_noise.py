@@ -76,10 +76,10 @@ from privlora.core.errors import UserError
 
 __all__ = [
     "DDG",
-    "SKELLAM",
     "DEFAULT_BETA",
-    "ConditionalRoundingError",
+    "SKELLAM",
     "ClientEncoder",
+    "ConditionalRoundingError",
     "DecodeReport",
     "DistributedNoiseParams",
     "EncodeReport",
@@ -427,7 +427,7 @@ class ConditionalRoundingError(UserError):
     """Conditional randomized rounding found no rounding within its bound in the tries allowed."""
 
 
-def conditional_randomized_round(x: Any, threshold: float | int | Fraction, rng: np.random.Generator, max_tries: int = DEFAULT_MAX_TRIES) -> tuple[np.ndarray, int]:
+def conditional_randomized_round(x: Any, threshold: float | Fraction, rng: np.random.Generator, max_tries: int = DEFAULT_MAX_TRIES) -> tuple[np.ndarray, int]:
     """(int64 vector, tries): randomized rounding of ``x`` repeated until the rounded vector's
     squared L2 norm is <= ``threshold`` (Kairouz, Liu & Steinke, ICML 2021, Sec. 4, conditional
     randomized rounding).
@@ -480,8 +480,8 @@ def conditional_randomized_round(x: Any, threshold: float | int | Fraction, rng:
 
 _TWO53 = float(2**53)
 _INV_TWO53 = 2.0**-53
-#: the float fast path's relative error budget on gamma (see `_bernoulli_exp_neg`); a test
-#: raises `_FORCE_EXACT` to send every draw down the exact path
+#: the float fast path's relative error budget on gamma (see `_bernoulli_exp_neg`);
+#: `_FORCE_EXACT` is for tests only: raised above 1 it sends every draw down the exact path
 _GAMMA_REL_SLACK = 2.0**-48
 _FORCE_EXACT = 0.0
 
@@ -515,14 +515,18 @@ def _exact_bernoulli_exp_neg(r: Fraction, k: int, rng: np.random.Generator) -> b
     int_digits = len(str(r.numerator // r.denominator))
     num, nbits = k, 53
     while True:
-        # exp(-r) < 2^-nbits <= U when r > 0.6932 nbits (> ln 2 nbits, with room for float(r)'s rounding)
-        if num >= 1 and r_float > 0.6932 * nbits:
-            return False
-        lo, hi = _exp_neg_bounds(r, 12 + (nbits * 302) // 1000 + int_digits)
-        if (num + 1) * lo.denominator <= lo.numerator << nbits:  # U < (num + 1) 2^-nbits <= lo
-            return True
-        if num * hi.denominator >= hi.numerator << nbits:  # U >= num 2^-nbits >= hi
-            return False
+        if r_float > 0.6932 * nbits:
+            # exp(-r) < 2^-nbits (0.6932 > ln 2, with room for float(r)'s rounding): U >= 2^-nbits
+            # decides it; U < 2^-nbits (num = 0) needs more bits, not a bound on exp(-r) (whose
+            # exact value would be a huge fraction)
+            if num >= 1:
+                return False
+        else:
+            lo, hi = _exp_neg_bounds(r, 12 + (nbits * 302) // 1000 + int_digits)
+            if (num + 1) * lo.denominator <= lo.numerator << nbits:  # U < (num + 1) 2^-nbits <= lo
+                return True
+            if num * hi.denominator >= hi.numerator << nbits:  # U >= num 2^-nbits >= hi
+                return False
         num = (num << 64) | int(rng.integers(0, 2**64, dtype=np.uint64))
         nbits += 64
 
@@ -538,7 +542,7 @@ def _bernoulli_exp_neg(gamma: Any, exact: Callable[[int], Fraction], rng: np.ran
     float64. With eta = min(1, 2^-48 (1 + gamma_i)), |p_i - exp(-r_i)| <= p_i (e eta + 2^-49)
     (numpy's exp is within a few ulps), so with slack = p_i (3 eta + 2^-46) + 2^-1060 the draw is
     decided when (k_i + 1) 2^-53 <= p_i - slack (true) or k_i 2^-53 >= p_i + slack (false).
-    Otherwise (probability about 2^-45 per draw) `_exact_bernoulli_exp_neg` decides it in
+    Otherwise (probability about p_i 2^-44 + 2^-53 per draw) `_exact_bernoulli_exp_neg` decides it in
     rational arithmetic with more bits of U. The result is exactly Bernoulli(exp(-r_i)) given
     uniform bits: no floating-point error reaches the distribution.
     """
@@ -785,7 +789,9 @@ def choose_scale(*, bits: int, clip_norm: float, dim: int, n: int, local_stddev:
 
     ``k_stddevs`` defaults to `k_stddevs_for` (``target_wrap_probability``, dim): a union bound
     over all D coordinates (TFF used k for one coordinate). Check the choice with
-    `wrap_probability`, which is rigorous where this is a Gaussian heuristic.
+    `wrap_probability`, which is rigorous where this is a Gaussian heuristic. The result is capped
+    at 2^52 / C (`DistributedNoiseParams` refuses a larger C * scale; TFF capped at 1e6): more
+    resolution than that buys nothing.
     """
     b = _integer("bits", bits, low=1, high=64)
     c = _real("clip_norm", clip_norm, low=0.0)
@@ -800,7 +806,7 @@ def choose_scale(*, bits: int, clip_norm: float, dim: int, n: int, local_stddev:
             f"bits={b} is too small for n={n} inputs at k={k:.3g} standard deviations: 2^(2 bits) must exceed n k^2 = {n * k * k:.4g}. "
             "Use more bits, fewer inputs per sum, or a larger target_wrap_probability"
         )
-    return math.sqrt(room) / (2.0 * k * math.sqrt((c * n) ** 2 / padded + n * s * s))
+    return min(math.sqrt(room) / (2.0 * k * math.sqrt((c * n) ** 2 / padded + n * s * s)), MAX_SCALED_NORM / c)
 
 
 # --------------------------------------------------------------------------------------------
@@ -910,7 +916,7 @@ class DistributedNoiseParams:
         """The accounting record of one round of this release (dim = ``padded_dim``), for the
         ledger: `DistributedDiscreteGaussian` or `DistributedSkellam` built with the same
         sensitivities the encoder enforces."""
-        common = dict(clip_norm=self.clip_norm, scale=self.scale, dim=self.padded_dim, beta=self.beta, min_inputs=self.min_inputs, bits=self.bits)
+        common = {"clip_norm": self.clip_norm, "scale": self.scale, "dim": self.padded_dim, "beta": self.beta, "min_inputs": self.min_inputs, "bits": self.bits}
         if self.mechanism == DDG:
             return DistributedDiscreteGaussian.build(**common, sigma=self.sigma)
         return DistributedSkellam.build(**common, variance=self.variance)
@@ -960,7 +966,7 @@ class DistributedNoiseParams:
 
 
 def _example_kwargs() -> dict[str, Any]:
-    return dict(mechanism=DDG, clip_norm=1.0, scale=1.0, bits=8, layout=Layout((("x", (1,)),)), rotation_seed=bytes(16), min_inputs=1, sigma=1.0)
+    return {"mechanism": DDG, "clip_norm": 1.0, "scale": 1.0, "bits": 8, "layout": Layout((("x", (1,)),)), "rotation_seed": bytes(16), "min_inputs": 1, "sigma": 1.0}
 
 
 # --------------------------------------------------------------------------------------------
@@ -1026,7 +1032,7 @@ class ClientEncoder:
         y *= p.scale
         bound = p.rounding_bound
         rounded, tries = conditional_randomized_round(y, bound, rng, p.max_rounding_tries)
-        report = dict(original_norm=norm, clipped=norm > p.clip_norm, rounding_tries=tries, rounded_sq_norm=_squared_norm(rounded), rounding_bound=float(bound))
+        report = {"original_norm": norm, "clipped": norm > p.clip_norm, "rounding_tries": tries, "rounded_sq_norm": _squared_norm(rounded), "rounding_bound": float(bound)}
         return rounded, report
 
     def noise(self, rng: np.random.Generator | None = None) -> np.ndarray:
