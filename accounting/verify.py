@@ -15,7 +15,16 @@ Checks, each reported as a plain sentence:
    ledger hashes, each against the same number recomputed from the ledger (`privacy_summary`);
 5. every epsilon ``metrics.jsonl`` states (`metrics_privacy_problems`): each client's epsilon and
    the maximum on every line, against the ledger as it stood when the line was written (the
-   line's anchor), and the noise multiplier round 0 announced against what the ledger charged.
+   line's anchor), and the noise multiplier round 0 announced against what the ledger charged;
+6. ``report.md``, the privacy statement people read and forward (`report_md_problems`): its
+   privacy statement must be word for word the one `render_privacy_statement` gives for the
+   summary recomputed from the ledger (so every number in it, to the digits it prints: headline
+   ε and δ, each client's ε, cross-checks, budget and remaining, σ, q, C, ledger and config
+   hashes); a problem names each differing line, found against expected. Every other ε it
+   states (each round's "max ε", the audit's claimed ε, any "ε = x") must be one the ledger gives
+   within the accountant's stated error and the printed digits. A folder without report.md
+   (committed sweep folders keep only report.json) is not a problem unless `privlora report`
+   left its ε plot there, which shows a report.md was written and then removed.
 
 Numbers an accountant computes must match within that accountant's stated ``error`` plus a
 relative ``rel_tol`` (1e-6) for floating point; every other number must match exactly. A problem
@@ -28,14 +37,18 @@ head hash outside the run folder (as the report invites) closes that gap.
 
 from __future__ import annotations
 
+import difflib
+import hashlib
 import json
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .accountants import Accountant, get_accountant, history_key
 from .ledger import Charge, Ledger, check_chain
-from .report import privacy_summary
+from .report import privacy_summary, render_privacy_statement
 
 LEDGER_FILE = "ledger.jsonl"
 
@@ -52,6 +65,10 @@ class VerifyResult:
     unchecked: list[str] = field(default_factory=list)
     """Numbers of the run's files this verifier could not recompute (e.g. a cross-check by an
     accountant it does not have): not problems, but not verified either."""
+    report_md: str = ""
+    """"checked": report.md's privacy statement and every ε it states were compared with the ledger;
+    "absent": the folder has no report.md (committed sweep folders keep only report.json);
+    "" when not reached (no ledger, or a broken one)."""
 
     @property
     def ok(self) -> bool:
@@ -305,6 +322,425 @@ def metrics_privacy_problems(
     return problems
 
 
+# ---------------------------------------------------------------- report.md
+
+REPORT_MD = "report.md"
+PRIVACY_PLOT = "privacy_epsilon.png"
+"""The ε plot `privlora report` draws for a DP run beside report.md (and names in the statement)."""
+STATEMENT_HEADING = "## Privacy statement"
+AUDIT_HEADING = "## Privacy audit"
+SAMPLES_HEADING = "## Sample generations"
+
+EPS_NUMBER = re.compile(
+    r"(?:ε|(?i:\bepsilon\b))(?:\s*\([^)]*\))?\s*(=|≤|<=|<|≈|:)\s*\**\s*(\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)"
+)
+"""An ε stated as a number: "ε = 6.95", "ε ≤ 8.0", "epsilon: 1.2", "ε (pld) = 6.954". Not "ε ≥ x":
+a lower bound (an audit's finding) is not a number the ledger gives."""
+CLAIMED_EPS = re.compile(r"claimed[^.;|]{0,40}?ε = \**(\d+(?:\.\d+)?)")
+"""The audit section's upper bound "claimed by the accountant" (the ledger's); its other ε are lower bounds."""
+
+
+def _excerpt(found: str, want: str, width: int = 36) -> tuple[str, str]:
+    """The two lines around where they first differ (whole, when short)."""
+    if len(found) <= 2 * width + 20 and len(want) <= 2 * width + 20:
+        return found, want
+    p = 0
+    while p < min(len(found), len(want)) and found[p] == want[p]:
+        p += 1
+    s = 0
+    while s < min(len(found), len(want)) - p and found[-1 - s] == want[-1 - s]:
+        s += 1
+
+    def cut(t: str) -> str:
+        a = max(0, p - width)
+        b = min(len(t), len(t) - s + width, a + 4 * width)
+        return ("…" if a else "") + t[a:b] + ("…" if b < len(t) else "")
+
+    return cut(found), cut(want)
+
+
+def _clip(line: str, at: int = 0, width: int = 60) -> str:
+    """``line`` whole when short, else about ``2 * width`` characters around position ``at``."""
+    if len(line) <= 2 * width + 20:
+        return line
+    a = max(0, min(at - width, len(line) - 2 * width))
+    b = min(len(line), a + 2 * width)
+    return ("…" if a else "") + line[a:b] + ("…" if b < len(line) else "")
+
+
+def _decimals(text: str) -> int:
+    m = re.search(r"\.(\d+)", text.lower().split("e")[0])
+    return len(m.group(1)) if m else 0
+
+
+def _printed_tol(shown: str, err: float, value: float, rel_tol: float) -> float:
+    """How far a number printed as ``shown`` may be from ``value``: half a unit of its last printed
+    digit, plus the computing accountant's stated ``err``, plus ``rel_tol`` for floating point."""
+    return 0.5 * 10.0 ** -_decimals(shown) + err + rel_tol * max(1.0, abs(value))
+
+
+def _sections(lines: list[str]) -> list[str]:
+    """For each line of report.md, the heading it sits under: "run" (above any), "statement",
+    "audit", "samples" or "other"."""
+    out, cur = [], "run"
+    for line in lines:
+        if line.startswith("## "):
+            cur = ("statement" if line.startswith(STATEMENT_HEADING) else "audit" if line.startswith(AUDIT_HEADING)
+                   else "samples" if line.startswith(SAMPLES_HEADING) else "other")
+        out.append(cur)
+    return out
+
+
+def _cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def _tables(lines: list[str]) -> list[tuple[int, list[str], list[tuple[int, list[str]]]]]:
+    """Markdown tables: (header line index, header cells, [(row line index, cells)])."""
+    out, i = [], 0
+    while i < len(lines):
+        if lines[i].startswith("|") and i + 1 < len(lines) and re.fullmatch(r"\|[\s:|-]+\|?", lines[i + 1].strip()):
+            head, rows, j = _cells(lines[i]), [], i + 2
+            while j < len(lines) and lines[j].startswith("|"):
+                rows.append((j, _cells(lines[j])))
+                j += 1
+            out.append((i, head, rows))
+            i = j
+        else:
+            i += 1
+    return out
+
+
+def _md_packages(lines: list[str]) -> list[tuple[str, str]]:
+    """The "- **Packages:** a 1.0, b 2.0." line of report.md as (name, version) pairs, in its order."""
+    for line in lines:
+        if line.startswith("- **Packages:** "):
+            items = line[len("- **Packages:** "):].rstrip(".").split(", ")
+            return [tuple(x.rsplit(" ", 1)) for x in items if " " in x]  # type: ignore[misc]
+    return []
+
+
+def statement_context(run: Path, report: Any, md_lines: list[str], given: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What `render_privacy_statement` needs beside the privacy summary, as `privlora report`
+    passed it (``privlora.reporting.report.write_report``), from the run folder's files:
+
+    - ``config_sha256``: the SHA-256 of the folder's config.toml (recomputed);
+    - ``packages``: the versions report.json recorded when the report was rendered (report.json
+      stores them sorted by name, so report.md's own order is kept when it names the same ones);
+    - ``epsilon_plot``: `PRIVACY_PLOT`;
+    - ``secagg``: the sentence on secure aggregation, privlora's wording of config.toml's
+      ``[secagg]``: from ``given`` (`privlora verify` passes it) or else as report.md states it.
+
+    ``given`` overrides any of these. Nothing here is stored for verify's sake: report.json and
+    config.toml already hold it.
+    """
+    ctx: dict[str, Any] = {"epsilon_plot": PRIVACY_PLOT}
+    try:
+        ctx["config_sha256"] = hashlib.sha256((run / "config.toml").read_bytes()).hexdigest()
+    except OSError:
+        pass
+    recorded = report.get("packages") if isinstance(report, dict) else None
+    in_md = _md_packages(md_lines)
+    if isinstance(recorded, dict) and recorded:
+        if {k for k, _ in in_md} == set(recorded):
+            ctx["packages"] = {k: recorded[k] for k, _ in in_md}
+        else:
+            ctx["packages"] = dict(recorded)
+    elif in_md:
+        ctx["packages"] = dict(in_md)
+    for line in md_lines:
+        if line.startswith("- **Secure aggregation:** "):
+            ctx["secagg"] = line[len("- **Secure aggregation:** "):]
+            break
+    ctx.update(given or {})
+    return ctx
+
+
+def statement_summary(
+    ledger: Ledger, privacy: Any, client_sizes: Mapping[int, int] | None, md_lines: list[str],
+) -> tuple[dict[str, Any], list[str]]:
+    """The privacy summary report.md's statement must render: `privacy_summary` of ``ledger``
+    (its accountant; the cross-check accountants report.json lists, else those report.md's
+    table names), with the words (unit of privacy, adjacency) and library versions report.json
+    recorded. Returns (summary, accountants this process lacks): a missing accountant's
+    per-client ε are report.json's, so report.md must agree with report.json there, and report.json's
+    are listed NOT CHECKED by `report_privacy_problems`."""
+    name = str(ledger.header.get("accountant", "pld"))
+    privacy = privacy if isinstance(privacy, dict) else {}
+    listed = privacy.get("cross_checks")
+    if isinstance(listed, list):
+        names = [str(c.get("name")) for c in listed if isinstance(c, dict)]
+    else:  # no report.json to say: the columns of report.md's client table
+        head = next((line for line in md_lines if line.startswith("| client |")), "")
+        names = re.findall(r"ε \(([^)]+)\)", head)[1:] or ["pld", "rdp"]
+    checks = [n for n in dict.fromkeys(names) if n != name]
+    available, missing = [], []
+    for n in checks:
+        try:
+            get_accountant(n)
+            available.append(n)
+        except ValueError:
+            missing.append(n)
+    summary = privacy_summary(ledger, name, cross_checks=available, client_sizes=client_sizes)
+    for key in REPORT_TEXT_FIELDS[1:]:
+        if isinstance(privacy.get(key), str):
+            summary[key] = privacy[key]
+    rec_acc = privacy.get("accountant") if isinstance(privacy.get("accountant"), dict) else {}
+    if rec_acc.get("name") == name:
+        for key in ("version", "description"):
+            if isinstance(rec_acc.get(key), str):
+                summary["accountant"][key] = rec_acc[key]
+    rec_cross = {str(c.get("name")): c for c in listed if isinstance(c, dict)} if isinstance(listed, list) else {}
+    cross = []
+    for n in checks:
+        rec = rec_cross.get(n, {})
+        here = get_accountant(n) if n in available else None
+        cross.append({k: rec[k] if isinstance(rec.get(k), str) else (getattr(here, k) if here else "?")
+                      for k in ("version", "description")} | {"name": n})
+    summary["cross_checks"] = cross
+    rec_clients = privacy.get("clients") if isinstance(privacy.get("clients"), dict) else {}
+    for c, v in summary["clients"].items():
+        got = rec_clients.get(c, {}).get("cross_checks") if isinstance(rec_clients.get(c), dict) else None
+        for n in missing:
+            x = got.get(n) if isinstance(got, dict) else None
+            v["cross_checks"][n] = float(x) if _is_number(x) else None
+    return summary, missing
+
+
+def _statement_problems(lines: list[str], expected: str, limit: int = 12) -> tuple[list[str], tuple[int, int] | None]:
+    """report.md's privacy statement against ``expected`` line by line. Returns (problems, the
+    statement's line range in ``lines``); each problem names the line, what it says and what the
+    ledger gives."""
+    exp = expected.splitlines()
+    starts = [i for i, line in enumerate(lines) if line == exp[0]]
+    for i in starts:
+        if lines[i:i + len(exp)] == exp:
+            return [], (i, i + len(exp))
+    if not starts:
+        missing = (f"{REPORT_MD} has no privacy statement (no line {exp[0]!r}), but the run has a ledger: "
+                   "the statement the ledger gives is missing (re-render it with `privlora report`)")
+        return [missing], None
+    start = starts[0]
+    rest = lines[start:]
+    problems: list[str] = []
+    end = 0
+    what = "the privacy statement re-rendered from the ledger (and the run's config)"
+    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, exp, rest, autojunk=False).get_opcodes():
+        if tag == "equal":
+            end = j2
+            continue
+        if i1 == len(exp):  # text after the statement: not part of it
+            break
+        end = j2
+        for k in range(max(i2 - i1, j2 - j1)):
+            i, j = i1 + k, j1 + k
+            if i < i2 and j < j2:
+                f, w = _excerpt(rest[j], exp[i])
+                problems.append(f"{REPORT_MD} line {start + j + 1}: found {f!r}; {what} has {w!r}")
+            elif i < i2:
+                problems.append(f"{REPORT_MD} line {start + j1 + (j2 - j1) + 1}: {what} has {_clip(exp[i])!r} "
+                                "here, missing from report.md")
+            else:
+                problems.append(f"{REPORT_MD} line {start + j + 1}: found {_clip(rest[j])!r}, "
+                                f"which {what} does not have")
+    if len(problems) > limit:
+        problems = problems[:limit] + [f"{REPORT_MD}: and {len(problems) - limit} more differing lines of the privacy statement"]
+    return problems, (start, start + max(end, 1))
+
+
+def _line_number(problem: str) -> int:
+    m = re.match(rf"{re.escape(REPORT_MD)} line (\d+)", problem)
+    return int(m.group(1)) if m else 0
+
+
+def _eps_upto(charges: list[Charge], acc: Accountant, delta: float) -> dict[int, float]:
+    hist: dict[int, list] = {}
+    for ch in charges:
+        hist.setdefault(ch.client, []).append(ch.mechanism)
+    return {c: acc.epsilon(history_key(h), delta) for c, h in hist.items()}
+
+
+def report_md_problems(
+    run: Path,
+    ledger: Ledger,
+    report: Any,
+    client_sizes: Mapping[int, int] | None,
+    metric_rows: list[tuple[int, dict[str, Any]]],
+    rel_tol: float = 1e-6,
+    context: Mapping[str, Any] | None = None,
+) -> tuple[list[str], list[str]]:
+    """report.md, the privacy statement people read and forward, against the ledger:
+
+    1. its privacy statement must be, word for word, `render_privacy_statement` of the summary
+       the ledger gives (`statement_summary`) with the context of `statement_context`: every
+       number in it (the headline ε and δ, each client's ε, cross-checks, budget and remaining,
+       records, rounds, σ, q, C, the ledger's charges and head hash, the config hash) is compared
+       to the digits it prints. A problem names each differing line: what it says, what it should;
+    2. every other ε it states, against the ledger within the accountant's stated error plus half
+       a unit of the last printed digit: the "max ε" of each round of the rounds table (the ledger
+       as it stood at that round's metrics.jsonl line), the audit section's claimed ε (the ledger's
+       largest over the clients holding canaries, audit.json), and any other "ε = x" / "ε ≤ x" or
+       ε column: some client's ε, the record-level ε, a round's largest ε, a budget, or the
+       config's target ε. Lower bounds (ε ≥ x, the audit's findings) and sample generations are
+       not ledger numbers and are left alone.
+
+    Returns (problems, missing accountants whose report.md numbers are report.json's)."""
+    path = run / REPORT_MD
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        return [f"{REPORT_MD} is not UTF-8 text at byte {exc.start}: it was damaged (re-render it with `privlora report`)"], []
+    lines = text.splitlines()
+    privacy = report.get("privacy") if isinstance(report, dict) else None
+    name = str(ledger.header.get("accountant", "pld"))
+    acc = get_accountant(name)
+    summary, missing = statement_summary(ledger, privacy, client_sizes, lines)
+    expected = render_privacy_statement(summary, statement_context(run, report, lines, context))
+    in_statement_problems, region = _statement_problems(lines, expected)
+    problems: list[str] = []
+
+    # every other ε report.md states
+    delta, charges = ledger.delta, ledger.charges
+    heads = [str(ledger.header.get("hash"))] + [c.hash for c in charges]
+    final = _eps_upto(charges, acc, delta)
+    candidates: list[tuple[float, float]] = [(v, acc.error) for v in final.values()]
+    for v in summary["clients"].values():
+        candidates += [(x, get_accountant(n).error if n not in missing else 0.0) for n, x in v["cross_checks"].items() if _is_number(x)]
+    candidates += [(b, 0.0) for b in ledger.budgets.values()]
+    by_round: dict[int, float] = {}
+    for i, rec in metric_rows:
+        if "stopped" in rec or not isinstance(rec.get("round"), int):
+            continue
+        anchor = rec.get("ledger")
+        if _anchor_problem("", anchor, heads) is None:
+            upto = charges[:anchor["entries"]]
+        else:
+            upto = [ch for ch in charges if ch.round <= rec["round"]]
+        by_round[rec["round"]] = max(_eps_upto(upto, acc, delta).values(), default=0.0)
+    candidates += [(v, acc.error) for v in by_round.values()]
+    target = None
+    try:
+        import tomllib
+
+        raw = tomllib.loads((run / "config.toml").read_text(encoding="utf-8")).get("privacy", {})
+        for key in ("target_epsilon", "budget_epsilon"):
+            if _is_number(raw.get(key)) and raw[key] > 0:
+                candidates.append((float(raw[key]), 0.0))
+        for b in raw.get("budgets", []) if isinstance(raw.get("budgets"), list) else []:
+            if _is_number(b):
+                candidates.append((float(b), 0.0))
+        target = float(raw["target_epsilon"]) if _is_number(raw.get("target_epsilon")) else None
+    except (OSError, ValueError):
+        pass
+    claimed = None
+    try:
+        audit = json.loads((run / "audit.json").read_text(encoding="utf-8"))
+        holders = {int(c) for c in audit["canary_client"]}
+        last = max(by_round) if by_round else None
+        row_eps = final
+        if last is not None:
+            rec = next(r for _, r in reversed(metric_rows) if r.get("round") == last and "stopped" not in r)
+            anchor = rec.get("ledger")
+            row_eps = _eps_upto(charges[:anchor["entries"]] if _anchor_problem("", anchor, heads) is None else
+                                [ch for ch in charges if ch.round <= last], acc, delta)
+        claimed = max((row_eps.get(c, 0.0) for c in holders), default=0.0)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+
+    def known(shown: str) -> bool:  # ε = 0 (round 0's largest, or a client that never trained) is no claim to make in words
+        v = float(shown)
+        return any(x > 0 and abs(v - x) <= _printed_tol(shown, err, x, rel_tol) for x, err in candidates)
+
+    def unknown(lineno: int, shown: str, line: str, op: str = "=", at: int = 0) -> str:
+        top = max(final.values(), default=0.0)
+        low = min(final.values(), default=0.0)
+        return (f"{REPORT_MD} line {lineno}: states ε {op} {shown}, which is no ε the ledger gives (record-level {top:.4f} by "
+                f"{name}, clients {low:.4f} to {top:.4f}, nor a round's largest ε, a budget or the config's target): "
+                f"{_clip(line, at)!r}")
+
+    section = _sections(lines)
+    in_statement = set(range(*region)) if region else set()
+    in_table: set[int] = set()
+    for h, head, rows in _tables(lines):
+        in_table |= {h, h + 1, *(j for j, _ in rows)}
+        if h in in_statement or section[h] in ("audit", "samples"):
+            continue
+        for col, title in enumerate(head):
+            if "ε" not in title and "epsilon" not in title.lower():
+                continue
+            per_round = head[0].lower() == "round" and "max" in title.lower()
+            for j, cells in rows:
+                shown = cells[col] if col < len(cells) else ""
+                if not re.fullmatch(r"\d+(?:\.\d+)?", shown):
+                    continue
+                if per_round and cells[0].isdigit():
+                    rnd = int(cells[0])
+                    want = by_round.get(rnd)
+                    if want is None:
+                        want = max(_eps_upto([ch for ch in charges if ch.round <= rnd], acc, delta).values(), default=0.0)
+                    tol = _printed_tol(shown, acc.error, want, rel_tol)
+                    if abs(float(shown) - want) > tol:
+                        problems.append(f"{REPORT_MD} line {j + 1}: round {rnd}'s {title} is {shown}; the ledger gives "
+                                        f"{want:.4f} ({name}, tolerance {tol:g}): {_clip(lines[j])!r}")
+                elif not known(shown):
+                    problems.append(unknown(j + 1, shown, lines[j], f"({title}) ="))
+    for j, line in enumerate(lines):
+        if j in in_statement or j in in_table or section[j] == "samples":
+            continue
+        if section[j] == "audit":
+            for m in CLAIMED_EPS.finditer(line):
+                shown = m.group(1)
+                if claimed is None:
+                    if not known(shown):
+                        problems.append(unknown(j + 1, shown, line, "=", m.start()))
+                elif abs(float(shown) - claimed) > _printed_tol(shown, acc.error, claimed, rel_tol):
+                    problems.append(f"{REPORT_MD} line {j + 1}: the audit's claimed ε is {shown}; the ledger gives {claimed:.4f} "
+                                    f"({name}, the largest over the clients holding canaries in audit.json): "
+                                    f"{_clip(line, m.start())!r}")
+            continue
+        for m in EPS_NUMBER.finditer(line):
+            shown = m.group(2)
+            if m.group(1) in ("≤", "<=") and "calibrated" in line and target is not None:
+                if float(shown) != target:
+                    problems.append(f"{REPORT_MD} line {j + 1}: the calibration target is ε {m.group(1)} {shown}; config.toml's "
+                                    f"privacy.target_epsilon is {target!r}")
+            elif not known(shown):
+                problems.append(unknown(j + 1, shown, line, m.group(1), m.start()))
+    return in_statement_problems + sorted(problems, key=_line_number), missing
+
+
+def report_md_claims_without_ledger(run: Path) -> list[str]:
+    """A run without privacy: report.md has no privacy statement and states no ε (but for an
+    audit's lower bounds), and its rounds table shows no "max ε"."""
+    path = run / REPORT_MD
+    if not path.is_file():
+        return []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        return [f"{REPORT_MD} is not UTF-8 text at byte {exc.start}: it was damaged (re-render it with `privlora report`)"]
+    why = "but the run has no ledger (privacy.enabled = false in config.toml)"
+    problems: list[str] = []
+    section = _sections(lines)
+    in_table: set[int] = set()
+    for h, head, rows in _tables(lines):
+        in_table |= {h, h + 1, *(j for j, _ in rows)}
+        if section[h] in ("audit", "samples"):
+            continue
+        for col, title in enumerate(head):
+            if "ε" in title or "epsilon" in title.lower():
+                for j, cells in rows:
+                    if col < len(cells) and cells[col] not in ("-", "—", ""):
+                        problems.append(f"{REPORT_MD} line {j + 1}: {title} is {cells[col]}, {why}: expected -")
+    for j, line in enumerate(lines):
+        if line.startswith(STATEMENT_HEADING):
+            problems.append(f"{REPORT_MD} line {j + 1}: a privacy statement, {why}")
+        elif j not in in_table and section[j] not in ("audit", "samples"):
+            for m in EPS_NUMBER.finditer(line):
+                problems.append(f"{REPORT_MD} line {j + 1}: states ε {m.group(1)} {m.group(2)}, {why}: {_clip(line, m.start())!r}")
+    return sorted(problems, key=_line_number)
+
+
 def claims_without_ledger(run: Path) -> list[str]:
     """A run without privacy makes no privacy claim: report.json's privacy block says
     ``enabled: false`` and holds no ε, and no metrics.jsonl line states an ε."""
@@ -335,14 +771,17 @@ def claims_without_ledger(run: Path) -> list[str]:
     return problems
 
 
-def verify_run(run_dir: str | Path, rel_tol: float = 1e-6) -> VerifyResult:
+def verify_run(run_dir: str | Path, rel_tol: float = 1e-6, statement_context: Mapping[str, Any] | None = None) -> VerifyResult:
+    """Every check of the module docstring on the run folder ``run_dir``. ``statement_context``:
+    what `privlora report` passed to `render_privacy_statement` that only privlora can word
+    (``secagg``, from config.toml); without it, report.md's own sentence is used (`statement_context`)."""
     run = Path(run_dir)
     res = VerifyResult()
     ledger_path = run / LEDGER_FILE
     if not ledger_path.is_file():
         if _privacy_disabled(run):
             res.not_private = True
-            res.problems += claims_without_ledger(run)
+            res.problems += claims_without_ledger(run) + report_md_claims_without_ledger(run)
             return res
         res.problems.append(
             f"{ledger_path}: no ledger, but the run's config enables privacy: the ledger was deleted or moved, "
@@ -436,6 +875,22 @@ def verify_run(run_dir: str | Path, rel_tol: float = 1e-6) -> VerifyResult:
         res.problems += problems
         res.unchecked += unchecked
     res.problems += metrics_privacy_problems(metric_rows, header, charges, acc, rel_tol)
+    if (run / REPORT_MD).is_file():
+        if "hash" in header:
+            problems, missing = report_md_problems(run, Ledger(ledger_path, header, charges), report, client_sizes,
+                                                   metric_rows, rel_tol, statement_context)
+            res.problems += problems
+            res.report_md = "checked"
+            for n in missing:  # report.md shows report.json's number there: just as unchecked
+                res.unchecked = [u + f"; report.md's ε ({n}) column shows the same number" if f".cross_checks.{n} " in u else u
+                                 for u in res.unchecked]
+    else:
+        res.report_md = "absent"
+        if report_path.is_file() and (run / PRIVACY_PLOT).is_file():
+            res.problems.append(
+                f"{REPORT_MD} is missing, but `privlora report` wrote one here (its plot {PRIVACY_PLOT} is beside report.json): "
+                "the privacy statement people read was deleted or moved; re-render it with `privlora report`"
+            )
     return res
 
 

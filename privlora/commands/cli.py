@@ -109,7 +109,13 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from accounting import verify_run
 
     run = _run_folder(args.dir, "verify")
-    res = verify_run(run)
+    try:  # report.md's secure-aggregation sentence is privlora's wording of config.toml: verify re-renders it too
+        from privlora.reporting.report import secagg_statement
+
+        context = {"secagg": secagg_statement(load_config(run / "config.toml"))}
+    except (UserError, OSError, ValueError):
+        context = None  # verify_run says what is wrong with the folder; the sentence is then taken as written
+    res = verify_run(run, statement_context=context)
     if res.not_private and res.ok:
         print(
             f"NOTHING TO VERIFY: {args.dir} is a non-private run (privacy.enabled = false in its config.toml): it makes "
@@ -140,8 +146,12 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         print(
             f"OK: {args.dir}: ledger of {res.entries} charges, hash chain intact (head {res.head[:16]}…), "
             f"{res.checked_anchors} anchors match, no budget is exceeded, and every privacy number of report.json "
-            f"(largest ε {eps:.4f}) and every ε per round in metrics.jsonl match the ε recomputed from the ledger"
+            f"(largest ε {eps:.4f}), "
+            + ("report.md's privacy statement (re-rendered from the ledger, word for word) and every other ε in it, and "
+               if res.report_md == "checked" else "and ")
+            + "every ε per round in metrics.jsonl match the ε recomputed from the ledger"
             + (" (but for those NOT CHECKED above)" if res.unchecked else "")
+            + ("; this folder has no report.md, so no privacy statement was checked" if res.report_md == "absent" else "")
         )
         return 0
     print(f"privlora verify: {len(res.problems)} problem(s) in {args.dir}", file=sys.stderr)
