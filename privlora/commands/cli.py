@@ -170,7 +170,7 @@ def _cmd_keys(args: argparse.Namespace) -> int:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from privlora.tasks.models import read_model_card
-    from privlora.tasks.predict import format_prediction, load_run_model, predict, read_texts
+    from privlora.tasks.predict import format_prediction, load_run, read_texts
 
     texts = list(args.texts)
     if args.file:
@@ -178,8 +178,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         texts += read_texts(args.file, args.column or card.get("text_column", "text"))
     if not texts:
         raise UserError('predict: no text given; pass texts (privlora predict DIR "a text" ...) or --file texts.csv')
-    model, tokenizer, names = load_run_model(args.dir)
-    for p in predict(model, tokenizer, names, texts, batch_size=args.batch_size):
+    task, model, tokenizer, names = load_run(args.dir)
+    for p in task.predict(model, tokenizer, names, texts, batch_size=args.batch_size):
         print(format_prediction(p, as_json=args.json))
     return 0
 

@@ -27,7 +27,41 @@ EMBEDDED_MODEL = "embedded:minilm"
 EMBEDDED_CAUSAL_MODEL = "embedded:smollm2"
 EMBEDDED_DATA = "embedded:rotten_tomatoes"
 EMBEDDED_QA = "embedded:chatterbot"
-TASKS = ("classification", "causal-lm")
+
+
+class TaskNames:
+    """The values ``model.task`` accepts: the built-in tasks, and every name a library user adds
+    with `privlora.tasks.register_task` (which calls `add`). core sits below tasks and never
+    imports them, so the task registry tells this list instead of being asked by it. Iterates in
+    the order the names were added (built-ins first), so an error lists them in that order."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self._names = list(names)
+        self._builtin = frozenset(names)
+
+    def add(self, name: str) -> None:
+        if name not in self._names:
+            self._names.append(name)
+
+    def discard(self, name: str) -> None:
+        """Forget a registered name (`privlora.tasks.unregister_task`); built-in names stay."""
+        if name in self._names and name not in self._builtin:
+            self._names.remove(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    def __iter__(self):
+        return iter(tuple(self._names))
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __repr__(self) -> str:
+        return f"TaskNames({tuple(self._names)!r})"
+
+
+TASKS = TaskNames(("classification", "causal-lm"))
 
 STRATEGIES = ("fedit", "ffa", "flora", "hetlora")
 FLORA_FORMS = ("product", "slot")

@@ -22,23 +22,39 @@ import numpy as np
 from privlora.core.config import ConfigError, ExperimentConfig
 
 
-def peft_lora_config(cfg: ExperimentConfig, rank: int):
+class _TheTasks:
+    def __repr__(self) -> str:
+        return "THE_TASKS"
+
+
+THE_TASKS = _TheTasks()
+"""Default ``task_type``: the peft task type of the run's task (`Task.peft_task_type`)."""
+
+
+def peft_lora_config(cfg: ExperimentConfig, rank: int, task_type: str | None | _TheTasks = THE_TASKS):
+    """peft's LoraConfig of a rank-``rank`` adapter with the federation's scaling; ``task_type``
+    is peft's (None: a plain PeftModel), by default the run's task's."""
     from peft import LoraConfig
 
+    if task_type is THE_TASKS:
+        from privlora.tasks.registry import task_class
+
+        task_type = task_class(cfg.model.task).peft_task_type
     scaling = cfg.lora.alpha / cfg.lora.r
     return LoraConfig(
         r=rank,
         lora_alpha=scaling * rank,
         lora_dropout=cfg.lora.dropout,
         target_modules=list(cfg.lora.target_modules),
-        task_type="CAUSAL_LM" if cfg.model.task == "causal-lm" else "SEQ_CLS",
+        task_type=task_type,
         modules_to_save=list(cfg.lora.modules_to_save) or None,
         layers_to_transform=sorted(cfg.lora.layers) or None,
     )
 
 
-def make_peft_model(base_model, cfg: ExperimentConfig, rank: int, copy_base: bool = True):
-    """Wrap (a copy of) ``base_model`` with a fresh LoRA adapter of ``rank``.
+def make_peft_model(base_model, cfg: ExperimentConfig, rank: int, copy_base: bool = True, task_type: str | None | _TheTasks = THE_TASKS):
+    """Wrap (a copy of) ``base_model`` with a fresh LoRA adapter of ``rank`` (``task_type``: see
+    `peft_lora_config`; `privlora.tasks.Task.make_adapter` passes its own).
 
     Raises ConfigError (a ValueError) naming ``lora.layers`` when a layer does not exist, and
     ``lora.target_modules`` when none of them exists in the model.
@@ -54,7 +70,7 @@ def make_peft_model(base_model, cfg: ExperimentConfig, rank: int, copy_base: boo
         )
     model = copy.deepcopy(base_model) if copy_base else base_model
     try:
-        peft_model = get_peft_model(model, peft_lora_config(cfg, rank))
+        peft_model = get_peft_model(model, peft_lora_config(cfg, rank, task_type))
     except ValueError as exc:
         names = sorted({n.rsplit(".", 1)[-1] for n, _ in base_model.named_modules() if n})
         raise ConfigError(

@@ -38,6 +38,7 @@ from pathlib import Path
 
 from privlora.core.config import EMBEDDED_CAUSAL_MODEL
 from privlora.core.errors import UserError
+from privlora.tasks.base import CanaryError, Task
 
 IGNORE = -100
 """Label of a token that carries no loss (prompt, padding): PyTorch's cross-entropy ignore_index."""
@@ -404,3 +405,113 @@ def generate(model, tokenizer, instructions: list[str], max_new_tokens: int = 32
                                  do_sample=False, pad_token_id=pad_id(tokenizer))
             out.append(tokenizer.decode(seq[0, ids.shape[1]:], skip_special_tokens=True).strip())
     return out
+
+
+# --------------------------------------------------------------------------- the task
+
+SAMPLE_PROMPTS = 3
+"""How many held-out instructions report.md shows greedy generations for."""
+
+
+def _quote(text: str) -> str:
+    return "`" + " ".join(str(text).split()).replace("`", "'") + "`"
+
+
+class CausalLMTask(Task):
+    """Instruction tuning of a generative model (``model.task = "causal-lm"``): records are
+    (instruction, response) pairs (`privlora.tasks.instructions`), the loss is on the response
+    tokens (`causal_loss`), evaluation is held-out loss, perplexity and, with a closed answer
+    set, answer accuracy (`evaluate_causal`); report.md shows greedy generations for a few
+    held-out instructions. It has no canaries and no ``privlora predict``: both refuse."""
+
+    card_task = "causal-lm"
+    peft_task_type = "CAUSAL_LM"
+    accuracy_label = "Answer accuracy (the allowed answer of highest likelihood)"
+    loss_label = "held-out loss (response tokens)"
+    unit_of_privacy = "one record (one instruction with its response: one training sequence) in one client's local dataset"
+    metric_formats = {"test_perplexity": ".3f"}
+
+    def load_records(self, data=None):
+        from privlora.tasks.instructions import load_instruction_data
+
+        return load_instruction_data(self.cfg.data if data is None else data)
+
+    def load_tokenizer(self):
+        return load_causal_tokenizer(self.cfg.model.path)
+
+    def load_model(self, num_labels: int):
+        """The base causal LM (``num_labels`` is not used: answers are scored by likelihood)."""
+        return load_causal_model(self.cfg.model.path, self.cfg.seed)
+
+    def train_dataset(self, records, tokenizer):
+        m = self.cfg.model
+        return tokenize_causal(records, tokenizer, m.max_length, m.system_prompt, m.end_of_turn_loss)
+
+    def eval_dataset(self, records, tokenizer):
+        """One sequence per allowed answer (`tokenize_causal_eval`)."""
+        return tokenize_causal_eval(records, tokenizer, self.cfg.model.max_length, self.cfg.model.system_prompt)
+
+    def example_losses(self, model, batch):
+        """Each sequence's mean response-token negative log-likelihood."""
+        ids, mask, labels = batch
+        total, count = sequence_nll(model, ids, mask, labels)
+        return total / count.clamp(min=1)
+
+    def loss(self, model, batch):
+        return causal_loss(model, batch)
+
+    def evaluate(self, model, dataset) -> dict:
+        return evaluate_causal(model, dataset, self.cfg.training.eval_batch_size)
+
+    def sample_prompts(self, heldout):
+        k = min(SAMPLE_PROMPTS, len(heldout))
+        return [{"instruction": i, "reference": r} for i, r in zip(heldout.texts[:k], heldout.responses[:k])]
+
+    def generate_samples(self, model, tokenizer, prompts):
+        return generate(model, tokenizer, [p["instruction"] for p in prompts], system_prompt=self.cfg.model.system_prompt)
+
+    def samples_section(self, record):
+        lines = ["## Sample generations", "",
+                 "Greedy decoding, at most 32 new tokens, for fixed held-out instructions (the same every round).", ""]
+        for i, p in enumerate(record["prompts"]):
+            lines += [f"**Prompt {i + 1}.** " + _quote(p["instruction"]), "", f"- reference: {_quote(p['reference'])}"]
+            for stage in ("untrained", "final"):
+                if isinstance(record.get(stage), list) and i < len(record[stage]):
+                    lines.append(f"- {stage}: {_quote(record[stage][i])}")
+            lines.append("")
+        return lines
+
+    def quality_lines(self, rows, final, where):
+        """Answer accuracy (closed answer sets), then the response tokens' loss and perplexity."""
+        first = rows[0]
+        parts = self.accuracy_lines(rows, final, where)
+        if final.get("test_perplexity") is not None:
+            parts.append(f"- Held-out loss of the response tokens{'' if parts else ' on ' + where}: **{final['test_loss']:.4f}** "
+                         f"(perplexity {final['test_perplexity']:.3f}) after round {final['round']}; untrained model "
+                         f"{first['test_loss']:.4f} (perplexity {first['test_perplexity']:.3f}).")
+        return parts
+
+    def model_card(self, label_names):
+        from privlora.tasks.models import MODEL_CARD_FORMAT, base_model_identity
+
+        m = self.cfg.model
+        return {
+            "format": MODEL_CARD_FORMAT,
+            "task": self.card_task,
+            "base_model": base_model_identity(m.path),
+            "answers": list(label_names),
+            "max_length": m.max_length,
+            "system_prompt": m.system_prompt,
+            "adapter": "adapter",
+        }
+
+    @classmethod
+    def load_base_for_card(cls, card, run_dir):
+        from privlora.tasks.models import ModelError
+
+        raise ModelError(f"{run_dir} is a causal-LM run; load its base with privlora.tasks.causal_lm.load_causal_model"
+                         f"({card['base_model']!r}) and its adapter with PeftModel.from_pretrained")
+
+    def check_canaries(self, design=None):
+        raise CanaryError(f"model.task: privlora audit has canaries for sequence classification only; {self.name!r} "
+                          "runs cannot be audited yet (run the classification task, or `privlora run` without an audit)")

@@ -165,28 +165,11 @@ def base_model_identity(path: str) -> str:
 
 
 def model_card(cfg, label_names: list[str]) -> dict:
-    """What ``model.json`` in a run folder holds: enough to use the trained model."""
-    if cfg.model.task == "causal-lm":
-        return {
-            "format": MODEL_CARD_FORMAT,
-            "task": "causal-lm",
-            "base_model": base_model_identity(cfg.model.path),
-            "answers": list(label_names),
-            "max_length": cfg.model.max_length,
-            "system_prompt": cfg.model.system_prompt,
-            "adapter": "adapter",
-        }
-    return {
-        "format": MODEL_CARD_FORMAT,
-        "task": "sequence-classification",
-        "base_model": base_model_identity(cfg.model.path),
-        "num_labels": len(label_names),
-        "label_names": list(label_names),
-        "max_length": cfg.model.max_length,
-        "pooling": cfg.model.pooling,
-        "text_column": cfg.data.text_column,
-        "adapter": "adapter",
-    }
+    """What ``model.json`` in a run folder holds: enough to use the trained model (the run's
+    task decides: `privlora.tasks.Task.model_card`)."""
+    from privlora.tasks.registry import task_for
+
+    return task_for(cfg).model_card(label_names)
 
 
 def write_model_card(run_dir: str | Path, cfg, label_names: list[str]) -> Path:
@@ -218,12 +201,20 @@ def read_model_card(run_dir: str | Path) -> dict:
         raise ModelError(f"{path} is not valid JSON ({exc}); it was edited or damaged") from exc
     if not isinstance(card, dict) or card.get("format") != MODEL_CARD_FORMAT:
         raise ModelError(f"{path}: expected format {MODEL_CARD_FORMAT!r}, found {card.get('format') if isinstance(card, dict) else card!r}")
-    if card.get("task") == "causal-lm":
-        return card
-    names = card.get("label_names")
-    if not (isinstance(names, list) and len(names) == card.get("num_labels") and len(names) >= 2):
-        raise ModelError(f"{path}: label_names and num_labels disagree; the file was edited or damaged")
-    return card
+    return card_task(card, path).check_card(card, path)
+
+
+def card_task(card: dict, path: str | Path):
+    """The registered task class whose runs write ``card`` (`privlora.tasks.task_for_card`);
+    ModelError naming ``path`` when none is."""
+    from privlora.tasks.registry import registered_tasks, task_for_card
+
+    cls = task_for_card(card)
+    if cls is None:
+        known = ", ".join(repr(getattr(c, "card_task", "") or n) for n, c in registered_tasks().items())
+        raise ModelError(f"{path}: task {card.get('task')!r} is not a registered task (known: {known}); register it with "
+                         "privlora.tasks.register_task in the process that reads the run")
+    return cls
 
 
 def card_from_config(run_dir: str | Path) -> dict:
@@ -231,13 +222,13 @@ def card_from_config(run_dir: str | Path) -> dict:
     the label names come from loading the run's data again (labels are mapped in a fixed,
     sorted order, so this gives the run's own order). Raises ModelError if the data is gone."""
     from privlora.core.config import load_config
-    from privlora.tasks import load_records
     from privlora.tasks.data import DataError
+    from privlora.tasks.registry import task_for
 
     run = Path(run_dir)
     cfg = load_config(run / "config.toml")
     try:
-        names = load_records(cfg).label_names
+        names = task_for(cfg).load_records().label_names
     except DataError as exc:
         raise ModelError(
             f"{run / MODEL_CARD} is missing (the run predates it) and its label names cannot be recovered from its "
@@ -251,26 +242,8 @@ def load_base_for_run(run_dir: str | Path):
     started from, with the run's number of labels and its label names in ``config.id2label``,
     loaded quietly from local disk. Put the run's adapter on it with
     ``PeftModel.from_pretrained(base_model, run_dir / "adapter")``: that adapter holds the trained
-    LoRA factors and the trained classification head (the base's new head is replaced)."""
+    LoRA factors and the trained classification head (the base's new head is replaced). The
+    run's task does the loading (`privlora.tasks.Task.load_base_for_card`); a causal-LM run
+    refuses (its base is `privlora.tasks.causal_lm.load_causal_model`)."""
     card = read_model_card(run_dir)
-    if card.get("task") == "causal-lm":
-        raise ModelError(f"{run_dir} is a causal-LM run; load its base with privlora.tasks.causal_lm.load_causal_model"
-                         f"({card['base_model']!r}) and its adapter with PeftModel.from_pretrained")
-    names = [str(n) for n in card["label_names"]]
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    quiet_hf()
-    path = resolve_model_path(card["base_model"])
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            str(path), num_labels=len(names), id2label=dict(enumerate(names)),
-            label2id={n: i for i, n in enumerate(names)}, local_files_only=True,
-        )
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"model.path: could not load the run's base model {card['base_model']!r} from {path}: {exc}") from exc
-    tokenizer.model_max_length = int(card.get("max_length", tokenizer.model_max_length))
-    model.config._name_or_path = card["base_model"]
-    if card.get("pooling", "model") == "mean":
-        use_mean_pooling(model)
-    return model.eval(), tokenizer, names
+    return card_task(card, Path(run_dir) / MODEL_CARD).load_base_for_card(card, Path(run_dir))

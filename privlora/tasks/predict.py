@@ -2,10 +2,12 @@
 
 The run folder holds everything needed: ``model.json`` (the base model's identity, e.g.
 ``embedded:minilm``, the label names and the max length) and ``adapter/`` (peft format: the
-trained LoRA factors and classification head). `load_run_model` puts the adapter on the base
-model exactly as the README's peft recipe does (`privlora.tasks.models.load_base_for_run`, then
-``PeftModel.from_pretrained``); `predict` returns, per text, the most likely label and the
-softmax probability of every label.
+trained LoRA factors and classification head). `load_run` puts the adapter on the base model
+exactly as the README's peft recipe does (the run's task loads the base,
+`privlora.tasks.models.load_base_for_run`, then ``PeftModel.from_pretrained``) and returns the
+task's class, whose ``predict`` reads the model: for "classification" (`predict`), per text, the
+most likely label and the softmax probability of every label. A task without predictions (e.g.
+"causal-lm") refuses when its base is asked for.
 """
 
 from __future__ import annotations
@@ -30,11 +32,12 @@ class Prediction:
         return {"text": self.text, "label": self.label, "probability": self.probability, "probabilities": self.probabilities}
 
 
-def load_run_model(run_dir: str | Path):
-    """``(model, tokenizer, label_names)``: the run's base model with its adapter, in eval mode."""
+def load_run(run_dir: str | Path):
+    """``(task class, model, tokenizer, label_names)``: the run's base model with its adapter, in
+    eval mode, and the class of the task that made it (whose ``predict`` reads the model)."""
     from peft import PeftModel
 
-    from privlora.tasks.models import load_base_for_run
+    from privlora.tasks.models import MODEL_CARD, card_task, read_model_card
 
     run = Path(run_dir)
     if not run.is_dir():
@@ -44,9 +47,16 @@ def load_run_model(run_dir: str | Path):
         how = (f"continue it with `privlora run --resume {run}`" if (run / "checkpoint" / "state.json").is_file()
                else "run it to the end first")
         raise RunFolderError(f"predict: {adapter} holds no adapter: the run has not finished; {how}")
-    base, tokenizer, names = load_base_for_run(run)
+    card = read_model_card(run)
+    task = card_task(card, run / MODEL_CARD)
+    base, tokenizer, names = task.load_base_for_card(card, run)
     model = PeftModel.from_pretrained(base, str(adapter)).eval()
-    return model, tokenizer, names
+    return task, model, tokenizer, names
+
+
+def load_run_model(run_dir: str | Path):
+    """``(model, tokenizer, label_names)``: the run's base model with its adapter, in eval mode."""
+    return load_run(run_dir)[1:]
 
 
 def read_texts(path: str | Path, column: str = "text") -> list[str]:
@@ -85,7 +95,8 @@ def read_texts(path: str | Path, column: str = "text") -> list[str]:
 
 
 def predict(model, tokenizer, names: list[str], texts: list[str], batch_size: int = 32) -> list[Prediction]:
-    """The most likely label and every label's probability, per text (softmax of the logits)."""
+    """Task "classification": the most likely label and every label's probability, per text
+    (softmax of the logits)."""
     import torch
 
     out: list[Prediction] = []
