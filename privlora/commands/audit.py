@@ -2,19 +2,23 @@
 
 One training run (Steinke, Nasr and Jagielski 2023; the mathematics is in `accounting.audit`):
 
-1. **Canaries.** m canaries are made and dealt round-robin (in a seeded order) to the clients.
-   A secret seed draws, for each canary independently with probability 1/2, whether it is put
-   into its client's training data. Canaries never enter the held-out evaluation set, and the
-   secret is written to ``audit.json`` only after training. Designs (``--design``):
+1. **Canaries.** m canaries are made by the run's task and dealt round-robin (in a seeded
+   order) to the clients. A secret seed draws, for each canary independently with probability
+   1/2, whether it is put into its client's training data. Canaries never enter the held-out
+   evaluation set, and the secret is written to ``audit.json`` only after training. Designs
+   (``--design``), as the classification task makes them (`privlora.tasks.classification`):
 
-   - ``tokens``: a crafted input: ``[CLS]``, 24 tokens drawn uniformly from the vocabulary
-     (special tokens excluded), ``[SEP]``, with a uniformly random label. Unlike anything in
-     the data, so its gradient points where little else does.
-   - ``mislabelled``: one of the client's own training examples, taken out of its data, with its
-     label changed to another class (so "out" canaries really are out).
+   - ``tokens`` (`Task.crafted_canaries`): a crafted input: ``[CLS]``, 24 tokens drawn
+     uniformly from the vocabulary (special tokens excluded), ``[SEP]``, with a uniformly random
+     label. Unlike anything in the data, so its gradient points where little else does.
+   - ``mislabelled`` (`Task.mislabel`): one of the client's own training examples, taken out of
+     its data, with its label changed to another class (so "out" canaries really are out).
 
-2. **Training**: the config runs unchanged (`simulation.run_experiment` with a ``prepare``
-   hook that inserts the canaries), ledger, noise calibration and all.
+   A task without canaries (the causal-LM task) refuses before anything runs (`Task.check_canaries`).
+
+2. **Training**: the config runs unchanged (`privlora.transports.inprocess.run_experiment` with a
+   ``prepare`` hook that inserts the canaries), ledger, noise calibration and all; the auditor
+   watches each client's local training as one of its ``observers`` (`Client.observers`).
 
 3. **Scores** (higher = "looks included"); each canary is scored against what its own
    client released:
@@ -23,7 +27,7 @@ One training run (Steinke, Nasr and Jagielski 2023; the mathematics is in `accou
      theta_t the model it started from (public: the broadcast) and Delta_{k,t} its local change
      (a function of its released update and the broadcast), the score of canary j is
      ``sum_t <u_j(theta_t) - mean_{l: y_l = y_j} u_l(theta_t), -Delta_{k,t}> / ||Delta_{k,t}||``
-     where u_j is the canary's loss gradient over the trained parameters, normalised to length
+     where u_j is the canary's loss gradient (`Task.example_losses`) over the trained parameters, normalised to length
      1, and the mean is over the client's canaries with the same label (in and out alike:
      public). Centring matters: measured on MiniLM at the start of training, 64% of the
      variance of canary gradients lies along one direction whose sign is the label (80% with
@@ -83,6 +87,7 @@ from privlora.core.checkpoint import atomic_write
 from privlora.core.config import ExperimentConfig
 from privlora.core.errors import UserError
 from privlora.reporting.audit_section import AUDIT_FILE, render_audit_section, sound_lower, verdict  # noqa: F401
+from privlora.tasks import CanaryError, task_for
 
 DESIGNS = ("tokens", "mislabelled")
 # the command's defaults: the design and m that gave the highest bound on a non-private run of
@@ -90,7 +95,6 @@ DESIGNS = ("tokens", "mislabelled")
 DEFAULT_DESIGN = "mislabelled"
 DEFAULT_CANARIES = 2000
 SCORES = ("whitebox", "blackbox")
-CANARY_TOKENS = 24
 
 
 class AuditError(UserError):
@@ -124,70 +128,34 @@ def deal(m: int, num_clients: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return client, included
 
 
-def token_canaries(m: int, tokenizer, max_length: int, num_labels: int, seed: int):
-    """m random token sequences: [CLS] + CANARY_TOKENS uniform non-special tokens + [SEP]."""
+def _losses(task, model, ids, mask, labels, batch: int = 64) -> np.ndarray:
+    """Each canary's loss under ``model`` (the task's per-example loss), in batches."""
     import torch
 
-    length = min(CANARY_TOKENS, max_length - 2)
-    if length < 1:
-        raise AuditError(f"model.max_length = {max_length} leaves no room for a canary's tokens; use at least 8")
-    special = set(tokenizer.all_special_ids)
-    vocab = np.array([i for i in range(len(tokenizer)) if i not in special])
-    if hasattr(tokenizer, "convert_ids_to_tokens"):  # BERT wordpieces: leave out [unusedN]
-        names = tokenizer.convert_ids_to_tokens(vocab.tolist())
-        vocab = vocab[[not (n.startswith("[") and n.endswith("]")) for n in names]]
-    rng = _rng(seed, 3)
-    ids = torch.zeros((m, max_length), dtype=torch.long)
-    if tokenizer.pad_token_id:
-        ids.fill_(tokenizer.pad_token_id)
-    mask = torch.zeros((m, max_length), dtype=torch.long)
-    body = rng.choice(vocab, size=(m, length))
-    cls = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
-    sep = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
-    col = 0
-    if cls is not None:
-        ids[:, 0] = cls
-        col = 1
-    ids[:, col : col + length] = torch.from_numpy(body)
-    end = col + length
-    if sep is not None:
-        ids[:, end] = sep
-        end += 1
-    mask[:, :end] = 1
-    labels = torch.from_numpy(rng.integers(0, num_labels, size=m)).long()
-    return ids, mask, labels
-
-
-def _trim(ids, mask):
-    width = max(1, int(mask.sum(dim=1).max()))
-    return ids[:, :width], mask[:, :width]
-
-
-def _losses(model, ids, mask, labels, batch: int = 64) -> np.ndarray:
-    import torch
-    import torch.nn.functional as F
+    from privlora.tasks.data import trim_batch
 
     model.eval()
     out = []
     with torch.inference_mode():
         for s in range(0, ids.shape[0], batch):
-            i, mk = _trim(ids[s : s + batch], mask[s : s + batch])
-            logits = model(input_ids=i, attention_mask=mk).logits
-            out.append(F.cross_entropy(logits, labels[s : s + batch], reduction="none").float().numpy())
+            rows = trim_batch(ids[s : s + batch], mask[s : s + batch], labels[s : s + batch])
+            out.append(task.example_losses(model, rows).float().numpy())
     return np.concatenate(out) if out else np.zeros(0)
 
 
-def unit_gradients(model, params, ids, mask, labels):
-    """(n, D) matrix: each example's loss gradient over ``params`` (flattened), of norm 1."""
+def unit_gradients(task, model, params, ids, mask, labels):
+    """(n, D) matrix: each example's loss gradient (the task's per-example loss) over ``params``
+    (flattened), of norm 1."""
     import torch
-    import torch.nn.functional as F
+
+    from privlora.tasks.data import trim_batch
 
     model.eval()
     rows = []
     for j in range(ids.shape[0]):
-        i, mk = _trim(ids[j : j + 1], mask[j : j + 1])
+        one = trim_batch(ids[j : j + 1], mask[j : j + 1], labels[j : j + 1])
         with torch.enable_grad():
-            loss = F.cross_entropy(model(input_ids=i, attention_mask=mk).logits, labels[j : j + 1])
+            loss = task.example_losses(model, one).sum()
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         g = torch.cat([(torch.zeros_like(p) if gr is None else gr).flatten() for p, gr in zip(params, grads)])
         rows.append(g / g.norm().clamp_min(1e-12))
@@ -285,6 +253,8 @@ class Auditor:
         # white-box increments per (round, client), in the client's canary order; summed in
         # sorted order at the end, so a resumed audit adds them exactly as an uninterrupted one
         self.contributions: dict[tuple[int, int], np.ndarray] = {} if state is None else dict(state.contributions)
+        self._start: dict[int, list] = {}
+        """Per client training now: its trainable parameters as the round started."""
 
     @property
     def whitebox_rounds(self) -> int:
@@ -292,45 +262,26 @@ class Auditor:
 
     # ------------------------------------------------------------------ before training
     def prepare(self, fed) -> None:
+        """Make the canaries (the run's task makes them), put the included ones into their
+        clients' data, and watch every client's training (`Client.observers`)."""
         import torch
-        from torch.utils.data import TensorDataset
-
-        from privlora.tasks.models import load_tokenizer
 
         self.fed = fed
-        cfg = fed.cfg
-        k = len(fed.clients)
-        client, included = deal(self.m, k, self.seed)
+        self.task = task_for(fed.cfg)
+        client, included = deal(self.m, len(fed.clients), self.seed)
         num_labels = len(fed.label_names)
-        if self.design == "tokens":
-            ids, mask, labels = token_canaries(self.m, load_tokenizer(cfg.model.path), cfg.model.max_length, num_labels, self.seed)
-        parts = {}
-        rng = _rng(self.seed, 4)
-        for c in fed.clients:
-            own = np.flatnonzero(client == c.client_id)
-            data = c.dataset.tensors
-            keep = torch.ones(len(c.dataset), dtype=torch.bool)
-            if self.design == "mislabelled":
-                if len(own) >= len(c.dataset):
-                    raise AuditError(
-                        f"--canaries {self.m}: client {c.client_id} holds only {len(c.dataset)} examples, too few for its "
-                        f"{len(own)} mislabelled canaries; use fewer canaries or more data (then pass --overwrite to reuse the --out folder)"
-                    )
-                take = torch.from_numpy(rng.choice(len(c.dataset), size=len(own), replace=False))
-                keep[take] = False
-                shift = torch.from_numpy(rng.integers(1, num_labels, size=len(own))).long()
-                parts[c.client_id] = (data[0][take], data[1][take], (data[2][take] + shift) % num_labels)
-            else:
-                sel = torch.from_numpy(own)
-                parts[c.client_id] = (ids[sel], mask[sel], labels[sel])
-            inc = torch.from_numpy(included[own])
-            cid, cmask, clab = parts[c.client_id]
-            c.dataset = TensorDataset(
-                torch.cat([data[0][keep], cid[inc]]), torch.cat([data[1][keep], cmask[inc]]), torch.cat([data[2][keep], clab[inc]])
-            )
-            c.num_examples = len(c.dataset)
-            fed.client_sizes[c.client_id] = c.num_examples
-            self._observe(c)
+        try:
+            self.task.check_canaries(self.design)
+            crafted = self.task.crafted_canaries(self.m, num_labels, _rng(self.seed, 3)) if self.design == "tokens" else None
+            parts = {}
+            rng = _rng(self.seed, 4)
+            for c in fed.clients:
+                own = np.flatnonzero(client == c.client_id)
+                parts[c.client_id] = self._insert(c, own, included[own], num_labels, rng, crafted)
+                fed.client_sizes[c.client_id] = c.num_examples
+                c.observers.append(self)
+        except CanaryError as exc:
+            raise AuditError(str(exc)) from exc
         # canaries in one order: client by client (the order of `parts`), then by index
         order = np.concatenate([np.flatnonzero(client == c.client_id) for c in fed.clients])
         self.order = order
@@ -342,27 +293,41 @@ class Auditor:
             included=included[order],
         )
         self.canaries.scores["whitebox"] = np.zeros(self.m)
-        self.loss_before = _losses(fed.server.global_model, self.canaries.ids, self.canaries.mask, self.canaries.labels)
+        self.loss_before = _losses(self.task, fed.server.global_model, self.canaries.ids, self.canaries.mask, self.canaries.labels)
 
-    def _observe(self, client) -> None:
-        """Wrap this client's ``build_model`` and ``train`` to see where each round started and
-        what it released; score its canaries right after it trains."""
-        build, train = client.build_model, client.train
-        slot: dict[str, Any] = {}
+    def _insert(self, c, own: np.ndarray, included: np.ndarray, num_labels: int, rng: np.random.Generator, crafted) -> tuple:
+        """Client ``c``'s canaries (rows ``own`` of the deal) as ``(inputs, mask, targets)``; the
+        ``included`` ones join its dataset, and a mislabelled canary's original leaves it."""
+        import torch
+        from torch.utils.data import TensorDataset
 
-        def build_model(payload, rank):
-            model = build(payload, rank)
-            slot["model"] = model
-            slot["start"] = [(n, p.detach().clone()) for n, p in model.named_parameters() if p.requires_grad]
-            return model
+        data = c.dataset.tensors
+        keep = torch.ones(len(c.dataset), dtype=torch.bool)
+        if self.design == "mislabelled":
+            if len(own) >= len(c.dataset):
+                raise AuditError(
+                    f"--canaries {self.m}: client {c.client_id} holds only {len(c.dataset)} examples, too few for its "
+                    f"{len(own)} mislabelled canaries; use fewer canaries or more data (then pass --overwrite to reuse the --out folder)"
+                )
+            take = torch.from_numpy(rng.choice(len(c.dataset), size=len(own), replace=False))
+            keep[take] = False
+            part = self.task.mislabel((data[0][take], data[1][take], data[2][take]), num_labels, rng)
+        else:
+            sel = torch.from_numpy(own)
+            part = tuple(x[sel] for x in crafted)
+        inc = torch.from_numpy(included)
+        c.dataset = TensorDataset(*(torch.cat([d[keep], x[inc]]) for d, x in zip(data, part)))
+        c.num_examples = len(c.dataset)
+        return part
 
-        def observed_train(payload, rnd, rank, progress=None):
-            result = train(payload, rnd, rank, progress=progress)
-            self._score_round(client.client_id, slot.pop("model"), slot.pop("start"), int(rnd))
-            return result
+    # ------------------------------------------------------------------ while training (a client observer)
+    def training_started(self, client_id: int, rnd: int, model) -> None:
+        """Remember where this client's round starts (the trainable parameters)."""
+        self._start[client_id] = [(n, p.detach().clone()) for n, p in model.named_parameters() if p.requires_grad]
 
-        client.build_model = build_model
-        client.train = observed_train
+    def training_finished(self, client_id: int, rnd: int, model) -> None:
+        """Score the client's canaries against the change its round made."""
+        self._score_round(client_id, model, self._start.pop(client_id), int(rnd))
 
     def _score_round(self, client_id: int, model, start, rnd: int) -> None:
         import torch
@@ -382,7 +347,7 @@ class Auditor:
         with torch.no_grad():  # back to where the round started
             for n, s in start:
                 live[n].copy_(s)
-        u = unit_gradients(model, params, c.ids[sel], c.mask[sel], labels)
+        u = unit_gradients(self.task, model, params, c.ids[sel], c.mask[sel], labels)
         for y in labels.unique():  # centre within each label: removes the direction a label shares
             same = labels == y
             u[same] = u[same] - u[same].mean(dim=0, keepdim=True)
@@ -396,7 +361,7 @@ class Auditor:
         c.scores["whitebox"] = np.zeros(self.m)
         for (_, client_id), inc in sorted(self.contributions.items()):
             c.scores["whitebox"][np.flatnonzero(c.client == client_id)] += inc
-        after = _losses(self.fed.server.global_model, c.ids, c.mask, c.labels)
+        after = _losses(self.task, self.fed.server.global_model, c.ids, c.mask, c.labels)
         c.scores["blackbox"] = self.loss_before - after
         out = {}
         for name in SCORES:
@@ -458,6 +423,76 @@ def claimed_epsilon(out: Path, clients_with_canaries) -> float | None:
     return max(float(eps.get(str(int(k)), 0.0)) for k in clients_with_canaries)
 
 
+def refuse_without_canaries(cfg: ExperimentConfig, design: str | None = None) -> None:
+    """AuditError, before anything runs, when the run's task has no canaries (of ``design``)."""
+    try:
+        task_for(cfg).check_canaries(design)
+    except CanaryError as exc:
+        raise AuditError(str(exc)) from exc
+
+
+def resumed_state(out: Path, folder: Path) -> tuple[AuditorState, ExperimentConfig]:
+    """The interrupted audit of the run in ``out``: its auditor state (secret, options and the
+    white-box scores of the rounds its checkpoint holds) and the run's config."""
+    from privlora.core.checkpoint import CheckpointError
+    from privlora.core.config import load_config
+    from privlora.federation import preflight
+
+    if (out / AUDIT_FILE).is_file():
+        raise AuditError(f"--resume: {out / AUDIT_FILE} exists: this audit already finished; nothing to resume")
+    preflight.check_resume_folder(out)
+    ckpt = out / "checkpoint" / "state.json"
+    try:
+        last_round = int(json.loads(ckpt.read_text(encoding="utf-8"))["round"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{ckpt} is damaged ({exc}); the audit cannot continue from it") from exc
+    return AuditorState.load(folder, out, last_round), load_config(out / "config.toml")
+
+
+def audit_record(auditor: Auditor, options: dict[str, Any], delta: float, claimed: float | None, final: dict[str, Any],
+                 t0: float) -> dict[str, Any]:
+    """audit.json (format privlora-audit/2): the bounds of every method, the claim they are held
+    against, and (after training) the secret, the deal and the scores, so anyone can recount."""
+    scores = auditor.finish_scores()
+    c = auditor.canaries
+    result = bounds(scores, c.included, delta, options["confidence"])
+    lower = result["best"]["epsilon_lower"]
+    fdp = {
+        "method": "f-DP one-run audit (Mahloujifar, Melis and Chaudhuri 2024), same guesses",
+        "epsilon_lower": result["best_fdp"]["epsilon_lower_fdp"],
+        "best": result["best_fdp"],
+        "mu_lower": result["best_gdp"]["mu_lower"],
+        "epsilon_of_mu": result["best_gdp"]["epsilon_of_mu"],
+        "best_gdp": result["best_gdp"],
+    }
+    return {
+        "format": "privlora-audit/2",
+        "method": "one-run audit (Steinke, Nasr and Jagielski 2023, Theorem 5.2) and its f-DP reading (Mahloujifar, "
+                  "Melis and Chaudhuri 2024), Bonferroni over method x score x guess count",
+        "design": options["design"],
+        "canaries": int(options["canaries"]),
+        "confidence": options["confidence"],
+        "delta": delta,
+        "epsilon_lower": lower,
+        "epsilon_claimed": claimed,
+        "violation": claimed is not None and max(lower, fdp["epsilon_lower"]) > claimed,
+        "best": result["best"],
+        "fdp": fdp,
+        "per_score": result["per_score"],
+        "tests": result["tests"],
+        "level_per_test": result["level_per_test"],
+        "included_canaries": int(c.included.sum()),
+        "whitebox_client_rounds": auditor.whitebox_rounds,
+        "test_accuracy": final["test_accuracy"],
+        "seconds": time.perf_counter() - t0,
+        # the secret, revealed after training so that anyone can recount v from the scores
+        "secret_seed": str(auditor.seed),
+        "canary_client": c.client.tolist(),
+        "canary_included": c.included.astype(int).tolist(),
+        "scores": {k: [round(float(x), 6) for x in v] for k, v in scores.items()},
+    }
+
+
 def run_audit(
     cfg: ExperimentConfig | None,
     out: str | Path,
@@ -480,33 +515,17 @@ def run_audit(
     + ``.auditor``, beside it; see `AuditorState`). ``resume`` continues an interrupted audit of
     the run in ``out`` from its checkpoint (``cfg`` and every option then come from the run
     folder and the auditor's state). ``stop_after`` ends after that many rounds as if the process
-    had been killed (for tests); it returns None then.
+    had been killed (for tests); it returns None then. A task without canaries is refused first.
     """
-    from privlora.core.checkpoint import CheckpointError
-    from privlora.core.config import load_config
     from privlora.reporting.report import write_report
     from privlora.transports.inprocess import run_experiment
 
     out = Path(out)
-    if cfg is not None and cfg.model.task != "classification":
-        raise AuditError(f"model.task: privlora audit has canaries for sequence classification only; {cfg.model.task!r} "
-                         "runs cannot be audited yet (run the classification task, or `privlora run` without an audit)")
+    if cfg is not None:
+        refuse_without_canaries(cfg)
     folder = Path(auditor_dir) if auditor_dir is not None else default_auditor_dir(out)
     if resume:
-        if (out / AUDIT_FILE).is_file():
-            raise AuditError(f"--resume: {out / AUDIT_FILE} exists: this audit already finished; nothing to resume")
-        from privlora.federation import preflight
-
-        preflight.check_resume_folder(out)
-        ckpt = out / "checkpoint" / "state.json"
-        try:
-            last_round = int(json.loads(ckpt.read_text(encoding="utf-8"))["round"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{ckpt} is damaged ({exc}); the audit cannot continue from it") from exc
-        state = AuditorState.load(folder, out, last_round)
-        secret = int(state.options["secret_seed"])
-        canaries, design, confidence = int(state.options["canaries"]), str(state.options["design"]), float(state.options["confidence"])
-        cfg_used = load_config(out / "config.toml")
+        state, cfg_used = resumed_state(out, folder)
     else:
         if not 0 < confidence < 1:
             raise AuditError(f"--confidence must be in (0, 1), found {confidence}")
@@ -514,7 +533,9 @@ def run_audit(
         state = AuditorState(folder, out, {"secret_seed": str(secret), "canaries": int(canaries), "design": design,
                                            "confidence": float(confidence)})
         cfg_used = cfg
-    auditor = Auditor(canaries, design, secret, state=state)
+    options = {"canaries": int(state.options["canaries"]), "design": str(state.options["design"]),
+               "confidence": float(state.options["confidence"])}
+    auditor = Auditor(options["canaries"], options["design"], int(state.options["secret_seed"]), state=state)
 
     def prepare(fed):
         auditor.prepare(fed)
@@ -526,47 +547,8 @@ def run_audit(
                            stop_after=stop_after, prepare=prepare)
     if stop_after is not None and not final.get("total_seconds"):
         return None
-    cfg = cfg_used
-    scores = auditor.finish_scores()
-    c = auditor.canaries
-    delta = cfg.privacy.delta
-    result = bounds(scores, c.included, delta, confidence)
-    claimed = claimed_epsilon(out, np.unique(c.client))
-    lower = result["best"]["epsilon_lower"]
-    fdp = {
-        "method": "f-DP one-run audit (Mahloujifar, Melis and Chaudhuri 2024), same guesses",
-        "epsilon_lower": result["best_fdp"]["epsilon_lower_fdp"],
-        "best": result["best_fdp"],
-        "mu_lower": result["best_gdp"]["mu_lower"],
-        "epsilon_of_mu": result["best_gdp"]["epsilon_of_mu"],
-        "best_gdp": result["best_gdp"],
-    }
-    record = {
-        "format": "privlora-audit/2",
-        "method": "one-run audit (Steinke, Nasr and Jagielski 2023, Theorem 5.2) and its f-DP reading (Mahloujifar, "
-                  "Melis and Chaudhuri 2024), Bonferroni over method x score x guess count",
-        "design": design,
-        "canaries": int(canaries),
-        "confidence": confidence,
-        "delta": delta,
-        "epsilon_lower": lower,
-        "epsilon_claimed": claimed,
-        "violation": claimed is not None and max(lower, fdp["epsilon_lower"]) > claimed,
-        "best": result["best"],
-        "fdp": fdp,
-        "per_score": result["per_score"],
-        "tests": result["tests"],
-        "level_per_test": result["level_per_test"],
-        "included_canaries": int(c.included.sum()),
-        "whitebox_client_rounds": auditor.whitebox_rounds,
-        "test_accuracy": final["test_accuracy"],
-        "seconds": time.perf_counter() - t0,
-        # the secret, revealed after training so that anyone can recount v from the scores
-        "secret_seed": str(secret),
-        "canary_client": c.client.tolist(),
-        "canary_included": c.included.astype(int).tolist(),
-        "scores": {k: [round(float(x), 6) for x in v] for k, v in scores.items()},
-    }
+    claimed = claimed_epsilon(out, np.unique(auditor.canaries.client))
+    record = audit_record(auditor, options, cfg_used.privacy.delta, claimed, final, t0)
     atomic_write(out / AUDIT_FILE, json.dumps(record, indent=1, sort_keys=True) + "\n")
     state.remove()  # audit.json now publishes the secret and the scores
     write_report(out)

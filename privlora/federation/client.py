@@ -22,6 +22,14 @@ noise step (`DPOptimizer.pre_step`) and before the underlying optimizer's step: 
 data-independent, so it is neither clipped nor charged. After training a strategy may shrink
 the rank (HetLoRA's self-pruning); the client reports the rank it keeps as ``next_rank``.
 
+Task hooks. The run's task (`privlora.tasks.Task`) builds the adapter (`Task.make_adapter`) and
+gives the loss of each physical batch (`Task.loss`: the mean of its rows' own losses, so that
+Opacus's per-sample gradients are each record's); the client never asks which task it is.
+
+Observers. ``Client.observers`` are told where each round's local training started and where it
+ended (`TrainingObserver`); `privlora audit` scores its canaries that way. They see the model
+only after the update to release has been read from it, and must leave the release alone.
+
 Without DP the same loop runs on shuffled batches of ``batch_size`` and no mechanism is reported.
 """
 
@@ -31,6 +39,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -39,8 +48,9 @@ from privlora.core.accountants import calibrate_noise
 from privlora.core.config import ExperimentConfig
 from privlora.federation.messages import Message
 from privlora.strategies import Strategy
-from privlora.tasks.adapters import adapter_state, load_adapter_state, make_peft_model, merge_into_base
+from privlora.tasks.adapters import adapter_state, load_adapter_state, merge_into_base
 from privlora.tasks.data import DataError, trim_batch
+from privlora.tasks.registry import task_for
 
 
 def derived_seed(seed: int, *parts: int) -> int:
@@ -109,6 +119,17 @@ class LocalResult:
     the strategy prunes); ``state`` has this rank."""
 
 
+class TrainingObserver(Protocol):
+    """Sees each round of a client's local training (``Client.observers``)."""
+
+    def training_started(self, client_id: int, rnd: int, model) -> None:
+        """``model`` (the peft model about to train) as the round starts: the broadcast state."""
+
+    def training_finished(self, client_id: int, rnd: int, model) -> None:
+        """The same ``model`` after the round's training, once the update to release has been
+        read from it (changing the model now changes nothing the client sends)."""
+
+
 class Client:
     """One client's data and training loop. Holds no reference to any server object."""
 
@@ -118,6 +139,9 @@ class Client:
         self.base_model = base_model
         self.dataset = train_dataset
         self.strategy = strategy
+        self.task = task_for(cfg)
+        self.observers: list[TrainingObserver] = []
+        """Told where each round's training started and ended (`TrainingObserver`)."""
         self.num_examples = len(train_dataset)
         if self.num_examples == 0:
             raise DataError(f"data.num_clients: client {client_id} has no training examples; lower data.num_clients")
@@ -177,7 +201,8 @@ class Client:
 
     # ------------------------------------------------------------------ training
     def build_model(self, payload: dict[str, np.ndarray], rank: int):
-        model = make_peft_model(self.base_model, self.cfg, rank)
+        """The task's adapter of ``rank`` on (a copy of) the base, started where the strategy says."""
+        model = self.task.make_adapter(self.base_model, rank)
         deltas = self.strategy.base_update(payload)
         if deltas:
             merge_into_base(model, deltas)
@@ -194,6 +219,8 @@ class Client:
         t0 = time.perf_counter()
         torch.manual_seed(derived_seed(self.cfg.seed, rnd, self.client_id, 1))
         model = self.build_model(payload, rank)
+        for observer in self.observers:
+            observer.training_started(self.client_id, rnd, model)
         model.train()
         if not self.cfg.training.dropout:
             for module in model.modules():
@@ -224,7 +251,7 @@ class Client:
                 losses, steps = self._train_plain(model, optimizer, rnd, progress, penalty)
                 mechanism = None
         state, next_rank = self.strategy.prune(adapter_state(model), rank)
-        return LocalResult(
+        result = LocalResult(
             state=state,
             mechanism=mechanism,
             train_loss=float(np.mean(losses)) if losses else float("nan"),
@@ -232,11 +259,12 @@ class Client:
             seconds=time.perf_counter() - t0,
             next_rank=next_rank,
         )
+        for observer in self.observers:
+            observer.training_finished(self.client_id, rnd, model)
+        return result
 
     def _loss(self, model, batch):
-        from privlora.tasks import batch_loss
-
-        return batch_loss(self.cfg)(model, batch)
+        return self.task.loss(model, batch)
 
     def _train_dp(self, model, optimizer, progress, penalty=None):
         import torch

@@ -85,16 +85,14 @@ def _partitioned(cfg):
     """(train split, client shards) of ``data.source`` as the simulation splits it. Kept for the
     life of the process: Flower's simulation engine runs many virtual nodes in one process, and
     each would otherwise load and split the whole data set for every message."""
-    from privlora.tasks import load_records
-    from privlora.tasks.data import run_split
-    from privlora.tasks.partition import partition
+    from privlora.tasks import task_for
 
     key = resolved_sha256(cfg)
     if key not in _PARTITIONS:
-        data = load_records(cfg)
-        train, _ = run_split(data, cfg.data, cfg.seed)
+        task = task_for(cfg)
+        train, _ = task.split(task.load_records())
         _PARTITIONS.clear()
-        _PARTITIONS[key] = (train, partition(train, cfg.data.partition, cfg.data.num_clients, cfg.seed, cfg.data.dirichlet_alpha))
+        _PARTITIONS[key] = (train, task.partition(train))
     return _PARTITIONS[key]
 
 

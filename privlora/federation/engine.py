@@ -69,11 +69,6 @@ class Description:
 SAMPLES = "samples.json"
 
 
-def evaluation_extras(ev: dict[str, Any]) -> dict[str, Any]:
-    """What an evaluation adds to a round's record beyond accuracy and loss (causal-lm: perplexity)."""
-    return {"test_perplexity": ev["perplexity"]} if "perplexity" in ev else {}
-
-
 def log(message: str) -> None:
     print(f"privlora: {message}", file=sys.stderr, flush=True)
 
@@ -195,7 +190,7 @@ class RoundEngine:
             "round": 0,
             "test_accuracy": ev["accuracy"],
             "test_loss": ev["loss"],
-            **evaluation_extras(ev),
+            **self.server.task.metrics_record(ev),
             "majority_baseline": self.majority_baseline,
             "clients": [],
             "epsilon": {str(k): 0.0 for k in self.ids} if self.dp else {},
@@ -370,7 +365,7 @@ class RoundEngine:
             "round": rnd,
             "test_accuracy": ev["accuracy"],
             "test_loss": ev["loss"],
-            **evaluation_extras(ev),
+            **self.server.task.metrics_record(ev),
             "majority_baseline": self.majority_baseline,
             "clients": [r.client_id for r in reports],
             "sampled": chosen,
@@ -468,9 +463,9 @@ class RoundEngine:
         write_report(self.out)
 
     def write_samples(self, stage: str, model=None) -> None:
-        """Task "causal-lm": greedy generations of the global model (``model``, else the
-        server's) for the fixed held-out prompts, kept in ``samples.json`` under ``stage``
-        ("untrained" at round 0, "final" at the end) for report.md."""
+        """When the task shows samples (the causal-LM task's greedy generations): the outputs of
+        the global model (``model``, else the server's) for the fixed held-out prompts, kept in
+        ``samples.json`` under ``stage`` ("untrained" at round 0, "final" at the end) for report.md."""
         if self.server.sample_prompts is None:
             return
         path = self.out / SAMPLES

@@ -30,7 +30,8 @@ from privlora.federation.messages import Message, MessageError
 from privlora.strategies import Strategy, sum_states
 from privlora.strategies.base import BASE_DELTA_PREFIX, base_weight_name, is_base_delta, is_lora_a, is_lora_b, lora_pairs
 from privlora.strategies.fedavgm import server_momentum_step
-from privlora.tasks.adapters import adapter_state, frozen_weights, load_adapter_state, make_peft_model, merge_into_base
+from privlora.tasks.adapters import adapter_state, frozen_weights, load_adapter_state, merge_into_base
+from privlora.tasks.registry import task_for
 
 
 @dataclass
@@ -58,9 +59,11 @@ class Server:
     def __init__(self, cfg: ExperimentConfig, strategy: Strategy, base_model, test_dataset):
         self.cfg = cfg
         self.strategy = strategy
+        self.task = task_for(cfg)
+        """The run's task: it builds the adapter, evaluates, and generates the report's samples."""
         self.test_dataset = test_dataset
         self.base_model = base_model  # read only: the global model is a copy
-        self.global_model = make_peft_model(base_model, cfg, cfg.max_rank)
+        self.global_model = self.task.make_adapter(base_model, cfg.max_rank)
         self.global_state = strategy.initial_state(adapter_state(self.global_model))
         deltas = [k[len(BASE_DELTA_PREFIX) :] for k in self.global_state if is_base_delta(k)]
         self._base_weights = frozen_weights(self.global_model, deltas)
@@ -71,20 +74,18 @@ class Server:
         self.download_bytes: dict[int, int] = {}
         """Tensor bytes of the last instruction sent to each client (`Strategy.download_bytes`)."""
         self.sample_prompts: list[dict[str, str]] | None = None
-        """Task "causal-lm": held-out instructions (with their reference responses) whose greedy
-        generations the report shows (`set_samples`); None = no samples."""
+        """Fixed held-out inputs whose outputs the report shows (`Task.sample_prompts`, e.g. the
+        causal-LM task's instructions with their reference responses); None = no samples."""
         self._tokenizer = None
 
-    def set_samples(self, tokenizer, instructions: list[str], references: list[str]) -> None:
+    def set_samples(self, tokenizer, prompts: list[dict[str, str]]) -> None:
         self._tokenizer = tokenizer
-        self.sample_prompts = [{"instruction": i, "reference": r} for i, r in zip(instructions, references)]
+        self.sample_prompts = list(prompts)
 
     def generate_samples(self, model=None) -> list[str]:
-        """Greedy generations of ``model`` (default: the global model) for `sample_prompts`."""
-        from privlora.tasks.causal_lm import generate
-
-        return generate(model if model is not None else self.global_model, self._tokenizer,
-                        [p["instruction"] for p in self.sample_prompts or []], system_prompt=self.cfg.model.system_prompt)
+        """The task's outputs of ``model`` (default: the global model) for `sample_prompts`."""
+        return self.task.generate_samples(model if model is not None else self.global_model, self._tokenizer,
+                                          self.sample_prompts or [])
 
     def load_global_state(self, state: dict[str, np.ndarray]) -> None:
         """Make ``state`` the global model: adapter tensors into the adapter, base deltas onto
@@ -190,7 +191,7 @@ class Server:
             total = state[BASE_DELTA_PREFIX + base_weight_name(module)].astype(np.float64)
             totals[module] = total + scaling * state[b_key].astype(np.float64) @ state[a_key].astype(np.float64)
         rank = max([1] + [numerical_rank(t) for t in totals.values()])
-        model = make_peft_model(self.base_model, self.cfg, rank)
+        model = self.task.make_adapter(self.base_model, rank)
         out = {}
         template = adapter_state(model)
         pairs = {a_key: (module, b_key) for module, a_key, b_key in lora_pairs(template)}
@@ -204,8 +205,6 @@ class Server:
         return model
 
     def evaluate(self) -> dict[str, float | None]:
-        """Accuracy and mean loss (and, for "causal-lm", perplexity) of the global model on the
-        held-out split (`privlora.tasks.evaluate`)."""
-        from privlora.tasks import evaluate
-
-        return evaluate(self.cfg, self.global_model, self.test_dataset)
+        """Accuracy, mean loss and the task's own metrics of the global model on the held-out
+        split (`Task.evaluate`)."""
+        return self.task.evaluate(self.global_model, self.test_dataset)

@@ -32,12 +32,7 @@ from privlora.federation.node import ClientNode
 from privlora.federation.server import Server
 from privlora.federation.transport import Transport
 from privlora.strategies import strategy_from_config
-from privlora.tasks.data import run_split
 from privlora.tasks.models import quiet_hf, write_model_card
-from privlora.tasks.partition import partition
-
-SAMPLE_PROMPTS = 3
-"""Task "causal-lm": how many held-out instructions report.md shows generations for."""
 
 
 @dataclass
@@ -53,8 +48,8 @@ class Federation:
 
 def build_server(cfg: ExperimentConfig, test, tokenizer, base_model, reporter: Progress | None = None, test_ds=None) -> Server:
     """The server of a run: the global adapter on ``base_model`` and the held-out ``test`` split
-    (``test_ds``: already tokenized). Every transport builds it this way, so the same seed gives
-    the same initial adapter."""
+    (``test_ds``: already tokenized), with the task's sample prompts if it has any. Every
+    transport builds it this way, so the same seed gives the same initial adapter."""
     import torch
 
     if test_ds is None:
@@ -62,9 +57,9 @@ def build_server(cfg: ExperimentConfig, test, tokenizer, base_model, reporter: P
             test_ds = tasks.tokenize_heldout(cfg, test, tokenizer)
     torch.manual_seed(cfg.seed)
     server = Server(cfg, strategy_from_config(cfg), base_model, test_ds)
-    if tasks.is_causal(cfg):
-        k = min(SAMPLE_PROMPTS, len(test))
-        server.set_samples(tokenizer, test.texts[:k], test.responses[:k])
+    prompts = server.task.sample_prompts(test)
+    if prompts is not None:
+        server.set_samples(tokenizer, prompts)
     return server
 
 
@@ -77,7 +72,7 @@ def load_split(cfg: ExperimentConfig, reporter: Progress | None = None):
         torch.set_num_threads(cfg.threads)
     with (reporter or Progress(False)).stage(f"loading data ({cfg.data.source})"):
         data = tasks.load_records(cfg)
-    train, test = run_split(data, cfg.data, cfg.seed)
+    train, test = tasks.task_for(cfg).split(data)
     return data, train, test
 
 
@@ -96,7 +91,7 @@ def build_federation(cfg: ExperimentConfig, base_model=None, tokenizer=None, rep
 
     ``reporter`` shows each stage (loading, tokenizing) on stderr; None = silent."""
     data, train, test = load_split(cfg, reporter)
-    shards = partition(train, cfg.data.partition, cfg.data.num_clients, cfg.seed, cfg.data.dirichlet_alpha)
+    shards = tasks.task_for(cfg).partition(train)
     preflight.check_budgets(cfg, [len(s) for s in shards], reporter)  # before the model loads
     tokenizer, base_model = load_base(cfg, data.num_labels, reporter, tokenizer, base_model)
     with (reporter or Progress(False)).stage(f"tokenizing {len(train) + len(test)} examples"):

@@ -4,7 +4,8 @@ Reads ``config.toml``, ``metrics.jsonl`` and (for DP runs) ``ledger.jsonl``; wri
 ``report.json`` (machine-readable: accuracy, and the privacy summary recomputed from the ledger
 by `accounting.privacy_summary`), ``report.md`` (for a person: the run, the accuracy per round,
 and the privacy statement), ``accuracy_epsilon.png`` and ``privacy_epsilon.png``. Rendering
-again gives the same files.
+again gives the same files. What is task-specific (how accuracy is named, the task's own
+metrics, sample outputs, the unit of privacy) is the run's task's to say (`privlora.tasks.Task`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from privlora.core.checkpoint import atomic_write
 from privlora.core.config import load_config
 from privlora.core.errors import RunFolderError, ledger_file
+from privlora.tasks.registry import task_for
 
 
 def _resume_hint(out: Path) -> str:
@@ -56,7 +58,9 @@ def read_metrics(out: Path) -> list[dict]:
     return rows
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, loss_label: str = "held-out loss") -> None:
+    """Accuracy (or, for a task without accuracy, the held-out loss: ``loss_label``) and every
+    client's epsilon per round, side by side."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -71,9 +75,9 @@ def plot(rows: list[dict], path: Path) -> None:
         ax1.set_ylabel("held-out accuracy")
         ax1.set_title("Accuracy")
         ax1.legend(loc="lower right")
-    else:  # open-ended instruction data: no accuracy, the held-out loss instead
+    else:  # e.g. open-ended instruction data: no accuracy, the held-out loss instead
         ax1.plot(rounds, [r["test_loss"] for r in rows], marker="o", label="global model")
-        ax1.set_ylabel("held-out loss (response tokens)")
+        ax1.set_ylabel(loss_label)
         ax1.set_title("Held-out loss")
         ax1.legend(loc="upper right")
     ax1.set_xlabel("round")
@@ -96,46 +100,24 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def accuracy_line(cfg, rows: list[dict], final: dict) -> str:
-    """The report's line on held-out quality: accuracy against the untrained model and the
-    majority class; for "causal-lm" also the response-token loss and perplexity."""
-    where = holdout_statement(cfg)
-    first = rows[0]
-    parts = []
-    if final["test_accuracy"] is not None:
-        what = "Answer accuracy (the allowed answer of highest likelihood)" if cfg.model.task == "causal-lm" else "Accuracy"
-        majority = "" if first.get("majority_baseline") is None else f"; always predicting the majority class {first['majority_baseline']:.4f}"
-        parts.append(f"- {what} on {where}: **{final['test_accuracy']:.4f}** after round {final['round']} "
-                     f"(untrained model {first['test_accuracy']:.4f}{majority}).")
-    if final.get("test_perplexity") is not None:
-        parts.append(f"- Held-out loss of the response tokens{'' if parts else ' on ' + where}: **{final['test_loss']:.4f}** "
-                     f"(perplexity {final['test_perplexity']:.3f}) after round {final['round']}; untrained model "
-                     f"{first['test_loss']:.4f} (perplexity {first['test_perplexity']:.3f}).")
-    return "\n".join(parts)
+    """The report's lines on held-out quality, in the run's task's words (`Task.quality_lines`):
+    accuracy against the untrained model and the majority class, then the task's own metrics
+    (for "causal-lm": the response-token loss and perplexity)."""
+    return "\n".join(task_for(cfg).quality_lines(rows, final, holdout_statement(cfg)))
 
 
-def samples_section(out: Path) -> list[str]:
-    """Task "causal-lm": the greedy generations in samples.json, untrained and final, per prompt."""
+def samples_section(out: Path, task) -> list[str]:
+    """The task's rendering of samples.json (outputs for fixed held-out inputs, untrained and
+    final), when the run wrote one."""
     path = out / "samples.json"
     if not path.is_file():
         return []
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
-        prompts = record["prompts"]
+        record["prompts"]
+        return task.samples_section(record)
     except (ValueError, KeyError, TypeError) as exc:
         raise RunFolderError(f"report: {path} is damaged ({exc}); run `privlora run --resume` or delete it") from exc
-    lines = ["## Sample generations", "",
-             "Greedy decoding, at most 32 new tokens, for fixed held-out instructions (the same every round).", ""]
-    for i, p in enumerate(prompts):
-        lines += [f"**Prompt {i + 1}.** " + _quote(p["instruction"]), "", f"- reference: {_quote(p['reference'])}"]
-        for stage in ("untrained", "final"):
-            if isinstance(record.get(stage), list) and i < len(record[stage]):
-                lines.append(f"- {stage}: {_quote(record[stage][i])}")
-        lines.append("")
-    return lines
-
-
-def _quote(text: str) -> str:
-    return "`" + " ".join(str(text).split()).replace("`", "'") + "`"
 
 
 def integer_round_axis(*axes) -> None:
@@ -249,18 +231,17 @@ def holdout_statement(cfg) -> str:
     return "the held-out test split"
 
 
-def write_report(out: str | Path) -> Path:
-    """Write report.json, report.md and the plots from the run folder's files alone."""
-    from accounting import Ledger, plot_epsilon, privacy_summary, render_privacy_statement
+def read_run(out: Path):
+    """``(cfg, config sha256, metrics rows, ledger or None)`` of a run folder; everything the
+    report needs is read (and refused, naming the file) before anything is written."""
+    from accounting import Ledger
     from accounting.verify import LEDGER_FILE
 
-    out = Path(out)
     cfg = load_config(out / "config.toml")
     chash = hashlib.sha256((out / "config.toml").read_bytes()).hexdigest()
     rows = read_metrics(out)
-    p = cfg.privacy
     ledger = None
-    if p.enabled:  # everything is read before anything is written
+    if cfg.privacy.enabled:
         if not (out / LEDGER_FILE).is_file():
             raise RunFolderError(
                 f"report: {out / LEDGER_FILE} is missing but the run's config enables privacy, and every epsilon in the "
@@ -268,30 +249,35 @@ def write_report(out: str | Path) -> Path:
             )
         with ledger_file(out / LEDGER_FILE):
             ledger = Ledger.open(out / LEDGER_FILE)
-    plot(rows, out / "accuracy_epsilon.png")
-    final = next(r for r in reversed(rows) if "stopped" not in r)
-    stopped = next((r["stopped"] for r in rows if "stopped" in r), None)
+    return cfg, chash, rows, ledger
+
+
+def privacy_section(out: Path, cfg, task, ledger, rows: list[dict], final: dict, chash: str, packages: dict) -> tuple[dict, str]:
+    """(report.json's ``privacy``, report.md's privacy statement) from the ledger alone; draws
+    privacy_epsilon.png. Without DP: ``{"enabled": False}`` and no statement."""
+    from accounting import plot_epsilon, privacy_summary, render_privacy_statement
+
+    if ledger is None:
+        return {"enabled": False}, ""
+    p = cfg.privacy
     sizes = {i: n for i, n in enumerate(rows[0].get("client_sizes") or []) if n is not None}
-    packages = package_versions()
-    privacy: dict = {"enabled": False}
-    statement = ""
-    if ledger is not None:
-        privacy = {"enabled": True, **privacy_summary(ledger, p.accountant, cross_checks=("pld", "rdp", "prv"), client_sizes=sizes)}
-        if cfg.model.task == "causal-lm":
-            privacy["unit_of_privacy"] = ("one record (one instruction with its response: one training sequence) "
-                                          "in one client's local dataset")
-        caption = plot_epsilon(ledger, p.accountant, out / "privacy_epsilon.png", rounds=final["round"])
-        calibration = calibration_statement(cfg, rows)
-        statement = render_privacy_statement(
-            privacy,
-            {
-                "secagg": secagg_statement(cfg),
-                "config_sha256": chash,
-                "packages": packages,
-                "epsilon_plot": "privacy_epsilon.png",
-            },
-        ) + f"\n{calibration} The plot's left panel shows {caption}.\n" + noise_statement(rows[0])
-    report = {
+    privacy = {"enabled": True, **privacy_summary(ledger, p.accountant, cross_checks=("pld", "rdp", "prv"), client_sizes=sizes)}
+    if task.unit_of_privacy:
+        privacy["unit_of_privacy"] = task.unit_of_privacy
+    caption = plot_epsilon(ledger, p.accountant, out / "privacy_epsilon.png", rounds=final["round"])
+    context = {"secagg": secagg_statement(cfg), "config_sha256": chash, "packages": packages, "epsilon_plot": "privacy_epsilon.png"}
+    statement = (render_privacy_statement(privacy, context)
+                 + f"\n{calibration_statement(cfg, rows)} The plot's left panel shows {caption}.\n" + noise_statement(rows[0]))
+    return privacy, statement
+
+
+def report_record(cfg, task, chash: str, rows: list[dict], final: dict, stopped: str | None, privacy: dict,
+                  packages: dict) -> dict:
+    """What report.json holds (format privlora-run-report/1): the run, accuracy and loss per
+    round, the task's own metrics (``task_metrics``: metrics.jsonl key -> final, untrained, per
+    round), the privacy summary and the package versions."""
+    done = [r for r in rows if "stopped" not in r]
+    return {
         "format": "privlora-run-report/1",
         "run": {
             "name": cfg.name,
@@ -305,7 +291,7 @@ def write_report(out: str | Path) -> Path:
             "final": final["test_accuracy"],
             "untrained": rows[0]["test_accuracy"],
             "majority_baseline": rows[0]["majority_baseline"],
-            "per_round": [r["test_accuracy"] for r in rows if "stopped" not in r],
+            "per_round": [r["test_accuracy"] for r in done],
             "evaluated_on": cfg.data.holdout,
         },
         "loss": {
@@ -314,14 +300,19 @@ def write_report(out: str | Path) -> Path:
             "perplexity_final": final.get("test_perplexity"),
             "perplexity_untrained": rows[0].get("test_perplexity"),
         },
+        "task_metrics": {key: {"final": final.get(key), "untrained": rows[0].get(key), "per_round": [r.get(key) for r in done]}
+                         for key, _, _ in task.metric_columns(rows)},
         "task": cfg.model.task,
         "privacy": privacy,
         "noise_source": rows[0].get("noise_source") or {},
         "transport": rows[0].get("transport", "in-process"),
         "packages": packages,
     }
-    atomic_write(out / "report.json", json.dumps(report, indent=1, sort_keys=True) + "\n")
 
+
+def summary_lines(cfg, rows: list[dict], final: dict, stopped: str | None) -> list[str]:
+    """report.md's title and bullet points: the run's setup, aggregation, held-out quality,
+    where the hyperparameters came from, an early stop, and whether DP applies."""
     lines = [f"# privlora run: {cfg.name}", ""]
     lines += [
         f"- Strategy **{cfg.federation.strategy}**, {cfg.data.num_clients} clients "
@@ -335,14 +326,19 @@ def write_report(out: str | Path) -> Path:
         lines.append(tuned)
     if stopped:
         lines.append(f"- **Stopped early:** {stopped}.")
-    if not p.enabled:
+    if not cfg.privacy.enabled:
         lines += ["- **No differential privacy**: this run is a non-private baseline; no epsilon applies."]
     lines.append("- Upload and download are the mean tensor bytes (float32) one client sent and received in the round "
                  "(under secure aggregation: every message of the protocol).")
-    ppl = any(r.get("test_perplexity") is not None for r in rows)
-    lines += ["", "| round | accuracy | loss |" + (" perplexity |" if ppl else "") + " train loss | max ε | clients trained | "
-              "not admitted | upload / client | download / client | seconds |",
-              "|---|---|---|" + ("---|" if ppl else "") + "---|---|---|---|---|---|---|"]
+    return lines
+
+
+def round_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> list[str]:
+    """report.md's table, one line per round; ``columns`` are the task's metrics
+    (`Task.metric_columns`: key, title, format), between loss and train loss."""
+    lines = ["", "| round | accuracy | loss |" + "".join(f" {title} |" for _, title, _ in columns)
+             + " train loss | max ε | clients trained | not admitted | upload / client | download / client | seconds |",
+             "|---|---|---|" + "---|" * len(columns) + "---|---|---|---|---|---|---|"]
     for r in rows:
         if "stopped" in r:
             continue
@@ -352,17 +348,34 @@ def write_report(out: str | Path) -> Path:
         up = _kb(sum(c["upload_bytes"] for c in pc) / len(pc)) if pc else "-"
         down = _kb(sum(c["download_bytes"] for c in pc) / len(pc)) if pc else "-"
         acc = "-" if r["test_accuracy"] is None else f"{r['test_accuracy']:.4f}"
-        pp = (f" {r['test_perplexity']:.3f} |" if r.get("test_perplexity") is not None else " - |") if ppl else ""
+        extra = "".join(f" {format(r[k], fmt)} |" if r.get(k) is not None else " - |" for k, _, fmt in columns)
         lines.append(
-            f"| {r['round']} | {acc} | {r['test_loss']:.4f} |{pp} {tl} | {eps} | "
+            f"| {r['round']} | {acc} | {r['test_loss']:.4f} |{extra} {tl} | {eps} | "
             f"{len(r.get('clients', []))} | {len(r.get('refused', {}))} | {up} | {down} | {r['seconds']:.1f} |"
         )
-    lines += ["", "![accuracy and epsilon per round](accuracy_epsilon.png)", ""]
-    lines += samples_section(out)
-    if statement:
-        lines += [statement]
+    return lines
+
+
+def write_report(out: str | Path) -> Path:
+    """Write report.json, report.md and the plots from the run folder's files alone."""
     from privlora.reporting.audit_section import render_audit_section
 
+    out = Path(out)
+    cfg, chash, rows, ledger = read_run(out)
+    task = task_for(cfg)
+    plot(rows, out / "accuracy_epsilon.png", task.loss_label)
+    final = next(r for r in reversed(rows) if "stopped" not in r)
+    stopped = next((r["stopped"] for r in rows if "stopped" in r), None)
+    packages = package_versions()
+    privacy, statement = privacy_section(out, cfg, task, ledger, rows, final, chash, packages)
+    report = report_record(cfg, task, chash, rows, final, stopped, privacy, packages)
+    atomic_write(out / "report.json", json.dumps(report, indent=1, sort_keys=True) + "\n")
+
+    lines = summary_lines(cfg, rows, final, stopped) + round_table(rows, task.metric_columns(rows))
+    lines += ["", "![accuracy and epsilon per round](accuracy_epsilon.png)", ""]
+    lines += samples_section(out, task)
+    if statement:
+        lines += [statement]
     lines += render_audit_section(out)  # only when the folder holds audit.json (`privlora audit`)
     path = out / "report.md"
     atomic_write(path, "\n".join(lines))

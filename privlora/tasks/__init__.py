@@ -115,11 +115,3 @@ __all__ = [
     "load_model", "load_records", "load_tokenizer", "register_task", "registered_tasks", "task_class", "task_for",
     "task_for_card", "tokenize_heldout", "tokenize_train", "unregister_task",
 ]
-
-
-CAUSAL = "causal-lm"
-
-
-def is_causal(cfg: ExperimentConfig) -> bool:
-    """Kept until the federation asks the task itself (the next commit removes it)."""
-    return cfg.model.task == CAUSAL
