@@ -220,13 +220,16 @@ class Task(ABC):
 
     # ------------------------------------------------------------------ model.json and predict
     def model_card(self, label_names: list[str]) -> dict[str, Any]:
-        """What ``model.json`` holds: enough to load and use the trained model."""
+        """What ``model.json`` holds: enough to load and use the trained model. By default the
+        base model is ``model.path`` (a folder that exists: its absolute path; anything else,
+        which only the task can read, as configured), the label names and the max length."""
         from privlora.tasks.models import MODEL_CARD_FORMAT, base_model_identity
 
+        path = self.cfg.model.path
         return {
             "format": MODEL_CARD_FORMAT,
             "task": self.card_task or self.name,
-            "base_model": base_model_identity(self.cfg.model.path),
+            "base_model": base_model_identity(path) if Path(path).expanduser().exists() else path,
             "label_names": list(label_names),
             "max_length": self.cfg.model.max_length,
             "adapter": "adapter",
