@@ -8,7 +8,8 @@ The package is laid out by role; each layer imports only from the layers below i
     federation/   startup (one start-up path), engine (the one round engine), server, client,
                   node, messages, transport (the interface), secure_sum, keys, preflight
     reporting/    report.json, report.md and plots from a run folder's files
-    tasks/        everything a task decides: data, models, loss, evaluation, adapters, predict
+    tasks/        everything a task decides, behind one interface (tasks.Task; register your own):
+                  data, models, adapters, loss, evaluation, model.json and predict, canaries
     strategies/   fedit, ffa, flora, hetlora (and server momentum): numpy only
     core/         config, errors (one family), progress, checkpoint files, accountants
 

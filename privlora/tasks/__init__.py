@@ -35,7 +35,8 @@ samples, no canaries) have defaults. A three-class task on a small torch model::
 
         def example_losses(self, model, batch):     # (b,): one loss per record, for DP-SGD
             ids, mask, labels = batch
-            return torch.nn.functional.cross_entropy(model(ids, mask), labels, reduction="none")
+            logits = model(input_ids=ids, attention_mask=mask)
+            return torch.nn.functional.cross_entropy(logits, labels, reduction="none")
 
         def evaluate(self, model, dataset):         # optional: extra keys become test_<key>
             return {"accuracy": acc, "loss": loss, "macro_f1": f1}
@@ -45,8 +46,15 @@ samples, no canaries) have defaults. A three-class task on a small torch model::
                             "lora": {"target_modules": ["hidden"], "modules_to_save": ["head"]}, ...})
     privlora.transports.inprocess.run_experiment(cfg, "runs/colours")
 
-tests/test_custom_task.py runs exactly this, with DP, secure aggregation and the ledger, and
-checks the run folder with `privlora verify`'s code.
+tests/test_custom_task.py runs such a task (sentences of colour words, a word-list tokenizer, a
+small net with LoRA on its hidden layer) with DP, secure aggregation and the ledger, and checks
+the run folder with `privlora verify`'s code.
+
+Registration lasts for the process: run, report (`privlora.reporting.report.write_report`) and
+predict a custom task from a Python process that registered it; every process of a Flower
+deployment would have to register it too. A task that has no canaries is refused by
+``privlora audit`` (override `Task.check_canaries`, `crafted_canaries` and `mislabel` to give it
+some); one without ``privlora predict`` refuses it (`Task.load_base_for_card`, `Task.predict`).
 
 The functions below are shortcuts for scripts and benchmarks: each is one method of
 ``task_for(cfg)``.
