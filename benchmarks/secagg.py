@@ -29,6 +29,15 @@ once with this tree's -- so both see the same machine load. It writes a table of
 server seconds and bytes per client for both, and their ratio:
 
     python benchmarks/secagg.py --compare bcfc482 --out benchmarks/results/secagg_checks.md
+
+How the session grows with n: `--scale` runs one whole session per size (2^16 values, no dropouts;
+SecAgg+ "auto", and the complete graph at n = 50 and 100, the sizes of one privlora round) in a
+fresh worker process each, and reports the summed client seconds, the server seconds, the wall
+time, the bytes per client and the worker's peak resident memory (``ru_maxrss``, which includes
+the ~60 MB of Python, numpy and cryptography). `--scale-old REV` runs `secagg/` of git revision
+REV on the same sizes, up to `--old-max-n`, beside this tree's:
+
+    python benchmarks/secagg.py --scale --scale-old 660d987 --out benchmarks/results/secagg_scale.md
 """
 
 from __future__ import annotations
@@ -71,6 +80,10 @@ COMPARE = [  # (n, neighbours, m, dropout fraction): a few minutes for both vers
 ]
 QUICK_COMPARE = [(10, None, 1 << 12, 0.0), (40, None, 1 << 12, 0.1), (40, "auto", 1 << 12, 0.1)]
 DROPS = (0.0, 0.1)
+SCALE = [  # (n, neighbours): 2^16 values, no dropouts
+    (50, None), (50, "auto"), (100, None), (100, "auto"), (1000, "auto"), (3000, "auto"), (10000, "auto"),
+]
+QUICK_SCALE = [(20, None), (40, "auto"), (200, "auto")]
 
 
 def keystream_floor(masks: int, length: int, repeats: int = 3) -> float:
@@ -309,6 +322,169 @@ def compare(rev: str, quick: bool, seed: int, out: str | None, repeats: int = 2)
     return 0
 
 
+def scale_run(n: int, neighbours, m: int, seed: int) -> dict:
+    """One session of n clients (no dropouts) in this process, with its peak memory."""
+    import resource
+
+    rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rng = np.random.default_rng([seed, n, m])
+    plan = SecAggParams(bits=32, neighbours=neighbours).resolve(n)
+    spec = EncodingSpec.build(1.0, m, bits=32, max_clients=n, precision_bits=plan.precision_bits)
+    x = rng.uniform(-1.0, 1.0, m)
+    t0 = time.perf_counter()
+    clients = {c: SecAggClient(c, plan, spec, 0) for c in range(n)}
+    server = SecAggServer(plan, spec, 0, expected=range(n))
+    setup = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    res, st = run_session(clients, server, provide_input=lambda c: x)
+    wall = time.perf_counter() - t0
+    survivors = list(res.survivors)
+    assert survivors == list(range(n))
+    total, _ = spec.decode(res.field_sum)
+    err = float(np.max(np.abs(total - n * x)))
+    assert err <= n * spec.segments[0].step, f"decoded sum off by {err}"
+    per_client = sorted(st.client_seconds.values())
+    stage_totals = {s: sum(d.values()) for s, d in st.client_stage_seconds.items()}
+    return {
+        "n": n,
+        "graph": "SecAgg (complete)" if plan.degree is None else f"SecAgg+ k={plan.degree}",
+        "t": plan.threshold,
+        "m": m,
+        "setup_s": setup,
+        "wall_s": wall,
+        "clients_s": sum(per_client),
+        "client_median_s": statistics.median(per_client),
+        "client_max_s": per_client[-1],
+        "client_stage_s": stage_totals,
+        "server_s": st.server_seconds,
+        "down": statistics.median(st.bytes_down.values()),
+        "up": statistics.median(st.bytes_up.values()),
+        "rss_start_mb": rss_start,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def scale_worker(spec: str) -> int:
+    import json
+
+    import secagg
+
+    n, nb, m, seed = json.loads(spec)
+    row = scale_run(n, nb, m, seed)
+    row["secagg_path"] = str(Path(secagg.__file__).resolve().parent)
+    print(json.dumps(row))
+    return 0
+
+
+def scale(quick: bool, seed: int, out: str | None, old_rev: str | None, old_max_n: int, timeout: float) -> int:
+    """Each size in a fresh worker process (this tree's secagg, and REV's if given)."""
+    import json
+    import subprocess
+    import tempfile
+
+    configs = QUICK_SCALE if quick else SCALE
+    m = 1 << 12 if quick else 1 << 16
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "secagg"], check=True, capture_output=True, text=True).stdout.strip()
+    versions = [("new", str(ROOT))]
+    tmp = None
+    if old_rev is not None:
+        old_rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", old_rev], check=True, capture_output=True, text=True).stdout.strip()
+        tmp = tempfile.TemporaryDirectory(prefix="secagg-old-")
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", old_rev, "secagg"], check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", tmp.name], input=archive, check=True)
+        versions.insert(0, ("old", tmp.name))
+    rows = []
+    t_start = time.perf_counter()
+    try:
+        for n, nb in configs:
+            pair = {}
+            for label, path in versions:
+                if label == "old" and n > old_max_n:
+                    pair[label] = None
+                    continue
+                env = dict(os.environ, SECAGG_BENCH_PATH=path)
+                try:
+                    res = subprocess.run([sys.executable, __file__, "--scale-worker", json.dumps([n, nb, m, seed])],
+                                         capture_output=True, text=True, env=env, timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    pair[label] = {"failed": f"no result within {timeout:.0f} s"}
+                    print(f"  n={n} {nb} {label}: timed out", file=sys.stderr, flush=True)
+                    continue
+                if res.returncode != 0:
+                    pair[label] = {"failed": (res.stderr.strip().splitlines() or ["exit code %d" % res.returncode])[-1]}
+                    print(f"  n={n} {nb} {label}: failed: {pair[label]['failed']}", file=sys.stderr, flush=True)
+                    continue
+                row = json.loads(res.stdout.strip().splitlines()[-1])
+                if Path(row["secagg_path"]) != Path(path, "secagg").resolve():
+                    raise SystemExit(f"the {label} worker imported secagg from {row['secagg_path']}, not {path}")
+                pair[label] = row
+                print(f"  n={n} {row['graph']} {label}: wall {row['wall_s']:.1f} s, peak {row['peak_rss_mb']:.0f} MB",
+                      file=sys.stderr, flush=True)
+            rows.append(((n, nb), pair))
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    elapsed = time.perf_counter() - t_start
+
+    ops = op_micros()
+    command = ("python benchmarks/secagg.py --scale" + (" --quick" if quick else "") + (f" --seed {seed}" if seed else "")
+               + (f" --scale-old {old_rev} --old-max-n {old_max_n}" if old_rev else "") + (f" --out {out}" if out else ""))
+    new_name = f"this tree at {head}" + (" (with uncommitted changes to secagg/)" if dirty else "")
+    lines = [
+        "# Secure aggregation: how one session grows with the number of clients",
+        "",
+        f"Command: `{command}`  ",
+        (f"Old = `secagg/` at {old_rev}; new = {new_name}.  " if old_rev else f"Code: {new_name}.  "),
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs ({cpu_model()}), shared with other jobs; Python {platform.python_version()}, "
+        f"numpy {np.__version__}, cryptography {cryptography.__version__} ({openssl_backend.openssl_version_text()}); "
+        f"X25519 agreement {ops['x25519']:.0f} us, Ed25519 verification {ops['ed25519_verify']:.0f} us; {time.strftime('%Y-%m-%d')}; "
+        f"whole run {elapsed / 60:.1f} min  ",
+        f"Setting: m = {pow2(m)} values, b = 32, clip 1.0, no dropouts, every message serialised to bytes and parsed "
+        "(`secagg.run_session`), all parties in one process on one core, one fresh worker process per row. clients s = the "
+        "clients' compute summed over all of them (encoding included); server s = all five stages; wall = the whole "
+        "session (clients + server + the in-process transport); peak RSS = the worker's `ru_maxrss` (Python, numpy and "
+        "cryptography alone are about 60 MB of it); bytes = median per client.",
+        "",
+        "| n | graph, t | version | clients s | client median s | server s | wall s | peak RSS | down / client | up / client |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (n, nb), pair in rows:
+        for label, _ in versions:
+            r = pair.get(label)
+            graph = next((p["graph"] + ", t=" + str(p["t"]) for p in pair.values() if p and "graph" in p), str(nb))
+            if r is None:
+                lines.append(f"| {n} | {graph} | {label} | not run (n > {old_max_n}) | | | | | | |")
+            elif "failed" in r:
+                lines.append(f"| {n} | {graph} | {label} | failed: {r['failed']} | | | | | | |")
+            else:
+                lines.append(
+                    f"| {n} | {r['graph']}, t={r['t']} | {label} | {r['clients_s']:.1f} | {r['client_median_s']:.4f} | "
+                    f"{r['server_s']:.1f} | {r['wall_s']:.1f} | {r['peak_rss_mb'] / 1024:.2f} GB | {fmt_bytes(r['down'])} | "
+                    f"{fmt_bytes(r['up'])} |"
+                )
+    lines.append("")
+    stage_rows = [(key, pair["new"]) for key, pair in rows if pair.get("new") and "failed" not in pair["new"]]
+    if stage_rows:
+        lines += [
+            "Client seconds per stage, summed over the clients (new code):",
+            "",
+            "| n | graph | encode | advertise | key list -> shares | routed shares -> masked input | survivor list -> signature | unmasking |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for (n, _), r in stage_rows:
+            c = r["client_stage_s"]
+            lines.append(f"| {n} | {r['graph']} | {c['encode']:.1f} | {c['advertise_keys']:.1f} | {c['share_keys']:.1f} | "
+                         f"{c['masked_input']:.1f} | {c['consistency_check']:.1f} | {c['unmasking']:.1f} |")
+        lines.append("")
+    text = "\n".join(lines)
+    print(text)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text, encoding="utf-8")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small smoke version (seconds, not minutes)")
@@ -317,9 +493,18 @@ def main() -> int:
     ap.add_argument("--compare", metavar="REV", default=None, help="old secagg (git revision) beside this tree, on a shorter grid")
     ap.add_argument("--repeats", type=int, default=2, help="with --compare: runs per version for n <= 100 (the fastest is kept)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--scale", action="store_true", help="one session per size up to n = 10^4 (2^16 values, no dropouts), peak memory")
+    ap.add_argument("--scale-old", metavar="REV", default=None, help="with --scale: also secagg/ of git revision REV")
+    ap.add_argument("--old-max-n", type=int, default=3000, help="with --scale-old: largest n run with the old code")
+    ap.add_argument("--timeout", type=float, default=1800.0, help="with --scale: seconds allowed per worker")
+    ap.add_argument("--scale-worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker is not None:
         return worker(args.worker)
+    if args.scale_worker is not None:
+        return scale_worker(args.scale_worker)
+    if args.scale:
+        return scale(args.quick, args.seed, args.out, args.scale_old, args.old_max_n, args.timeout)
     if args.compare is not None:
         return compare(args.compare, args.quick, args.seed, args.out, args.repeats)
     out = args.out or (None if args.quick else "benchmarks/results/secagg.md")
