@@ -36,8 +36,9 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
+import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from .errors import ConfigurationError
@@ -65,20 +66,75 @@ class _WordStream:
                 return w % bound
 
 
+_TOP = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _swap_draws(key: bytes, slots: int) -> list[int] | None:
+    """The Fisher-Yates draws j_i in [0, i] for i = slots - 1 .. 1, exactly as `_WordStream.below`
+    gives them (the words of each 4096-byte block taken last first), computed with numpy; None if
+    a word would be rejected (probability below slots / 2^64), for the caller to fall back on the
+    word-by-word stream."""
+    count = slots - 1
+    if count <= 0:
+        return []
+    blocks = -(-count // 512)
+    stream = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor().update(bytes(4096 * blocks))
+    words = np.frombuffer(stream, dtype="<u8").reshape(blocks, 512)[:, ::-1].ravel()[:count]
+    bounds = np.arange(slots, 1, -1, dtype=np.uint64)  # i + 1
+    rem = (_TOP % bounds + np.uint64(1)) % bounds  # 2^64 mod (i + 1)
+    if not np.all(words <= _TOP - rem):  # below() would reject a word: the draws shift
+        return None
+    return (words % bounds).tolist()
+
+
+def ring(count: int, session: bytes, slots: int | None = None) -> list[int | None]:
+    """A uniformly random placement of the positions 0 .. count-1 (of a sorted list) and
+    slots - count empty slots (None) on a ring of `slots` (default: count), drawn from the
+    session id by a Fisher-Yates shuffle of AES-256-CTR words (rejection sampling, no bias).
+    It depends on the list only through its length: a client that knows the length of the key
+    list and its own position finds its neighbours' positions without the list itself."""
+    slots = count if slots is None else slots
+    if count < 0 or slots < count:
+        raise ConfigurationError(f"{count} clients do not fit on a ring of {slots} slots")
+    order: list[int | None] = list(range(count)) + [None] * (slots - count)
+    key = hkdf(session, LABEL + b"/graph")
+    draws = _swap_draws(key, slots)
+    if draws is None:
+        stream = _WordStream(key)
+        draws = [stream.below(i + 1) for i in range(slots - 1, 0, -1)]
+    for i, j in zip(range(slots - 1, 0, -1), draws):
+        order[i], order[j] = order[j], order[i]
+    return order
+
+
 def permutation(ids: Sequence[int], session: bytes, slots: int | None = None) -> list[int | None]:
     """A uniformly random placement of `ids` (sorted first) on a ring of `slots` positions
     (default: len(ids)), drawn from the session id; empty slots are None. With slots = len(ids)
-    this is a uniformly random permutation of `ids`."""
-    order: list[int | None] = sorted(ids)
-    if slots is not None:
-        if slots < len(order):
-            raise ConfigurationError(f"{len(order)} clients do not fit on a ring of {slots} slots")
-        order += [None] * (slots - len(order))
-    stream = _WordStream(hkdf(session, LABEL + b"/graph"))
-    for i in range(len(order) - 1, 0, -1):  # Fisher-Yates
-        j = stream.below(i + 1)
-        order[i], order[j] = order[j], order[i]
-    return order
+    this is a uniformly random permutation of `ids`. (`ring` with each position replaced by
+    its id.)"""
+    order = sorted(ids)
+    return [None if p is None else order[p] for p in ring(len(order), session, slots)]
+
+
+def is_complete(count: int, degree: int | None, slots: int | None = None) -> bool:
+    """Whether `degree` gives the complete graph on a ring of `slots` (default: count)."""
+    n = count if slots is None else slots
+    return degree is None or degree >= n - 1
+
+
+def neighbour_positions(count: int, degree: int | None, session: bytes, position: int, slots: int | None = None) -> frozenset[int]:
+    """The positions (in the sorted key list of `count` clients) of the neighbours of the client
+    at `position`: everyone else for the complete graph, otherwise the listed clients in the
+    `degree` slots nearest to its own on the ring of `slots` (see `neighbours`)."""
+    if not 0 <= position < count:
+        raise ConfigurationError(f"position {position} is not in a list of {count} clients")
+    if is_complete(count, degree, slots):
+        return frozenset(range(count)) - {position}
+    if degree < 2 or degree % 2:
+        raise ConfigurationError(f"SecAgg+ degree must be an even number >= 2, found {degree}")
+    order = ring(count, session, slots)
+    n, i, half = len(order), order.index(position), degree // 2
+    return frozenset(p for p in (order[(i + d) % n] for d in range(-half, half + 1) if d) if p is not None)
 
 
 def neighbours(ids: Sequence[int], degree: int | None, session: bytes, who: Sequence[int] | None = None,
@@ -91,20 +147,39 @@ def neighbours(ids: Sequence[int], degree: int | None, session: bytes, who: Sequ
     """
     ids = sorted(ids)
     who = ids if who is None else list(who)
-    n = len(ids) if slots is None else slots
-    if degree is None or degree >= n - 1:
+    if is_complete(len(ids), degree, slots):
         everyone = frozenset(ids)
         return {u: everyone - {u} for u in who}
     if degree < 2 or degree % 2:
         raise ConfigurationError(f"SecAgg+ degree must be an even number >= 2, found {degree}")
-    ring = permutation(ids, session, n)
-    pos = {u: i for i, u in enumerate(ring) if u is not None}
+    order = permutation(ids, session, slots)
+    n = len(order)
+    pos = {u: i for i, u in enumerate(order) if u is not None}
     half = degree // 2
     out = {}
     for u in who:
         i = pos[u]
-        out[u] = frozenset(v for v in (ring[(i + d) % n] for d in range(-half, half + 1) if d) if v is not None)
+        out[u] = frozenset(v for v in (order[(i + d) % n] for d in range(-half, half + 1) if d) if v is not None)
     return out
+
+
+class CompleteGraph(Mapping):
+    """The complete graph's neighbour sets, {u: every other listed client}, made on demand
+    instead of stored (n sets of n - 1 ids would be O(n^2) memory at the server)."""
+
+    def __init__(self, ids):
+        self._all = frozenset(ids)
+
+    def __getitem__(self, u: int) -> frozenset[int]:
+        if u not in self._all:
+            raise KeyError(u)
+        return self._all - {u}
+
+    def __iter__(self):
+        return iter(sorted(self._all))
+
+    def __len__(self) -> int:
+        return len(self._all)
 
 
 # ---- Bell et al.'s parameter choice ----------------------------------------------------------

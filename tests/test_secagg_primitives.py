@@ -185,6 +185,47 @@ def test_secagg_plus_graph_is_symmetric_regular_and_fixed_by_the_session():
     assert neighbours(ids, 12, b"s" * 32, who=ids[:3]) == {u: g[u] for u in ids[:3]}
 
 
+def plain_fisher_yates(items, key, slots):
+    """The shuffle as first written: one AES-256-CTR word at a time, words of each 4096-byte block
+    taken last first, rejection sampling for each draw."""
+    import struct
+
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    enc = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
+    words: list[int] = []
+    order = list(items) + [None] * (slots - len(items))
+    for i in range(slots - 1, 0, -1):
+        bound = i + 1
+        while True:
+            if not words:
+                words = list(struct.unpack("<512Q", enc.update(bytes(4096))))
+            w = words.pop()
+            if w < (1 << 64) - ((1 << 64) % bound):
+                break
+        j = w % bound
+        order[i], order[j] = order[j], order[i]
+    return order
+
+
+@pytest.mark.parametrize("count, slots", [(1, 1), (2, 2), (5, 9), (200, 200), (513, 700), (3000, 3300)])
+def test_ring_is_the_plain_fisher_yates_shuffle_and_needs_only_the_list_length(count, slots, monkeypatch):
+    from secagg import graph
+    from secagg.primitives import LABEL, hkdf
+
+    session = bytes([count % 251]) * 32
+    ref = plain_fisher_yates(range(count), hkdf(session, LABEL + b"/graph"), slots)
+    assert graph.ring(count, session, slots) == ref
+    ids = sorted(random.Random(count).sample(range(10**6), count))
+    assert graph.permutation(ids, session, slots) == [None if p is None else ids[p] for p in ref]
+    if count >= 5:  # a client's neighbour positions, from the length and its own position only
+        nb = graph.neighbours(ids, 4, session, slots=slots)
+        for p in (0, count // 2, count - 1):
+            assert {ids[q] for q in graph.neighbour_positions(count, 4, session, p, slots)} == nb[ids[p]]
+    monkeypatch.setattr(graph, "_swap_draws", lambda key, n: None)  # the word-by-word fallback
+    assert graph.ring(count, session, slots) == ref
+
+
 def test_complete_graph_without_a_degree():
     g = neighbours([4, 1, 9], None, b"s" * 32)
     assert g == {1: {4, 9}, 4: {1, 9}, 9: {1, 4}}
