@@ -42,6 +42,7 @@ from .errors import (
     TooFewClients,
     TooFewSurvivors,
     WrongRecipient,
+    WrongNeighbours,
     WrongSender,
     WrongStage,
 )
@@ -74,6 +75,7 @@ __all__ = [
     "WrongStage",
     "WrongRecipient",
     "WrongSender",
+    "WrongNeighbours",
     "InvalidPublicKey",
     "DecryptionFailed",
     "BadSignature",

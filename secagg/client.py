@@ -6,28 +6,36 @@ Stages (Bonawitz et al. 2017, Fig. 4; SecAgg+ neighbourhoods of Bell et al. 2020
                       with the pinned Ed25519 key (or a per-session one when nothing is pinned)
                       over the config digest, which binds the plan, the encoding, the round
                       and the server's session nonce (if the transport passes one).
-1. ShareKeys       <- key list. Checks: our config digest, our own fresh keys are in it (else a
-                      replay), at least `plan.min_clients` entries (TooFewClients), no duplicate
-                      public key, pinned signing keys, our neighbours' advertisement signatures
-                      and X25519 points (InvalidPublicKey), at least t share holders.
-                      Computes the session id and the neighbour graph (n_max slots, see
-                      `secagg.graph`), draws the self-mask seed b_u, Shamir-shares b_u and s_sk
+1. ShareKeys       <- key list: a 36-byte commitment (id, SHA-256 of its keys) for each of the
+                      L listed clients, and in full the entries of this client's share holders
+                      (itself and its neighbours; everyone for the complete graph). Checks: our
+                      config digest, our own fresh keys are in it (else a replay), L >=
+                      `plan.min_clients` (TooFewClients), every entry in full matches its
+                      commitment (MalformedMessage). Computes the session id from the
+                      commitments and our neighbours' positions from L alone (n_max slots, see
+                      `secagg.graph`); the entries in full must be exactly those neighbours' and
+                      our own (WrongNeighbours). Then: no duplicate public key among them,
+                      pinned signing keys, our neighbours' advertisement signatures and X25519
+                      points (InvalidPublicKey), at least t share holders. We keep our holders'
+                      ids, positions (and, unpinned, signing keys) -- O(k), never the list.
+                      Draws the self-mask seed b_u, Shamir-shares b_u and s_sk
                       t-of-h among the holders (neighbours and itself) and encrypts each
                       neighbour's pair of shares (AES-256-GCM, AD = session | round | sender |
                       recipient | stage). The signed reply carries a commitment to b_u.
 2. MaskedInput     <- routed shares (decrypted and checked) -> y = x + PRG(b_u)
                       + sum_{v in U2, v neighbour} (+1 if u < v else -1) PRG(s_uv)  mod 2^b,
                       sent signed (a flipped bit in transit is refused by the server).
-3. ConsistencyCheck <- survivor list S (whose masked inputs the server holds). Checks we are in
-                      S, |S| >= min_clients (TooFewClients), every neighbour in S shared keys
-                      with us, |S among our holders| >= t; signs (session, round, S).
+3. ConsistencyCheck <- survivor list S, as key-list positions (whose masked inputs the server
+                      holds). Checks we are in S, every member is listed (a position below L),
+                      |S| >= min_clients (TooFewClients), every neighbour in S shared keys with
+                      us, |S among our holders| >= t; signs (session, round, S).
 4. Unmasking       <- (S, dropped D, signatures). Refuses, before releasing anything: S differing
-                      from the S we signed (InconsistentSurvivors), any id in both S and D
-                      (SurvivedAndDropped), a signature that does not verify over our S
-                      (InconsistentSurvivors), fewer than t valid signatures from our holders
-                      (TooFewSurvivors). Then releases the b-share of each survivor and the
-                      s_sk-share of each dropped neighbour -- never both kinds for one client,
-                      in a signed message.
+                      from the S we signed (InconsistentSurvivors), any position in both S and D
+                      (SurvivedAndDropped), a signature from anyone but our holders or one that
+                      does not verify over our S (InconsistentSurvivors), fewer than t valid
+                      signatures from our holders (TooFewSurvivors). Then releases the b-share
+                      of each survivor and the s_sk-share of each dropped neighbour -- never
+                      both kinds for one client, in a signed message.
 
 Any error in `handle` aborts the client for good: secrets are dropped and every later call raises
 `ProtocolAborted`. A client never sends anything after it has aborted.
@@ -53,15 +61,17 @@ from .errors import (
     DuplicateKey,
     InconsistentSurvivors,
     InvalidInput,
+    MalformedMessage,
     ProtocolAborted,
     ReplayedMessage,
     SurvivedAndDropped,
+    TooFewClients,
     TooFewSurvivors,
+    WrongNeighbours,
     WrongSender,
     WrongStage,
 )
-from .errors import TooFewClients
-from .graph import neighbours
+from .graph import neighbour_positions
 from .params import MAX_CLIENT_ID, Plan
 from .primitives import (
     LABEL,
@@ -69,11 +79,12 @@ from .primitives import (
     agree,
     ed25519_keypair,
     ed25519_public_bytes,
+    entry_digest,
     open_sealed,
     pair_mask_seed,
     random_seed,
     seal,
-    session_id,
+    session_id_of_listed,
     share_key,
     verify,
     x25519_keypair,
@@ -110,9 +121,12 @@ def advertise_message(config_digest: bytes, round_id: int, cid: int, c_pk: bytes
 
 
 def survivors_message(session: bytes, round_id: int, survivors) -> bytes:
-    """What a client signs in the consistency check: the survivor set it was shown."""
-    ids = list(survivors)
-    return LABEL + b"/consistency" + session + struct.pack(">QI", round_id, len(ids)) + b"".join(struct.pack(">I", i) for i in ids)
+    """What a client signs in the consistency check: the survivor set it was shown, as key-list
+    positions (increasing; the session id binds which client each position is), through their
+    SHA-256 so that what is signed and verified stays 100 bytes whatever the number of clients."""
+    packed = np.asarray(survivors if isinstance(survivors, np.ndarray) else list(survivors), dtype=np.int64).astype(">u4").tobytes()
+    return (LABEL + b"/consistency/v3" + session + struct.pack(">QI", round_id, len(packed) // 4)
+            + hashlib.sha256(packed).digest())
 
 
 def config_digest(plan: Plan, spec: EncodingSpec, session_nonce: bytes | None = None) -> bytes:
@@ -250,49 +264,76 @@ class SecAggClient:
         return m.frame(kind, (*parts, sig), round_id=self.round_id, session=self._session, sender=self.id, recipient=m.SERVER)
 
     def _signing_pk(self, cid: int) -> bytes:
-        return self.plan.signing_keys[cid] if self.plan.pinned else self._entries[cid].sig_pk
+        """A holder's Ed25519 key: pinned, or (unpinned) as its key-list entry advertised it."""
+        return self.plan.signing_keys[cid] if self.plan.pinned else self._sig_pks[cid]
 
     def _on_key_list(self, kl: m.KeyList) -> bytes:
         t = self.plan.threshold
         if kl.config_digest != self.digest:
             raise ConfigMismatch(f"client {self.id}: the server's session parameters differ from this client's")
-        entries = {e.client_id: e for e in kl.entries}
-        mine = entries.get(self.id)
-        if mine is None or (mine.c_pk, mine.s_pk, mine.sig_pk) != (self._c_pk, self._s_pk, self._sig_pk):
+        listed = kl.listed_bytes()
+        ids = m.listed_ids(listed)  # strictly increasing (checked when decoded); not kept
+        count = len(ids)
+        full = {e.client_id: e for e in kl.entries}
+        mine = full.get(self.id)
+        me = int(np.searchsorted(ids, self.id))
+        if (mine is None or (mine.c_pk, mine.s_pk, mine.sig_pk) != (self._c_pk, self._s_pk, self._sig_pk)
+                or me >= count or int(ids[me]) != self.id
+                or m.listed_digest(listed, me) != entry_digest(self.id, self._c_pk, self._s_pk, self._sig_pk)):
             raise ReplayedMessage(f"client {self.id}: the key list does not carry this client's fresh keys (replayed or substituted)")
-        if len(entries) < self.plan.min_clients:
+        if count < self.plan.min_clients:
             raise TooFewClients(
-                f"client {self.id}: the key list names {len(entries)} clients, fewer than the {self.plan.min_clients} "
+                f"client {self.id}: the key list names {count} clients, fewer than the {self.plan.min_clients} "
                 f"(min_clients) this session requires of n_max={self.plan.n_max}; a server that shows a short list "
                 "could choose who holds this client's shares"
             )
+        # the session id binds every listed client's keys through its commitment; the graph
+        # depends on the list only through its length, so our holders follow from L and our position
+        self._session = session_id_of_listed(self.digest, self.round_id, listed)
+        pos = {int(ids[q]): q for q in neighbour_positions(count, self.plan.degree, self._session, me, slots=self.plan.n_max)}
+        pos[self.id] = me
+        del ids
+        extra = sorted(set(full) - set(pos))
+        if extra:
+            raise WrongNeighbours(
+                f"client {self.id}: the key list carries the keys of client(s) {extra[:5]}, which are not its neighbours "
+                "in the graph the list determines (a server choosing who holds this client's shares)"
+            )
+        missing = sorted(set(pos) - set(full))
+        if missing:
+            raise WrongNeighbours(f"client {self.id}: the key list lacks the keys of its neighbour(s) {missing[:5]}")
         seen: set[bytes] = set()
-        for e in kl.entries:
+        for v in sorted(full):
+            e = full[v]
+            if m.listed_digest(listed, pos[v]) != entry_digest(v, e.c_pk, e.s_pk, e.sig_pk):
+                raise MalformedMessage(f"client {self.id}: the keys of client {v} do not match the key list's commitment to them")
             keys = (e.c_pk, e.s_pk) if self.plan.pinned else (e.c_pk, e.s_pk, e.sig_pk)
             for k in keys:
                 if k in seen:
-                    raise DuplicateKey(f"client {self.id}: public key advertised twice in the key list (client {e.client_id})")
+                    raise DuplicateKey(f"client {self.id}: public key advertised twice in the key list (client {v})")
                 seen.add(k)
             if self.plan.pinned:
-                pinned = self.plan.signing_keys.get(e.client_id)
+                pinned = self.plan.signing_keys.get(v)
                 if pinned is None:
-                    raise BadSignature(f"client {self.id}: client {e.client_id} has no pinned signing key")
+                    raise BadSignature(f"client {self.id}: client {v} has no pinned signing key")
                 if e.sig_pk != pinned:
-                    raise BadSignature(f"client {self.id}: client {e.client_id} advertised a signing key other than its pinned one")
-        self._entries = entries
-        self._session = session_id(self.digest, self.round_id, ((e.client_id, e.c_pk, e.s_pk, e.sig_pk) for e in kl.entries))
-        self._neigh = neighbours(list(entries), self.plan.degree, self._session, who=[self.id], slots=self.plan.n_max)[self.id]
-        holders = sorted(self._neigh | {self.id})
+                    raise BadSignature(f"client {self.id}: client {v} advertised a signing key other than its pinned one")
+        self._neigh = frozenset(pos) - {self.id}
+        self._pos = pos  # holder id -> key-list position
+        self._listed_count = count
+        if not self.plan.pinned:
+            self._sig_pks = {v: full[v].sig_pk for v in pos}
+        holders = sorted(pos)
         if len(holders) < t:
             raise TooFewSurvivors(f"client {self.id}: {len(holders)} share holders in the key list, threshold is {t}")
         if self.plan.pinned:  # unpinned, the advertised key vouches only for itself: nothing to check
             for v in sorted(self._neigh):
-                e = entries[v]
+                e = full[v]
                 verify(self._signing_pk(v), e.signature, advertise_message(self.digest, self.round_id, v, e.c_pk, e.s_pk, e.sig_pk), f"client {v}'s key advertisement")
         # both agreements with every neighbour now, before anything is released: a low-order key
         # (all-zero secret) is refused here by name (InvalidPublicKey), at no extra cost
-        self._s_shared = {v: agree(self._s_sk, entries[v].s_pk, f"client {self.id}: client {v}'s masking key (s_pk)") for v in sorted(self._neigh)}
-        self._c_shared = {v: agree(self._c_sk, entries[v].c_pk, f"client {self.id}: client {v}'s encryption key (c_pk)") for v in sorted(self._neigh)}
+        self._s_shared = {v: agree(self._s_sk, full[v].s_pk, f"client {self.id}: client {v}'s masking key (s_pk)") for v in sorted(self._neigh)}
+        self._c_shared = {v: agree(self._c_sk, full[v].c_pk, f"client {self.id}: client {v}'s encryption key (c_pk)") for v in sorted(self._neigh)}
         self._b = random_seed()
         b_shares = shamir.share(self._b, [h + 1 for h in holders], t)
         k_shares = shamir.share(x25519_private_bytes(self._s_sk), [h + 1 for h in holders], t)
@@ -335,56 +376,70 @@ class SecAggClient:
         self.stage = ClientStage.MASKED
         return self._send_signed(m.Kind.MASKED_INPUT, (memoryview(y).cast("B"),))
 
+    def _in(self, positions: np.ndarray, who) -> set[int]:
+        """The holders among `who` whose key-list positions are in the sorted array `positions`."""
+        who = sorted(who)
+        if not who or positions.size == 0:
+            return set()
+        want = np.array([self._pos[v] for v in who], dtype=np.int64)
+        at = np.minimum(np.searchsorted(positions, want), positions.size - 1)
+        return {v for v, hit in zip(who, positions[at] == want) if hit}
+
     def _on_survivors(self, sl: m.SurvivorList) -> bytes:
         t = self.plan.threshold
-        s = set(sl.survivors)
-        if self.id not in s:
+        s = np.asarray(sl.survivors, dtype=np.int64)
+        holders = self._neigh | {self.id}
+        alive = self._in(s, holders)
+        if self.id not in alive:
             raise InconsistentSurvivors(f"client {self.id}: not in the survivor list although it sent its masked input")
-        if not s <= set(self._entries):
-            raise InconsistentSurvivors(f"client {self.id}: survivor list names clients that never advertised keys")
+        if s[-1] >= self._listed_count:
+            raise InconsistentSurvivors(f"client {self.id}: survivor list names clients that never advertised keys (positions beyond the key list)")
         if len(s) < self.plan.min_clients:
             raise TooFewClients(
                 f"client {self.id}: the survivor list names {len(s)} clients, fewer than the {self.plan.min_clients} "
                 f"(min_clients) this session requires of n_max={self.plan.n_max}"
             )
-        if not (s & self._neigh) <= set(self._received):
+        if not (alive & self._neigh) <= set(self._received):
             raise InconsistentSurvivors(f"client {self.id}: survivor list names neighbours that never shared keys with it")
-        live_holders = len(s & (self._neigh | {self.id}))
-        if live_holders < t:
-            raise TooFewSurvivors(f"client {self.id}: {live_holders} of its share holders survived, threshold is {t}")
-        self._survivors = sl.survivors
-        sig = self._sign_sk.sign(survivors_message(self._session, self.round_id, sl.survivors))
+        if len(alive) < t:
+            raise TooFewSurvivors(f"client {self.id}: {len(alive)} of its share holders survived, threshold is {t}")
+        self._signed = survivors_message(self._session, self.round_id, s)  # ~100 bytes, not the list
+        sig = self._sign_sk.sign(self._signed)
         self.stage = ClientStage.SIGNED
         return self._send(m.ConsistencySignature(sig))
 
     def _on_unmask(self, req: m.UnmaskRequest) -> bytes:
         t = self.plan.threshold
-        s, d = set(req.survivors), set(req.dropped)
-        both = s & d
-        if both:
-            raise SurvivedAndDropped(f"client {self.id}: server lists {sorted(both)[:5]} as both survived and dropped; refusing to unmask")
-        if req.survivors != self._survivors:
+        s = np.asarray(req.survivors, dtype=np.int64)
+        d = np.asarray(req.dropped, dtype=np.int64)
+        both = np.intersect1d(s, d, assume_unique=True)
+        if both.size:
+            raise SurvivedAndDropped(
+                f"client {self.id}: server lists {both.size} client(s) (key-list positions {both[:5].tolist()}) as both "
+                "survived and dropped; refusing to unmask"
+            )
+        if survivors_message(self._session, self.round_id, s) != self._signed:
             raise InconsistentSurvivors(f"client {self.id}: the survivor list at unmasking differs from the one it signed")
-        if not d <= set(self._entries):
-            raise InconsistentSurvivors(f"client {self.id}: dropped list names clients that never advertised keys")
-        if not (d & self._neigh) <= set(self._received):
-            raise InconsistentSurvivors(f"client {self.id}: dropped list names neighbours that never shared keys with it")
-        if not set(self._received) <= s | d:
-            raise InconsistentSurvivors(f"client {self.id}: the server does not account for every neighbour that shared keys")
-        msg = survivors_message(self._session, self.round_id, self._survivors)
+        if d.size and d[-1] >= self._listed_count:
+            raise InconsistentSurvivors(f"client {self.id}: dropped list names clients that never advertised keys (positions beyond the key list)")
         holders = self._neigh | {self.id}
+        alive, gone = self._in(s, holders), self._in(d, self._neigh)
+        if not gone <= set(self._received):
+            raise InconsistentSurvivors(f"client {self.id}: dropped list names neighbours that never shared keys with it")
+        if not set(self._received) <= alive | gone:
+            raise InconsistentSurvivors(f"client {self.id}: the server does not account for every neighbour that shared keys")
         valid = 0
         for v, sig in req.signatures:
-            if v not in s:
+            if v not in holders:  # only holders' signatures count; an honest server sends no others
+                raise InconsistentSurvivors(f"client {self.id}: signature from client {v}, which is not one of its share holders")
+            if v not in alive:
                 raise InconsistentSurvivors(f"client {self.id}: signature from {v}, who is not a survivor")
-            verify(self._signing_pk(v), sig, msg, f"client {v}'s survivor set", error=InconsistentSurvivors)
-            valid += v in holders
+            verify(self._signing_pk(v), sig, self._signed, f"client {v}'s survivor set", error=InconsistentSurvivors)
+            valid += 1
         if valid < t:
             raise TooFewSurvivors(f"client {self.id}: {valid} of its share holders signed the survivor set, threshold is {t}")
-        b_out = []
-        for w in sorted(s & holders):
-            b_out.append((w, self._own_shares[0] if w == self.id else self._received[w][0]))
-        k_out = [(v, self._received[v][1]) for v in sorted(d & self._neigh)]
+        b_out = [(w, self._own_shares[0] if w == self.id else self._received[w][0]) for w in sorted(alive)]
+        k_out = [(v, self._received[v][1]) for v in sorted(gone)]
         self._own_shares = self._received = None
         self.stage = ClientStage.DONE
         body = m.encode_body(m.UnmaskShares(tuple(b_out), tuple(k_out)))

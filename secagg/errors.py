@@ -16,6 +16,8 @@ to handle them all. The hierarchy:
     │   ├── WrongRecipient                     addressed to someone else
     │   ├── WrongSender                        claims a sender other than the one it came from,
     │   │                                      or a sender that is not a client id
+    │   ├── WrongNeighbours                    a key list whose keys in full are not exactly the
+    │   │                                      recipient's holders in the graph the list determines
     │   └── InvalidPublicKey                   an X25519 key of low order (an all-zero secret)
     ├── DecryptionFailed                       AEAD tag check failed (tampering or wrong binding)
     ├── BadSignature                           a signed message (key advertisement, shares, masked
@@ -81,6 +83,12 @@ class WrongSender(MessageError):
     """A message whose claimed sender is not the party it arrived from, or not allowed here."""
 
 
+class WrongNeighbours(MessageError):
+    """A key list that carries in full the keys of a client that is not one of the recipient's
+    neighbours in the graph the list itself determines, or lacks a neighbour's keys: what a
+    server choosing (or hiding) the recipient's neighbours would send."""
+
+
 class InvalidPublicKey(MalformedMessage):
     """An X25519 public key of small order: every key agreement with it gives the all-zero secret."""
 
@@ -137,6 +145,7 @@ __all__ = [
     "WrongStage",
     "WrongRecipient",
     "WrongSender",
+    "WrongNeighbours",
     "InvalidPublicKey",
     "DecryptionFailed",
     "BadSignature",

@@ -6,25 +6,34 @@ Every message is a 64-byte envelope followed by a body:
     sender u32 | recipient u32 | body length u64 | body
 
 (big-endian; the server's id on the wire is 0xFFFFFFFF). Before the session id exists -- the key
-advertisement and the key list -- the session field is all zero. `decode` checks, in order: type
-and size limit, length, magic, version, kind, reserved bits, body length (truncated or trailing
-bytes -> `MalformedMessage`); round and session (-> `ReplayedMessage`); recipient
+advertisement and the key list -- the session field is all zero. `decode` checks, in order: type,
+the hard size cap, length, magic, version, kind, reserved bits, body length (truncated or
+trailing bytes -> `MalformedMessage`); round and session (-> `ReplayedMessage`); recipient
 (-> `WrongRecipient`); sender (-> `WrongSender`); kind against the receiver's stage
-(-> `WrongStage`); then the body, whose every count and length must match exactly. Lists of
-client ids must be strictly increasing (no duplicates, one canonical encoding). Masked vectors
-are little-endian uint32/uint64.
+(-> `WrongStage`); the size limit of that kind for this session (-> `MalformedMessage`); then
+the body, whose every count and length must match exactly. (Only the 64-byte envelope is read
+before the size limit, so a well-formed message of another stage is refused by name, whatever
+its size.) Lists of
+client ids and of positions must be strictly increasing (no duplicates, one canonical encoding).
+Masked vectors are little-endian uint32/uint64.
 
-Bodies (counts are u32, ids u32):
+Bodies (counts are u32, ids u32, positions u32):
     ADVERTISE_KEYS  c_pk 32 | s_pk 32 | sig_pk 32 | signature 64
-    KEY_LIST        config digest 32 | count | count x (id | c_pk | s_pk | sig_pk | signature)
+    KEY_LIST        config digest 32 | count L | L x (id | entry digest 32)
+                    | count h | h x (id | c_pk | s_pk | sig_pk | signature)
+                    (commitments to every listed client, then the recipient's share holders in full)
     SHARE_KEYS      count | count x (recipient | encrypted shares 168) | seed commitment 32 | signature 64
     ROUTED_SHARES   count | count x (sender | encrypted shares 168)
     MASKED_INPUT    the masked vector, exactly (length x bits/8) bytes | signature 64
-    SURVIVOR_LIST   count | ids
+    SURVIVOR_LIST   count | positions
     CONSISTENCY_SIGNATURE  signature 64
-    UNMASK_REQUEST  count | survivor ids | count | dropped ids | count | count x (id | signature)
+    UNMASK_REQUEST  count | survivor positions | count | dropped positions | count | count x (id | signature)
     UNMASK_SHARES   count | count x (owner | share 66) | count | count x (owner | share 66) | signature 64
                     (self-mask seed shares of survivors, then mask-key shares of dropped clients)
+
+A *position* is an index into the key list's L commitments (sorted by client id), which the
+session id binds: the survivor and dropped sets are named by position so that a client can check
+them (every member listed, its own holders' membership) knowing only L and its holders' positions.
 
 Version 2 added the trailing signature of the three client messages that carry what the sum is
 made of (`SIGNED_KINDS`): Ed25519, by the sender's signing key, over `signed_digest` -- the
@@ -32,6 +41,11 @@ envelope's kind, round, session, sender and recipient and SHA-256 of the body be
 signature -- so a flipped bit anywhere in a masked vector or an unmasking share is refused by
 the server (`BadSignature`) instead of changing the sum. SHARE_KEYS also carries the client's
 commitment to its self-mask seed, against which the server checks the seed it reconstructs.
+
+Version 3: a key list carries every listed client's 36-byte commitment (id and SHA-256 of its
+keys, `primitives.entry_digest`) and only the recipient's share holders' entries in full (all
+of them for the complete graph), instead of every entry in full; survivor and dropped sets are
+key-list positions instead of ids. A client receives and keeps O(k) keys, not O(n).
 """
 
 from __future__ import annotations
@@ -41,18 +55,21 @@ import struct
 from dataclasses import dataclass
 from enum import IntEnum
 
+import numpy as np
+
 from .errors import MalformedMessage, ReplayedMessage, WrongRecipient, WrongSender, WrongStage
-from .primitives import KEY_BYTES, NONCE_BYTES, SIG_BYTES, TAG_BYTES
+from .primitives import KEY_BYTES, LISTED_BYTES, NONCE_BYTES, SIG_BYTES, TAG_BYTES, listed_block
 from .shamir import SHARE_BYTES
 
 MAGIC = b"PLSA"
-VERSION = 2
+VERSION = 3
 SERVER = 0xFFFFFFFF
 NO_SESSION = bytes(32)
 _ENVELOPE = struct.Struct(">4sBBHQ32sIIQ")
 ENVELOPE_BYTES = _ENVELOPE.size  # 64
 SHARE_PLAINTEXT_BYTES = 4 + 4 + 2 * SHARE_BYTES  # sender | recipient | b share | s_sk share
 SHARE_CIPHERTEXT_BYTES = NONCE_BYTES + SHARE_PLAINTEXT_BYTES + TAG_BYTES  # 168
+ENTRY_BYTES = 4 + 3 * KEY_BYTES + SIG_BYTES  # one key entry in full: id | c_pk | s_pk | sig_pk | signature
 MAX_MESSAGE_BYTES = (1 << 33) + ENVELOPE_BYTES  # hard cap whatever the context
 
 
@@ -135,8 +152,43 @@ class KeyEntry:
 
 @dataclass(frozen=True)
 class KeyList:
+    """`entries`: the key entries sent in full (the recipient's share holders), ids increasing.
+    `listed`: the commitments to every listed client, L x (id u32 | entry digest 32) in increasing
+    id order (`primitives.listed_block`); None when building one means "every entry is in
+    `entries`" and derives them from it. Decoded key lists always carry them (bytes)."""
+
     config_digest: bytes
     entries: tuple[KeyEntry, ...]
+    listed: bytes | None = None
+
+    @property
+    def listed_count(self) -> int:
+        return len(self.listed_bytes()) // LISTED_BYTES
+
+    def listed_bytes(self) -> bytes:
+        if self.listed is not None:
+            return self.listed
+        return listed_block((e.client_id, e.c_pk, e.s_pk, e.sig_pk) for e in self.entries)
+
+
+_LISTED_DTYPE = np.dtype([("id", ">u4"), ("digest", "V32")])
+
+
+def listed_ids(listed: bytes | memoryview) -> np.ndarray:
+    """The client ids of a key list's commitments, as a native uint32 array."""
+    return np.frombuffer(listed, dtype=_LISTED_DTYPE)["id"].astype(np.uint32)
+
+
+def listed_digest(listed: bytes | memoryview, position: int) -> bytes:
+    """The entry digest committed at `position` of a key list's commitments."""
+    start = position * LISTED_BYTES + 4
+    return bytes(listed[start : start + 32])
+
+
+def entry_bytes(e: KeyEntry) -> bytes:
+    """One key entry as it appears in full in a KEY_LIST body (`ENTRY_BYTES`)."""
+    return (_u32(e.client_id) + _fixed(e.c_pk, KEY_BYTES, "c_pk") + _fixed(e.s_pk, KEY_BYTES, "s_pk")
+            + _fixed(e.sig_pk, KEY_BYTES, "sig_pk") + _fixed(e.signature, SIG_BYTES, "signature"))
 
 
 @dataclass(frozen=True)
@@ -157,9 +209,9 @@ class MaskedInput:
     signature: bytes = bytes(SIG_BYTES)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class SurvivorList:
-    survivors: tuple[int, ...]
+    survivors: tuple[int, ...] | np.ndarray  # key-list positions, increasing (decoded: a uint32 array)
 
 
 @dataclass(frozen=True)
@@ -167,11 +219,11 @@ class ConsistencySignature:
     signature: bytes
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class UnmaskRequest:
-    survivors: tuple[int, ...]
-    dropped: tuple[int, ...]
-    signatures: tuple[tuple[int, bytes], ...]
+    survivors: tuple[int, ...] | np.ndarray  # key-list positions, increasing (decoded: uint32 arrays)
+    dropped: tuple[int, ...] | np.ndarray
+    signatures: tuple[tuple[int, bytes], ...]  # (client id, signature over the survivor set), ids increasing
 
 
 @dataclass(frozen=True)
@@ -212,10 +264,21 @@ def _fixed(b: bytes, n: int, what: str) -> bytes:
 
 
 def _ids(ids) -> bytes:
-    ids = list(ids)
-    if any(b <= a for a, b in zip(ids, ids[1:])):
-        raise ValueError("id lists must be strictly increasing")
-    return _u32(len(ids)) + b"".join(_u32(i) for i in ids)
+    """count | the ids (or positions), from any sequence of ints or an integer array."""
+    arr = np.asarray(ids if isinstance(ids, np.ndarray) else list(ids), dtype=np.int64).ravel()
+    if arr.size and (np.any(arr[1:] <= arr[:-1]) or arr[0] < 0 or arr[-1] > 0xFFFFFFFF):
+        raise ValueError("id lists must be strictly increasing u32 values")
+    return _u32(int(arr.size)) + arr.astype(">u4").tobytes()
+
+
+def encode_ids(ids) -> bytes:
+    """count | u32 values: a SURVIVOR_LIST body, or one of an UNMASK_REQUEST's two position lists."""
+    return _ids(ids)
+
+
+def encode_signatures(pairs) -> bytes:
+    """count | (id | signature) pairs, ids increasing: the end of an UNMASK_REQUEST body."""
+    return _pairs(pairs, SIG_BYTES, "signatures")
 
 
 def _pairs(pairs, size: int, what: str) -> bytes:
@@ -235,11 +298,13 @@ def encode_body(body: Body) -> bytes:
         ids = [e.client_id for e in body.entries]
         if any(b <= a for a, b in zip(ids, ids[1:])):
             raise ValueError("key list entries must be sorted by strictly increasing id")
-        return _fixed(body.config_digest, 32, "config digest") + _u32(len(body.entries)) + b"".join(
-            _u32(e.client_id) + _fixed(e.c_pk, KEY_BYTES, "c_pk") + _fixed(e.s_pk, KEY_BYTES, "s_pk")
-            + _fixed(e.sig_pk, KEY_BYTES, "sig_pk") + _fixed(e.signature, SIG_BYTES, "signature")
-            for e in body.entries
-        )
+        listed = body.listed_bytes()
+        if len(listed) % LISTED_BYTES:
+            raise ValueError(f"key list commitments are {LISTED_BYTES} bytes each")
+        return b"".join((
+            _fixed(body.config_digest, 32, "config digest"), _u32(len(listed) // LISTED_BYTES), bytes(listed),
+            _u32(len(body.entries)), *(entry_bytes(e) for e in body.entries),
+        ))
     if isinstance(body, ShareKeys):
         return (_pairs(body.shares, SHARE_CIPHERTEXT_BYTES, "encrypted shares") + _fixed(body.commitment, COMMITMENT_BYTES, "commitment")
                 + _fixed(body.signature, SIG_BYTES, "signature"))
@@ -304,10 +369,12 @@ class _Reader:
             raise MalformedMessage(f"{self.kind.name} body is truncated ({n} items announced)")
         return n
 
-    def ids(self, limit: int) -> tuple[int, ...]:
+    def ids(self, limit: int) -> np.ndarray:
+        """count | u32 values, strictly increasing, as a uint32 array (no per-id Python object)."""
         n = self.count(4, limit)
-        out = struct.unpack(f">{n}I", self.take(4 * n))
-        _check_increasing(out, self.kind)
+        out = np.frombuffer(self.buf, dtype=">u4", count=n, offset=self.pos).astype(np.uint32)
+        self.pos += 4 * n
+        _check_increasing_array(out, self.kind)
         return out
 
     def pairs(self, size: int, limit: int) -> tuple[tuple[int, bytes], ...]:
@@ -330,12 +397,19 @@ def _check_increasing(ids, kind: Kind) -> None:
         raise MalformedMessage(f"{kind.name}: the server's id is not a client id")
 
 
+def _check_increasing_array(ids: np.ndarray, kind: Kind) -> None:
+    if ids.size > 1 and not np.all(ids[1:] > ids[:-1]):
+        raise MalformedMessage(f"{kind.name}: ids are not strictly increasing (duplicate or unsorted)")
+    if ids.size and int(ids[-1]) == SERVER:
+        raise MalformedMessage(f"{kind.name}: the server's id is not a client id")
+
+
 def max_body_bytes(kind: Kind, n_max: int, vector_bytes: int) -> int:
     """Largest acceptable body of `kind` for a session of at most n_max clients."""
     n = n_max
     return {
         Kind.ADVERTISE_KEYS: 3 * KEY_BYTES + SIG_BYTES,
-        Kind.KEY_LIST: 36 + n * (4 + 3 * KEY_BYTES + SIG_BYTES),
+        Kind.KEY_LIST: 40 + n * (LISTED_BYTES + ENTRY_BYTES),
         Kind.SHARE_KEYS: 4 + n * (4 + SHARE_CIPHERTEXT_BYTES) + COMMITMENT_BYTES + SIG_BYTES,
         Kind.ROUTED_SHARES: 4 + n * (4 + SHARE_CIPHERTEXT_BYTES),
         Kind.MASKED_INPUT: vector_bytes + SIG_BYTES,
@@ -355,13 +429,15 @@ def decode_body(kind: Kind, body: memoryview | bytes, ctx: Context) -> Body:
         out = AdvertiseKeys(r.take(KEY_BYTES), r.take(KEY_BYTES), r.take(KEY_BYTES), r.take(SIG_BYTES))
     elif kind is Kind.KEY_LIST:
         digest = r.take(32)
-        count = r.count(4 + 3 * KEY_BYTES + SIG_BYTES, n)
+        listed = r.take(r.count(LISTED_BYTES, n) * LISTED_BYTES)
+        _check_increasing_array(listed_ids(listed), kind)
+        count = r.count(ENTRY_BYTES, n)
         entries = tuple(
             KeyEntry(r.u32(), r.take(KEY_BYTES), r.take(KEY_BYTES), r.take(KEY_BYTES), r.take(SIG_BYTES))
             for _ in range(count)
         )
         _check_increasing([e.client_id for e in entries], kind)
-        out = KeyList(digest, entries)
+        out = KeyList(digest, entries, listed)
     elif kind is Kind.SHARE_KEYS:
         out = ShareKeys(r.pairs(SHARE_CIPHERTEXT_BYTES, n), r.take(COMMITMENT_BYTES), r.take(SIG_BYTES))
     elif kind is Kind.ROUTED_SHARES:
@@ -398,9 +474,8 @@ def decode(blob: bytes, expect: Kind, ctx: Context) -> tuple[Envelope, Body]:
     """Check the envelope against the receiver's context and parse the body (see module doc)."""
     if not isinstance(blob, (bytes, bytearray, memoryview)):
         raise MalformedMessage(f"expected bytes, found {type(blob).__name__}")
-    limit = ENVELOPE_BYTES + max_body_bytes(expect, ctx.n_max, ctx.vector_bytes)
-    if len(blob) > min(limit, MAX_MESSAGE_BYTES):
-        raise MalformedMessage(f"message of {len(blob)} bytes is oversized for {expect.name} (limit {limit})")
+    if len(blob) > MAX_MESSAGE_BYTES:
+        raise MalformedMessage(f"message of {len(blob)} bytes is oversized (hard limit {MAX_MESSAGE_BYTES})")
     if len(blob) < ENVELOPE_BYTES:
         raise MalformedMessage(f"message of {len(blob)} bytes is shorter than the {ENVELOPE_BYTES}-byte envelope")
     view = memoryview(blob)
@@ -429,6 +504,9 @@ def decode(blob: bytes, expect: Kind, ctx: Context) -> tuple[Envelope, Body]:
         raise WrongSender(f"{kind.name} message claims sender {sender:#x} but arrived from {ctx.sender:#x}")
     if kind is not expect:
         raise WrongStage(f"received {kind.name} while expecting {expect.name}")
+    limit = ENVELOPE_BYTES + max_body_bytes(expect, ctx.n_max, ctx.vector_bytes)
+    if len(blob) > limit:
+        raise MalformedMessage(f"message of {len(blob)} bytes is oversized for {expect.name} (limit {limit})")
     env = Envelope(kind, round_id, bytes(session), sender, recipient)
     return env, decode_body(kind, view[ENVELOPE_BYTES:], ctx)
 

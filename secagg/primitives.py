@@ -14,8 +14,10 @@
   fresh per session and pairwise seeds are derived with the session id, so no key/counter pair
   repeats.
 - Signatures: Ed25519, over the key advertisement and over the survivor set.
-- Session id: SHA-256 over a label, the configuration digest, the round and every advertised
-  public key, sorted by client id.
+- Session id: SHA-256 over a label, the configuration digest, the round and, for every listed
+  client in increasing id order, its id and a SHA-256 commitment to its advertised public keys
+  (`entry_digest`): so a client needs every listed client's 36-byte commitment but only its
+  neighbours' keys to compute it.
 
 Randomness comes only from `secrets` / `os.urandom` (directly, or inside OpenSSL's key
 generation).
@@ -152,23 +154,40 @@ def verify(public: bytes, signature: bytes, message: bytes, what: str, error: ty
         raise error(f"signature of {what} does not verify") from exc
 
 
-# ---- session id -----------------------------------------------------------------------------
+# ---- key list commitments and session id --------------------------------------------------
+
+LISTED_BYTES = 4 + 32  # a key list's commitment to one client: id | entry digest
+
+
+def entry_digest(cid: int, c_pk: bytes, s_pk: bytes, sig_pk: bytes) -> bytes:
+    """SHA-256 commitment to one client's advertised public keys (bound to its id)."""
+    return hashlib.sha256(LABEL + b"/key-entry" + struct.pack(">I", cid) + c_pk + s_pk + sig_pk).digest()
+
+
+def listed_block(entries: Iterable[tuple[int, bytes, bytes, bytes]]) -> bytes:
+    """The key list's commitments: id | `entry_digest` for every (id, c_pk, s_pk, signing pk),
+    in increasing id order (36 bytes each)."""
+    return b"".join(struct.pack(">I", e[0]) + entry_digest(*e) for e in sorted(entries))
+
+
+def session_id_of_listed(config_digest: bytes, round_id: int, listed: bytes | memoryview) -> bytes:
+    """SHA-256 over the label, configuration digest, round, and the key list's commitments
+    (`listed_block`): a client that holds the commitments of all L listed clients and the keys
+    of only some of them computes the same session id as one that holds every key."""
+    if len(listed) % LISTED_BYTES:
+        raise ValueError(f"a key list's commitments are {LISTED_BYTES} bytes each")
+    h = hashlib.sha256()
+    h.update(LABEL + b"/session/v3")
+    h.update(config_digest)
+    h.update(struct.pack(">QI", round_id, len(listed) // LISTED_BYTES))
+    h.update(listed)
+    return h.digest()
 
 
 def session_id(config_digest: bytes, round_id: int, entries: Iterable[tuple[int, bytes, bytes, bytes]]) -> bytes:
-    """SHA-256 over the label, configuration digest, round and all advertised public keys.
-
-    `entries` are (client id, c_pk, s_pk, signing pk); they are hashed sorted by client id.
-    """
-    h = hashlib.sha256()
-    h.update(LABEL + b"/session")
-    h.update(config_digest)
-    h.update(struct.pack(">Q", round_id))
-    entries = sorted(entries)
-    h.update(struct.pack(">I", len(entries)))
-    for cid, c_pk, s_pk, sig_pk in entries:
-        h.update(struct.pack(">I", cid) + c_pk + s_pk + sig_pk)
-    return h.digest()
+    """The session id of a key list given in full: `entries` are (client id, c_pk, s_pk, signing pk),
+    hashed sorted by client id, each through its `entry_digest` (see `session_id_of_listed`)."""
+    return session_id_of_listed(config_digest, round_id, listed_block(entries))
 
 
 # ---- mask PRG -------------------------------------------------------------------------------

@@ -15,6 +15,13 @@ state untouched: the server does not abort, and a caller may ignore that client 
 then counts as dropped). Masked inputs are added into one running sum as they arrive, after
 their signature is checked (memory: one vector).
 
+What each client is sent: its key list carries every listed client's 36-byte commitment (id and
+SHA-256 of its keys, from which the session id is computed) and the keys in full of only that
+client's share holders -- itself and its neighbours, everyone for the complete graph
+(`key_list_for`); survivor and dropped sets are key-list positions; an unmasking request carries
+the survivor-set signatures of that client's holders only. The server's own state is O(n k):
+no per-client copy of anything of size n is kept.
+
 Unmasking (Bonawitz et al.): for each survivor w, reconstruct b_w from t shares (checked against
 one more share when there is one, and against w's commitment to b_w) and subtract PRG(b_w); for
 each dropped client v (shared keys, sent no masked input), reconstruct s_sk_v, check it against
@@ -23,6 +30,7 @@ v's advertised s_pk, and remove the pairwise masks its surviving neighbours adde
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
@@ -48,9 +56,18 @@ from .errors import (
     WrongSender,
     WrongStage,
 )
-from .graph import neighbours
+from .graph import CompleteGraph, is_complete, neighbours
 from .params import MAX_CLIENT_ID, Plan
-from .primitives import MaskExpander, agree, check_x25519_public, pair_mask_seed, session_id, verify, x25519_from_private_bytes
+from .primitives import (
+    MaskExpander,
+    agree,
+    check_x25519_public,
+    listed_block,
+    pair_mask_seed,
+    session_id_of_listed,
+    verify,
+    x25519_from_private_bytes,
+)
 
 
 class ServerStage(Enum):
@@ -79,6 +96,22 @@ class ServerResult:
     field_sum: np.ndarray
     survivors: tuple[int, ...]
     dropped: tuple[int, ...]
+
+
+def key_list_for(config_digest: bytes, round_id: int, plan: Plan, entries: Iterable[m.KeyEntry], recipient: int) -> m.KeyList:
+    """The key list an honest server sends `recipient` when it lists `entries` (one per client,
+    any order): every entry's commitment, and in full the entries of the recipient's share
+    holders -- itself and its neighbours in the graph the list determines (all of them for the
+    complete graph). For tests and for transports that build key lists themselves; the server
+    makes the same bytes with `message_for`."""
+    entries = sorted(entries, key=lambda e: e.client_id)
+    listed = listed_block((e.client_id, e.c_pk, e.s_pk, e.sig_pk) for e in entries)
+    ids = [e.client_id for e in entries]
+    if recipient not in ids:
+        raise WrongRecipient(f"client {recipient!r} is not in the key list")
+    session = session_id_of_listed(config_digest, round_id, listed)
+    holders = neighbours(ids, plan.degree, session, who=[recipient], slots=plan.n_max)[recipient] | {recipient}
+    return m.KeyList(config_digest, tuple(e for e in entries if e.client_id in holders), listed)
 
 
 class SecAggServer:
@@ -201,16 +234,16 @@ class SecAggServer:
 
     def _on_signature(self, sender: int, cs: m.ConsistencySignature) -> None:
         self._check_sender(sender, self._u3, self._sigs, "consistency signature")
-        verify(self._sig_pk(sender), cs.signature, survivors_message(self.session, self.round_id, self._survivors), f"client {sender}'s survivor set")
+        verify(self._sig_pk(sender), cs.signature, self._survivors_msg, f"client {sender}'s survivor set")
         self._sigs[sender] = cs.signature
 
     def _on_unmask_shares(self, sender: int, us: m.UnmaskShares, signed) -> None:
         self._check_sender(sender, self._sigs, self._unmask, "unmasking shares")
         signed("unmasking shares")
-        holders = self._neigh[sender] | {sender}
-        if not {w for w, _ in us.self_mask_shares} <= (set(self._survivors) & holders):
+        neigh = self._neigh[sender]
+        if not all((w == sender or w in neigh) and w in self._u3 for w, _ in us.self_mask_shares):
             raise InconsistentSurvivors(f"client {sender} sent self-mask shares of clients it does not hold or that did not survive")
-        if not {v for v, _ in us.key_shares} <= (set(self._dropped) & self._neigh[sender]):
+        if not all(v in neigh and v in self._dropped_set for v, _ in us.key_shares):
             raise InconsistentSurvivors(f"client {sender} sent mask-key shares of clients it does not hold or that did not drop")
         self._unmask[sender] = us
 
@@ -242,8 +275,12 @@ class SecAggServer:
             self._need(len(self._adv), "advertised keys")
             self._need_min_clients(len(self._adv), "advertised keys", "sending any key list")
             ids = sorted(self._adv)
-            self.session = session_id(self.digest, self.round_id, ((c, a.c_pk, a.s_pk, a.sig_pk) for c, a in self._adv.items()))
-            self._neigh = neighbours(ids, self.plan.degree, self.session, slots=self.plan.n_max)
+            listed = listed_block((c, a.c_pk, a.s_pk, a.sig_pk) for c, a in self._adv.items())
+            self.session = session_id_of_listed(self.digest, self.round_id, listed)
+            self._pos = {c: i for i, c in enumerate(ids)}  # key-list positions
+            self._complete = is_complete(len(ids), self.plan.degree, self.plan.n_max)
+            self._neigh = CompleteGraph(ids) if self._complete else neighbours(ids, self.plan.degree, self.session, slots=self.plan.n_max)
+            self._key_list_head = b"".join((self.digest, struct.pack(">I", len(ids)), listed))  # common to every key list
             self.stage = ServerStage.SHARE_KEYS
             return ids
         if self.stage is ServerStage.SHARE_KEYS:
@@ -257,6 +294,11 @@ class SecAggServer:
             self._u3 = frozenset(self._masked)
             self._survivors = tuple(sorted(self._u3))
             self._dropped = tuple(sorted(self._u2 - self._u3))
+            self._dropped_set = frozenset(self._dropped)
+            s_pos = [self._pos[c] for c in self._survivors]  # increasing, as the ids are
+            self._survivors_msg = survivors_message(self.session, self.round_id, s_pos)
+            self._survivor_body = m.encode_ids(s_pos)
+            self._unmask_head = self._survivor_body + m.encode_ids([self._pos[c] for c in self._dropped])
             self.stage = ServerStage.CONSISTENCY_CHECK
             return list(self._survivors)
         if self.stage is ServerStage.CONSISTENCY_CHECK:
@@ -300,26 +342,33 @@ class SecAggServer:
         if allowed is not None and not (is_client_id(cid) and cid in allowed()):
             raise WrongRecipient(f"no {self.stage.value} message for {cid!r}: not one of the clients this stage addresses")
         if self.stage is ServerStage.SHARE_KEYS:
-            body = self._cached(m.Kind.KEY_LIST, lambda: m.encode_body(m.KeyList(self.digest, tuple(
-                m.KeyEntry(c, a.c_pk, a.s_pk, a.sig_pk, a.signature) for c, a in sorted(self._adv.items())))))
+            if self._complete:  # everyone's keys, the same bytes for every client
+                body = self._cached(m.Kind.KEY_LIST, lambda: self._key_list_body(sorted(self._adv)))
+            else:  # the commitments, and the keys of this client's holders only
+                body = self._key_list_body(sorted(self._neigh[cid] | {cid}))
             return self._wrap(m.Kind.KEY_LIST, body, cid, m.NO_SESSION)
         if self.stage is ServerStage.MASKED_INPUT:
             shares = tuple((v, self._shares[v][cid]) for v in sorted(self._neigh[cid] & self._u2))
             return self._wrap(m.Kind.ROUTED_SHARES, m.encode_body(m.RoutedShares(shares)), cid, self.session)
         if self.stage is ServerStage.CONSISTENCY_CHECK:
-            body = self._cached(m.Kind.SURVIVOR_LIST, lambda: m.encode_body(m.SurvivorList(self._survivors)))
-            return self._wrap(m.Kind.SURVIVOR_LIST, body, cid, self.session)
+            return self._wrap(m.Kind.SURVIVOR_LIST, self._survivor_body, cid, self.session)
         if self.stage is ServerStage.UNMASKING:
-            if self.plan.degree is None:
-                body = self._cached(m.Kind.UNMASK_REQUEST, lambda: self._unmask_body(self._sigs))
-            else:
-                holders = self._neigh[cid] | {cid}
-                body = self._unmask_body({v: s for v, s in self._sigs.items() if v in holders})
+            if self._complete:
+                body = self._cached(m.Kind.UNMASK_REQUEST, lambda: self._unmask_body(sorted(self._sigs)))
+            else:  # the signatures of this client's holders only: it checks no others
+                body = self._unmask_body(sorted(v for v in self._neigh[cid] | {cid} if v in self._sigs))
             return self._wrap(m.Kind.UNMASK_REQUEST, body, cid, self.session)
         raise WrongStage(f"no messages to send at server stage {self.stage.value}")
 
-    def _unmask_body(self, sigs: dict[int, bytes]) -> bytes:
-        return m.encode_body(m.UnmaskRequest(self._survivors, self._dropped, tuple(sorted(sigs.items()))))
+    def _key_list_body(self, holders: list[int]) -> tuple:
+        """KEY_LIST body parts: digest | L | commitments (shared by every client) | the holders in full."""
+        full = b"".join(m.entry_bytes(m.KeyEntry(c, a.c_pk, a.s_pk, a.sig_pk, a.signature))
+                        for c, a in ((c, self._adv[c]) for c in holders))
+        return (self._key_list_head, struct.pack(">I", len(holders)), full)
+
+    def _unmask_body(self, signers: list[int]) -> tuple:
+        """UNMASK_REQUEST body parts: survivor and dropped positions (shared), then signatures."""
+        return (self._unmask_head, m.encode_signatures((v, self._sigs[v]) for v in signers))
 
     def _cached(self, kind: m.Kind, make) -> bytes:
         if kind not in self._out_cache:

@@ -42,6 +42,7 @@ from secagg import (
 )
 from secagg import messages as m
 from secagg.client import advertise_message, config_digest
+from secagg.server import key_list_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,14 +102,17 @@ def advertisements(clients, ids):
     return {c: clients[c].advertise() for c in ids}
 
 
-def crafted_key_list(plan, spec, ads, recipient, round_id=0):
-    """What a malicious server can send: a key list over whichever advertisements it likes."""
+def crafted_key_list(plan, spec, ads, recipient, round_id=0, everyone_in_full=False):
+    """What a malicious server can send: a key list over whichever advertisements it likes, with
+    the recipient's holders in the graph that list determines in full (what a client requires),
+    or, with `everyone_in_full`, every entry in full (what clients now refuse)."""
     entries = []
     for c in sorted(ads):
         a = body_of(ads[c])
         entries.append(m.KeyEntry(c, a.c_pk, a.s_pk, a.sig_pk, a.signature))
-    return m.encode(m.KeyList(config_digest(plan, spec), tuple(entries)), round_id=round_id, session=m.NO_SESSION,
-                    sender=m.SERVER, recipient=recipient)
+    digest = config_digest(plan, spec)
+    kl = m.KeyList(digest, tuple(entries)) if everyone_in_full else key_list_for(digest, round_id, plan, entries, recipient)
+    return m.encode(kl, round_id=round_id, session=m.NO_SESSION, sender=m.SERVER, recipient=recipient)
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +149,18 @@ def test_n2000_short_list_padded_with_the_colluders_still_gives_the_victim_few_c
     assert len(holders) <= plan.degree  # never more than k neighbours, whatever the list's size
     assert len(holders) + 1 >= plan.threshold
     assert len(holders & set(range(1, 101))) <= plan.tolerated_colluders
+
+
+def test_n2000_victim_shown_every_key_in_full_refuses_the_key_list(n2000):
+    """The same padded list, but with every entry in full as version 2 sent it: the victim would
+    be holding keys of clients that are not its neighbours; it refuses before releasing anything."""
+    plan, spec, private = n2000
+    ids = list(range(1800))
+    clients = {c: SecAggClient(c, plan, spec, 0, private[c]) for c in ids}
+    with pytest.raises(errors_module().WrongNeighbours, match="not its neighbours"):
+        clients[0].handle(crafted_key_list(plan, spec, advertisements(clients, ids), 0, everyone_in_full=True))
+    with pytest.raises(ProtocolAborted):
+        clients[0].handle(b"")
 
 
 def test_n2000_honest_server_with_the_assumed_dropouts_reaches_share_keys_and_below_them_aborts(n2000):
