@@ -38,6 +38,10 @@ the ~60 MB of Python, numpy and cryptography). `--scale-old REV` runs `secagg/` 
 REV on the same sizes, up to `--old-max-n`, beside this tree's:
 
     python benchmarks/secagg.py --scale --scale-old 660d987 --out benchmarks/results/secagg_scale.md
+
+Where one session's CPU time goes (cProfile with a CPU clock, SecAgg+ "auto", 2^16 values):
+
+    python benchmarks/secagg.py --profile 3000 --out benchmarks/results/secagg_profile.md
 """
 
 from __future__ import annotations
@@ -508,6 +512,90 @@ def scale(quick: bool, seed: int, out: str | None, old_rev: str | None, old_max_
     return 0
 
 
+def profile(n: int, seed: int, out: str | None, top: int = 30) -> int:
+    """cProfile (CPU clock) of one whole session of n clients, SecAgg+ "auto", 2^16 values, no
+    dropouts: the functions with the most time of their own, and the protocol's main operations."""
+    import cProfile
+    import io
+    import pstats
+
+    m = 1 << 16
+    rng = np.random.default_rng([seed, n, m])
+    plan = SecAggParams(bits=32, neighbours="auto").resolve(n)
+    spec = EncodingSpec.build(1.0, m, bits=32, max_clients=n, precision_bits=plan.precision_bits)
+    x = rng.uniform(-1.0, 1.0, m)
+    clients = {c: SecAggClient(c, plan, spec, 0) for c in range(n)}
+    server = SecAggServer(plan, spec, 0, expected=range(n))
+    prof = cProfile.Profile(timer=time.process_time)
+    t0, c0 = time.perf_counter(), time.process_time()
+    prof.enable()
+    res, _ = run_session(clients, server, provide_input=lambda c: x)
+    prof.disable()
+    wall, cpu_s = time.perf_counter() - t0, time.process_time() - c0
+    assert list(res.survivors) == list(range(n))
+    stats = pstats.Stats(prof)
+    total = sum(v[2] for v in stats.stats.values())  # own time of every function
+
+    def own(pred) -> tuple[int, float]:
+        calls = sec = 0.0
+        for (file, _, name), (_, nc, tt, _, _) in stats.stats.items():
+            if pred(file, name):
+                calls, sec = calls + nc, sec + tt
+        return int(calls), sec
+
+    def method(cls: str, name: str):
+        return lambda f, nm: nm == f"<method '{name}' of 'cryptography.hazmat.bindings._rust.openssl.{cls}' objects>"
+
+    groups = [
+        ("Ed25519 verification (OpenSSL)", method("ed25519.Ed25519PublicKey", "verify")),
+        ("Ed25519 signing (OpenSSL)", method("ed25519.Ed25519PrivateKey", "sign")),
+        ("X25519 agreement (OpenSSL)", method("x25519.X25519PrivateKey", "exchange")),
+        ("AES-CTR keystream for masks (OpenSSL)", lambda f, nm: "update_into" in nm),
+        ("Shamir sharing and reconstruction (Python integers)", lambda f, nm: f.endswith("shamir.py")),
+        ("HKDF (cryptography, incl. its Python set-up)", lambda f, nm: "HKDF' objects>" in nm or f.endswith("kdf/hkdf.py")
+         or (f.endswith("primitives.py") and nm == "hkdf")),
+        ("message encoding and parsing (secagg.messages)", lambda f, nm: f.endswith("messages.py")),
+        ("graph: ring and neighbours (secagg.graph)", lambda f, nm: f.endswith("graph.py")),
+    ]
+    ops = op_micros()
+    lines = [
+        f"# Secure aggregation: where one session's CPU time goes (n = {n})",
+        "",
+        f"Command: `python benchmarks/secagg.py --profile {n}" + (f" --seed {seed}" if seed else "") + (f" --out {out}" if out else "") + "`  ",
+        f"Code: this tree at {subprocess_head()}. Machine: {platform.machine()}, {os.cpu_count()} CPUs ({cpu_model()}), shared with other jobs; "
+        f"Python {platform.python_version()}, numpy {np.__version__}, cryptography {cryptography.__version__} "
+        f"({openssl_backend.openssl_version_text()}); X25519 agreement {ops['x25519']:.0f} us, Ed25519 verification "
+        f"{ops['ed25519_verify']:.0f} us; {time.strftime('%Y-%m-%d')}  ",
+        f"Setting: SecAgg+ k={plan.degree}, t={plan.threshold}, m = 2^16 values, b = 32, no dropouts, `run_session` in one process under "
+        f"cProfile with a CPU clock: {cpu_s:.0f} CPU s ({wall:.0f} s wall) profiled. The profiler slows Python code several times "
+        "and native calls (OpenSSL) hardly at all, so Python's share below is larger than without it.",
+        "",
+        "| operation | calls | own CPU s | share |",
+        "|---|---|---|---|",
+    ]
+    for label, pred in groups:
+        calls, sec = own(pred)
+        lines.append(f"| {label} | {calls} | {sec:.1f} | {sec / total:.0%} |")
+    lines += ["", f"Top {top} functions by own time:", "", "```"]
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
+    text_stats = buf.getvalue()
+    lines += [ln.replace(str(ROOT) + "/", "") for ln in text_stats[text_stats.index("   ncalls"):].rstrip().splitlines()]
+    lines += ["```", ""]
+    text = "\n".join(lines)
+    print(text)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text, encoding="utf-8")
+    return 0
+
+
+def subprocess_head() -> str:
+    import subprocess
+
+    return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small smoke version (seconds, not minutes)")
@@ -521,11 +609,14 @@ def main() -> int:
     ap.add_argument("--old-max-n", type=int, default=3000, help="with --scale-old: largest n run with the old code")
     ap.add_argument("--timeout", type=float, default=1800.0, help="with --scale: seconds allowed per worker")
     ap.add_argument("--scale-worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--profile", type=int, metavar="N", default=None, help="cProfile one session of N clients (SecAgg+ auto, 2^16 values)")
     args = ap.parse_args()
     if args.worker is not None:
         return worker(args.worker)
     if args.scale_worker is not None:
         return scale_worker(args.scale_worker)
+    if args.profile is not None:
+        return profile(args.profile, args.seed, args.out)
     if args.scale:
         return scale(args.quick, args.seed, args.out, args.scale_old, args.old_max_n, args.timeout, args.repeats)
     if args.compare is not None:
