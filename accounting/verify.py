@@ -647,8 +647,12 @@ def report_md_problems(
     except (OSError, ValueError, KeyError, TypeError):
         pass
 
-    def known(shown: str) -> bool:  # ε = 0 (round 0's largest, or a client that never trained) is no claim to make in words
+    never_trained = {int(c) for c in ledger.budgets} - {int(ch.client) for ch in charges}
+
+    def known(shown: str) -> bool:
         v = float(shown)
+        if v == 0.0:  # true of a budgeted client the ledger never charged, and of nobody else
+            return bool(never_trained)
         return any(x > 0 and abs(v - x) <= _printed_tol(shown, err, x, rel_tol) for x, err in candidates)
 
     def unknown(lineno: int, shown: str, line: str, op: str = "=", at: int = 0) -> str:

@@ -569,6 +569,8 @@ def test_security_md_no_longer_claims_what_the_code_does_not_do():
     text = (ROOT / "SECURITY.md").read_text(encoding="utf-8")
     assert "the server cannot pick neighbourhoods directly" not in text
     assert "any error aborts the party for good" not in text
-    assert re.search(r"check only their\s+neighbours'\s+advertisement\s+signatures", text)
+    # wire format 3: a client holds, and checks the signatures of, its holders' entries only
+    assert re.search(r"full\s+entries\s+for\s+its\s+\*\*holders\*\*\s+only", text)
+    assert re.search(r"its\s+holders'\s+advertisement\s+signatures\s+verify", text)
     assert re.search(r"only\s+if\s+the\s+server\s+forwards\s+a\s+signature\s+from\s+the\s+other\s+group", text)
     assert re.search(r"\*\*client\*\*\s+aborts\s+for\s+good", text) and re.search(r"\*\*without\s+changing\s+its\s+state\*\*", text)

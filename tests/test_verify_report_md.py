@@ -151,6 +151,16 @@ def test_an_epsilon_stated_anywhere_else_must_be_the_ledgers(tmp_path):
     assert verify_run(run).ok, verify_run(run).problems
 
 
+def test_epsilon_zero_is_true_only_of_a_client_the_ledger_never_charged(tmp_path):
+    """Every client of the default run trained, so "ε = 0" about any of them is false; in a run
+    where a budgeted client never trained (tests/test_resume_budget.py) the report says so and
+    verifies."""
+    run = copy_run(tmp_path)
+    upload = "- Upload and download are the mean"
+    edit_md(run, upload, "- never trained, so at ε = 0: client 1.\n" + upload)
+    assert only_md_problem(run).startswith(f"report.md line {line_of(upload)}: states ε = 0, which is no ε the ledger gives")
+
+
 def test_the_calibration_target_must_be_the_configs(tmp_path):
     run = copy_run(tmp_path)
     edit_md(run, "so that ε ≤ 8.0 if", "so that ε ≤ 2.0 if")
