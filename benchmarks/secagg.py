@@ -199,6 +199,16 @@ def run(n: int, neighbours, m: int, drop_frac: float, seed: int) -> dict:
     }
 
 
+def emit(lines: list[str], out: str | None) -> int:
+    """Print the table and, with ``out``, write it there too (folders made as needed)."""
+    text = "\n".join(lines)
+    print(text)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text, encoding="utf-8")
+    return 0
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -318,12 +328,7 @@ def compare(rev: str, quick: bool, seed: int, out: str | None, repeats: int = 2)
         "except through the degree.",
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(text, encoding="utf-8")
-    return 0
+    return emit(lines, out)
 
 
 def scale_run(n: int, neighbours, m: int, seed: int) -> dict:
@@ -504,12 +509,7 @@ def scale(quick: bool, seed: int, out: str | None, old_rev: str | None, old_max_
             lines.append(f"| {n} | {r['graph']} | {c['encode']:.1f} | {c['advertise_keys']:.1f} | {c['share_keys']:.1f} | "
                          f"{c['masked_input']:.1f} | {c['consistency_check']:.1f} | {c['unmasking']:.1f} |")
         lines.append("")
-    text = "\n".join(lines)
-    print(text)
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(text, encoding="utf-8")
-    return 0
+    return emit(lines, out)
 
 
 def profile(n: int, seed: int, out: str | None, top: int = 30) -> int:
@@ -582,12 +582,7 @@ def profile(n: int, seed: int, out: str | None, top: int = 30) -> int:
     text_stats = buf.getvalue()
     lines += [ln.replace(str(ROOT) + "/", "") for ln in text_stats[text_stats.index("   ncalls"):].rstrip().splitlines()]
     lines += ["```", ""]
-    text = "\n".join(lines)
-    print(text)
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(text, encoding="utf-8")
-    return 0
+    return emit(lines, out)
 
 
 def subprocess_head() -> str:
@@ -719,12 +714,7 @@ def main() -> int:
         "pairwise mask per (dropped client, surviving neighbour), and reconstructs one Shamir secret per survivor and per dropped client."
     )
     lines.append("")
-    text = "\n".join(lines)
-    print(text)
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(text, encoding="utf-8")
-    return 0
+    return emit(lines, out)
 
 
 if __name__ == "__main__":
