@@ -1,5 +1,5 @@
 """Using the trained model (issue 16, case 1): label names and the base model's identity are in
-the run folder, `privlora predict` prints labels with probabilities, and the README's peft recipe
+the run folder, `privlora predict` prints labels with probabilities, and the peft recipe of docs/results.md
 works as written."""
 
 from __future__ import annotations

@@ -39,6 +39,12 @@ Any field can also be set on the command line with `--set section.key=VALUE` (se
 `federation.clients_per_round` at most `data.num_clients`) are checked on load, and the error
 names both fields. (A meaning marked \\* is written in the generator, `privlora/commands/docgen.py`,
 until the field has a docstring in `privlora/core/config.py`.)
+
+Starting points in `examples/`: `default.toml` (the embedded default written out),
+`local_csv.toml` ([your own data](your-data.md)), `heterogeneous.toml` (a rank per client),
+`budgets.toml` (per-client budgets), `secagg.toml` ([secure aggregation](secure-aggregation.md))
+and `causal.toml` ([causal language models](causal.md)). Tuning hyperparameters? Set
+`data.holdout = "validation"`, so that the test split plays no part in choosing them.
 """
 
 

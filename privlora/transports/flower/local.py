@@ -142,7 +142,7 @@ def config_arg(values: dict) -> str:
 
 class LocalDeployment:
     """A SuperLink and SuperNodes on 127.0.0.1. ``nodes``: one node config (dict) per node;
-    ``tls``: a folder with ``ca.crt``, ``server.pem`` and ``server.key`` (see the README's
+    ``tls``: a folder with ``ca.crt``, ``server.pem`` and ``server.key`` (see docs/flower.md's
     certificate command), or None for ``--insecure``."""
 
     def __init__(self, nodes: list[dict], workdir: str | Path, tls: str | Path | None = None):
