@@ -106,7 +106,13 @@ def _flower_processes_of(tmp: Path) -> list[int]:
     return found
 
 
-def test_sigterm_ends_every_process_the_launcher_started(tmp_path):
+@pytest.mark.parametrize("sig, code, says", [
+    (signal.SIGTERM, 143, "privlora: stopped by SIGTERM; every process the launcher started has been ended"),
+    (signal.SIGINT, 130, "privlora: interrupted; every process the launcher started has been ended"),
+], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_ends_every_process_the_launcher_started(tmp_path, sig, code, says):
+    """SIGTERM (a service manager, `kill`) or SIGINT (Ctrl-C) once the SuperLink and SuperNodes are
+    up: the launcher exits with 128 + the signal and no process it started is left."""
     pytest.importorskip("flwr")
     cfg = small_config(tmp_path)
     env = dict(os.environ, PRIVLORA_TEST_MARK=str(tmp_path))
@@ -121,13 +127,13 @@ def test_sigterm_ends_every_process_the_launcher_started(tmp_path):
                 err.append(proc.stderr.readline())
         started = descendants(proc.pid)
         assert len(started) >= 3, started  # the SuperLink and two SuperNodes at least
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+        proc.send_signal(sig)
+        assert proc.wait(timeout=60) == code
     finally:
         if proc.poll() is None:
             proc.kill()
     rest = proc.stderr.read()
-    assert "privlora: stopped by SIGTERM; every process the launcher started has been ended" in rest
+    assert says in rest
     assert "Traceback" not in rest
     time.sleep(0.5)
     assert [p for p in started if _alive(p)] == []

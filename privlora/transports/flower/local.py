@@ -478,6 +478,7 @@ def _launch(args: argparse.Namespace) -> int:
     noise_words = {"secure": "secure noise", "seeded": "seeded noise (reproducible, not for a real release)"}
     if args.simulation:
         _say(f"{n} virtual nodes on Flower's simulation engine, {noise_words[args.noise]} -> {out}")
+        become_subreaper()  # Ray's daemons leave their parent; they come back to us to be ended
         try:
             run_simulation_engine(cfg_file, out, n, key_dir=args.keys, noise=args.noise)
         finally:
@@ -500,9 +501,10 @@ def _launch(args: argparse.Namespace) -> int:
         except Exception:  # noqa: BLE001 - the log is a courtesy
             pass
     if status == "timeout":
+        then = (f"continue with `python -m privlora.transports.flower.local --resume {out}` (a larger --timeout)"
+                if (out / "checkpoint").is_dir() else "run the same command again with a larger --timeout")
         _say(f"error: the run did not finish within --timeout {args.timeout:.0f} s; every process was ended. The "
-             f"server's output is in {work / f'run-{run_id}.log'}; continue with "
-             f"`python -m privlora.transports.flower.local --resume {out}`")
+             f"server's output is in {work / f'run-{run_id}.log'}; {then}")
         return 1
     info = summary(out)
     if status != "finished:completed":
@@ -537,7 +539,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from privlora.core.errors import UserError
 
-    previous = {s: signal.signal(s, _raise_terminated) for s in (signal.SIGTERM, signal.SIGHUP)}
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),  # even if started with it ignored
+                signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_terminated)}
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # nohup keeps meaning nohup
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, _raise_terminated)
     try:
         return _launch(args)
     except UserError as exc:
