@@ -1,5 +1,5 @@
 """Using the trained model (issue 16, case 1): label names and the base model's identity are in
-the run folder, `privlora predict` prints labels with probabilities, and the README's peft recipe
+the run folder, `privlora predict` prints labels with probabilities, and the peft recipe of docs/results.md
 works as written."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from privlora.commands.cli import main
 from privlora.core.config import config_to_toml
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[1] / "docs" / "results.md"  # the peft recipe's page
 TEXTS = ["A sharp, funny and moving film.", "Dull, long and badly acted."]
 
 
@@ -118,7 +118,7 @@ def readme_recipe() -> str:
     text = README.read_text(encoding="utf-8")
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
     recipe = [b for b in blocks if "load_base_for_run" in b and "PeftModel.from_pretrained" in b]
-    assert len(recipe) == 1, "README.md must hold exactly one python block with the peft recipe"
+    assert len(recipe) == 1, "docs/results.md must hold exactly one python block with the peft recipe"
     return recipe[0]
 
 
