@@ -7,7 +7,7 @@
     python benchmarks/causal.py strategies            # every stored-missing strategy point
     python benchmarks/causal.py strategies --set federation.rounds=2   # a smaller grid
     python benchmarks/causal.py strategies --seeds 0 1 2 --set federation.rounds=1 --set training.local_steps=3 \
-        --set training.batch_size=16 --set data.test_fraction=0.01 --lr-a 0.2 0.03   # the committed grid (README)
+        --set training.batch_size=16 --set data.test_fraction=0.01 --lr-a 0.2 0.03   # the committed grid (docs/benchmarks.md)
     python benchmarks/causal.py --table               # re-render both tables from the store
 
 ``steps``: one optimizer step on a logical batch of 16 review instructions padded to exactly

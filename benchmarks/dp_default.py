@@ -3,7 +3,7 @@
 
 Every variant is the embedded default config with a few fields changed, run on
 ``data.holdout = "validation"``: the server evaluates on a split carved from the training data,
-so the test split, on which README reports the chosen default, played no part in choosing it
+so the test split, on which docs/default-experiment.md reports the chosen default, played no part in choosing it
 (hyperparameter search on the test data would itself leak it). Each variant is one whole
 federated run (10 clients by movie, 5 sampled per round, DP-SGD at epsilon <= 8 per client,
 delta 1e-5) on 2 cores, one after the other, so the seconds are comparable.
@@ -133,9 +133,9 @@ def table(rows: dict[str, dict]) -> str:
                      f"{', '.join(f'{a:.3f}' for a in r['per_round'])} | {eps} | {r['refused']} | {r['seconds']:.0f} |")
     lines += ["", f"Chosen: `{CHOSEN}`, now the embedded default: the same validation accuracy as the variants",
               "with noise calibrated for expected participation, at less epsilon (one seed each; a point or two is",
-              "within run-to-run noise). Its test-split accuracy, beside the same config without DP, is in README.",
+              "within run-to-run noise). Its test-split accuracy, beside the same config without DP, is in docs/default-experiment.md.",
               "Seconds are indicative only: the runs had 1 torch thread each on 2 cores shared with other work",
-              "(`expected`: 2 threads, more contention). The default's own wall time was measured alone: README."]
+              "(`expected`: 2 threads, more contention). The default's own wall time was measured alone: docs/default-experiment.md."]
     cmds = sorted({r["command"] for r in rows.values()})
     lines += ["", "Commands: " + "; ".join(f"`{c}`" for c in cmds),
               f"Machine: {next(iter(rows.values()))['machine'] if rows else ''}", ""]

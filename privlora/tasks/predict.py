@@ -3,7 +3,7 @@
 The run folder holds everything needed: ``model.json`` (the base model's identity, e.g.
 ``embedded:minilm``, the label names and the max length) and ``adapter/`` (peft format: the
 trained LoRA factors and classification head). `load_run` puts the adapter on the base model
-exactly as the README's peft recipe does (the run's task loads the base,
+exactly as the peft recipe in docs/results.md does (the run's task loads the base,
 `privlora.tasks.models.load_base_for_run`, then ``PeftModel.from_pretrained``) and returns the
 task's class, whose ``predict`` reads the model: for "classification" (`predict`), per text, the
 most likely label and the softmax probability of every label. A task without predictions (e.g.
