@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nodes", type=int, default=0, help="number of nodes (default data.num_clients)")
     ap.add_argument("--simulation", action="store_true", help="Flower's simulation engine instead of real processes")
     ap.add_argument("--tls", default=None, help="folder with ca.crt, server.pem, server.key")
-    ap.add_argument("--keys", default=None, help="folder of `privlora keys` (the config's secagg.key_registry)")
+    ap.add_argument("--keys", default=None, help="folder of `privlora keys simulation` (the config's secagg.key_registry and every client-K.key: a test deployment on one machine only)")
     ap.add_argument("--noise", default="secure", choices=("secure", "seeded"))
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--overwrite", action="store_true")
