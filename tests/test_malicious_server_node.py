@@ -171,16 +171,19 @@ def test_a_new_config_on_the_same_data_does_not_get_a_fresh_budget(tmp_path, tin
     status = json.loads(capsys.readouterr().out)
     assert status["intact"] and [d["charges"] for d in status["data"].values()] == [1]
     assert sorted(status["runs"]) == sorted(p.name for p in node_dir.iterdir() if (p / "ledger.jsonl").is_file())
+    # an intact ledger is never reset
+    assert main(["node", "reset-ledger", "--node-dir", str(node_dir), "--reason", "start over"]) == 2
+    assert "nothing to reset" in capsys.readouterr().err and not (node_dir / "resets.jsonl").exists()
 
 
 # ---------------------------------------------------------------- attack 6: the node config is the node's own
 
 
-def test_a_supernode_without_config_refuses_the_servers_run_config(tmp_path, tiny_model_dir):
+def test_a_supernode_without_config_refuses_the_servers_run_config(tmp_path, tiny_model_dir, monkeypatch):
     from flwr.app import Context, RecordDict
 
     from privlora.core.config import ConfigError
-    from privlora.transports.flower import client_app
+    from privlora.transports.flower import RECORD, client_app
 
     cfg = write_config(tmp_path, tiny_model_dir)
     # the server's run config names a config, node folder, key folder and the seeded noise source
@@ -192,6 +195,15 @@ def test_a_supernode_without_config_refuses_the_servers_run_config(tmp_path, tin
     with pytest.raises(ConfigError, match="'config' is missing.*never takes its config"):
         client_app.handle(msg, context)
     assert not (tmp_path / "server-chosen").exists()
+    # a virtual node of Flower's simulation engine (a Ray actor there) still builds its config from the run config
+    monkeypatch.setattr(client_app, "under_simulation_engine", lambda: True)
+    reply = client_app.handle(msg, context)
+    assert reply.content[RECORD]["client-id"] == 0
+    # but not when the node config holds anything a simulation engine's virtual node does not have
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 3, "data": "partition"},
+                      state=RecordDict(), run_config=run_config)
+    with pytest.raises(ConfigError, match="'config' is missing"):
+        client_app.handle(msg, context)
 
 
 # ---------------------------------------------------------------- attack 7: each node makes its own key

@@ -64,10 +64,15 @@ class ClientGuard:
                 if have is not None and abs(have - budget) > 1e-12:
                     raise LedgerError(f"it was opened with budget {have} for client {client_id}, now {budget}; a budget never changes mid-run")
             else:
+                from privlora.core.checkpoint import fsync_dir
+
                 header_run = {**run, "party": f"client {client_id}"}
                 if lifetime is not None:
                     header_run["node_id"] = lifetime.node_id
+                new_folder = not self.folder.is_dir()
                 self.ledger = Ledger.create(path, delta, accountant, {self.client_id: budget}, run=header_run)
+                if new_folder:
+                    fsync_dir(self.folder.parent)
         self.budget = float(budget)
         self.delta, self.accountant = float(delta), accountant
         self.admission = Admission(get_accountant(accountant), delta, {self.client_id: budget})

@@ -77,11 +77,22 @@ def data_fingerprint(data) -> str:
     return hashlib.sha256(("privlora-data/1\n" + "\n".join(rows)).encode()).hexdigest()
 
 
+def _make_dir(folder: Path) -> None:
+    """``folder`` and its missing parents, each new entry fsynced into its parent."""
+    from privlora.core.checkpoint import fsync_dir
+
+    if folder.is_dir():
+        return
+    _make_dir(folder.parent)
+    folder.mkdir(exist_ok=True)
+    fsync_dir(folder.parent)
+
+
 def _link_new(path: Path, data: bytes) -> bool:
     """Create ``path`` holding ``data`` atomically (complete, fsynced, then linked in); False if it exists."""
     from privlora.core.checkpoint import fsync_dir
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_dir(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -116,10 +127,15 @@ def node_identity(node_dir: str | Path) -> str:
 
 
 def _fsync_append(path: Path, line: str) -> None:
+    from privlora.core.checkpoint import fsync_dir
+
+    new = not path.exists()
     with open(path, "a", encoding="utf-8") as fh:
         fh.write(line + "\n")
         fh.flush()
         os.fsync(fh.fileno())
+    if new:
+        fsync_dir(path.parent)
 
 
 class _Chain:
@@ -420,6 +436,10 @@ class NodeLedger:
                     dest = p.with_name(f"{p.name}.reset-{stamp}")
                     os.replace(p, dest)
                     kept.append(dest.name)
+            if kept:
+                from privlora.core.checkpoint import fsync_dir
+
+                fsync_dir(self.node_dir / LIFETIME)  # the old files are kept under their new names
             record["kept"] += kept
             carried = [{k: v for k, v in r.items() if k not in ("seq", "prev", "hash", "kind", "time")} for r in charges] + orphans
             record["carried"][fp] = len(carried)

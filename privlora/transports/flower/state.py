@@ -110,7 +110,9 @@ def node_key(folder: str | Path) -> bytes:
     folder = Path(folder)
     path = folder / KEY_FILE
     if not path.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
+        if not folder.is_dir():
+            folder.mkdir(parents=True, exist_ok=True)
+            fsync_dir(folder.parent)
         fd, tmp = tempfile.mkstemp(prefix=f".{KEY_FILE}.", dir=folder)  # mode 0600
         try:
             with os.fdopen(fd, "wb") as fh:
