@@ -414,6 +414,11 @@ class NodeLedger:
                 charges = [(c.client, c.round, c.mechanism) for c in run.charges]
             except (LedgerError, OSError):
                 charges = []
+                try:  # which run it was, from its header line, even if its chain no longer verifies
+                    head = json.loads((folder / "ledger.jsonl").read_text(encoding="utf-8").splitlines()[0])
+                    info.update(head.get("run", {}), accountant=head.get("accountant"), folder=folder.name)
+                except (OSError, ValueError, IndexError, AttributeError):
+                    pass
             # an update this node released was charged, whatever its ledgers say now: its own header
             # names the release it made
             for f in self._released(folder):
@@ -429,6 +434,20 @@ class NodeLedger:
                     rounds.add((folder.name, rnd))
                     orphans.append({"run": {k: info.get(k) for k in RUN_FIELDS}, "client": client, "round": rnd, **mech.to_dict()})
         record = {"time": _now(), "reason": reason, "problems": problems, "kept": [], "carried": {}}
+        # a run's own ledger that no longer verifies is kept aside too (its charges that still read
+        # were carried above from the releases; the node rebuilds it from the lifetime ledger)
+        for folder in self.run_folders():
+            led = folder / "ledger.jsonl"
+            if led.is_file():
+                try:
+                    Ledger.open(led)
+                except (LedgerError, OSError):
+                    dest = led.with_name(f"{led.name}.reset-{stamp}")
+                    os.replace(led, dest)
+                    from privlora.core.checkpoint import fsync_dir
+
+                    fsync_dir(folder)
+                    record["kept"].append(f"{folder.name}/{dest.name}")
         for fp, charges in known.items():
             kept = []
             for p in (self.path(fp), self.head_path(fp)):
