@@ -344,10 +344,10 @@ def test_every_rename_the_node_relies_on_is_followed_by_a_folder_fsync(tmp_path,
     renames = [(i, p) for i, (kind, p) in enumerate(events) if kind == "rename"]
     released = [p for _, p in renames if "/released/" in p]
     assert released, events  # the kept release was written by a rename
-    assert any(p.endswith(".head") for _, p in renames) and any(p.endswith("lifetime-heads.json") for _, p in renames)
     for i, p in renames:
         parent = str(Path(p).parent)
         assert ("fsync-dir", parent) in events[i + 1:], f"{p} was renamed but {parent} was not fsynced after it"
+    assert any(p.endswith(".head") for _, p in renames) and any(p.endswith("lifetime-heads.json") for _, p in renames)
 
     # the checkpoint a run resumes from, too
     from privlora.core.checkpoint import save_checkpoint
