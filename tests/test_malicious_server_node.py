@@ -156,7 +156,7 @@ def test_a_truncated_ledger_is_detected_from_its_head_mirrors(tmp_path, tiny_mod
     node = node_for(cfg, node_dir)
     reply = train(node, 2)
     assert reply.kind == "refusal" and f"over its budget {budget:g}" in reply.header["reason"]  # one round spent; two exceed it
-    assert [(c.round) for c in Ledger.open(next(node_dir.glob("mal-*/ledger.jsonl"))).charges] == [1]
+    assert [c.round for c in Ledger.open(next(node_dir.glob("mal-*/ledger.jsonl"))).charges] == [1]
 
 
 def test_a_new_config_on_the_same_data_does_not_get_a_fresh_budget(tmp_path, tiny_model_dir, budgeted, capsys):
