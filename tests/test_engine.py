@@ -166,7 +166,7 @@ def test_a_client_refuses_a_mechanism_other_than_its_own_and_repeats_a_release_b
 def test_pinned_keys_from_a_registry_made_by_privlora_keys(tiny_model_dir, tmp_path):
     from privlora.transports.inprocess import run_experiment
 
-    assert main(["keys", "--clients", "5", "--out", str(tmp_path / "keys")]) == 0
+    assert main(["keys", "simulation", "--clients", "5", "--out", str(tmp_path / "keys")]) == 0
     registry = tmp_path / "keys" / "registry.json"
     assert oct((tmp_path / "keys" / "client-3.key").stat().st_mode & 0o777) == "0o600"
     out = tmp_path / "pinned"

@@ -80,7 +80,7 @@ def test_two_dp_rounds_with_secure_aggregation_and_pinned_keys(tmp_path, tiny_mo
     from privlora.transports.inprocess import run_experiment
 
     keys = tmp_path / "keys"
-    assert main(["keys", "--clients", "3", "--out", str(keys)]) == 0
+    assert main(["keys", "simulation", "--clients", "3", "--out", str(keys)]) == 0
     cfg = write_config(tmp_path, tiny_model_dir, secure=True, rounds=2, registry=keys / "registry.json")
     out = tmp_path / "flower-run"
     status, logs = run_on_flower(tmp_path, cfg, out, keys=keys)

@@ -53,7 +53,7 @@ def no_processes(monkeypatch):
     (["{cfg}", "--out", "{cfg}"], "is a file, not a folder"),
     (["{cfg}"], "--out DIR is required"),
     (["{cfg}", "--out", "{out}", "--keys", "{tmp}"], "missing client-0.key, client-1.key; write them with "
-                                                      "`privlora keys --clients 2 --out {tmp}`"),
+                                                      "`privlora keys simulation --clients 2 --out {tmp}`"),
     (["{cfg}", "--out", "{out}", "--tls", "{tmp}"], "missing ca.crt, server.pem, server.key"),
     (["--resume", "{tmp}/never"], "--resume: {tmp}/never is not a folder"),
 ])

@@ -1,6 +1,7 @@
 """Command line: ``privlora run [CONFIG] --out DIR`` (or ``--resume DIR``), ``privlora report DIR``,
 ``privlora verify DIR``, ``privlora predict DIR TEXT...``, ``privlora audit [CONFIG] --out DIR``,
-``privlora sweep [CONFIG] --epsilons ... --seeds ... --out DIR`` and ``privlora keys``. ``run``, ``audit``
+``privlora sweep [CONFIG] --epsilons ... --seeds ... --out DIR``, ``privlora keys node|registry|simulation`` and
+``privlora node status|reset-ledger``. ``run``, ``audit``
 and ``sweep`` take ``--set KEY=VALUE`` overrides (`privlora.core.overrides`).
 
 Every failure a user can cause prints one line, ``privlora: error: <problem>; <fix>``, and exits
@@ -159,13 +160,61 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:
-    from privlora.federation.keys import generate_keys
+    from privlora.federation import keys
 
-    registry = generate_keys(args.clients, Path(args.out))
-    print(f"privlora: wrote {registry} (public: set secagg.key_registry to it) and {args.clients} private keys "
-          f"client-K.key beside it (each for its own client's node config only)", file=sys.stderr)
+    if args.keys_command == "node":
+        key, pub = keys.generate_node_key(Path(args.out), args.client_id)
+        print(f"privlora: wrote this node's private key {key} (mode 0600: it never leaves this node; give it as the node "
+              f"config's signing-key) and its public key {pub} (send it to the coordinator for the registry)", file=sys.stderr)
+        print(pub)
+        return 0
+    if args.keys_command == "registry":
+        registry = keys.build_registry(Path(args.out), args.pubfiles, args.id)
+        print(f"privlora: wrote {registry} from {len(args.pubfiles)} public keys (public: set secagg.key_registry to it "
+              f"and give it to every party)", file=sys.stderr)
+        print(registry)
+        return 0
+    registry = keys.generate_simulation_keys(args.clients, Path(args.out))
+    print(f"privlora: SIMULATION ONLY: wrote {registry} and all {args.clients} private keys client-K.key beside it, for "
+          f"one process playing every client; a deployment uses `privlora keys node` on each node and "
+          f"`privlora keys registry`", file=sys.stderr)
     print(registry)
     return 0
+
+
+def _cmd_node(args: argparse.Namespace) -> int:
+    from privlora.federation.node_ledger import NodeLedger
+
+    folder = Path(args.node_dir)
+    if not folder.is_dir():
+        raise ConfigError(f"--node-dir: {folder} is not a folder (the node config's node-dir)")
+    ledger = NodeLedger(folder)
+    if args.node_command == "reset-ledger":
+        record = ledger.reset(args.reason)
+        print(f"privlora: reset the lifetime ledger of node {folder}: kept the old files ({', '.join(record['kept']) or 'none left'}), "
+              f"carried {sum(record['carried'].values())} known charges into the new ledger(s); recorded in "
+              f"{folder / 'resets.jsonl'}", file=sys.stderr)
+        print(json.dumps(record, indent=1, sort_keys=True))
+        return 0
+    status = ledger.status()
+    if args.json:
+        print(json.dumps(status, indent=1, sort_keys=True))
+    else:
+        print(f"node {status['node_id']} ({status['node_dir']})")
+        for fp, d in status["data"].items():
+            eps = d["lifetime_epsilon"]
+            print(f"  data {fp[:16]}…: {d['charges']} charges over its lifetime, epsilon "
+                  f"{'unknown' if eps is None else f'{eps:.4g}'} (delta {d['delta']}, {d['accountant']})"
+                  + (f"; reset {d['reset']['time']}: {d['reset']['reason']}" if d.get("reset") else ""))
+        for name, r in status["runs"].items():
+            if "error" in r:
+                print(f"  run {name}: {r['error']}")
+            else:
+                print(f"  run {name}: rounds {r['rounds']}, epsilon " + ", ".join(f"client {k} {v:.4g}" for k, v in r["epsilon"].items()))
+        print("  integrity: intact" if status["intact"] else
+              "  integrity: NOT INTACT (the node refuses to train until `privlora node reset-ledger --node-dir "
+              f"{folder} --reason TEXT`):\n    " + "\n    ".join(status["problems"]))
+    return 0 if status["intact"] else 1
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -316,10 +365,35 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--client-ledger", action="append", metavar="PATH",
                      help="also check a client's own ledger.jsonl (a deployment node's) against this run; repeatable")
     ver.set_defaults(func=_cmd_verify)
-    keys = sub.add_parser("keys", parents=[common], help="generate pinned Ed25519 signing keys for secure aggregation (a registry and one private key per client)")
-    keys.add_argument("--clients", type=int, required=True, help="number of clients (ids 0..N-1)")
-    keys.add_argument("--out", required=True, help="folder for registry.json and client-K.key")
-    keys.set_defaults(func=_cmd_keys)
+    keys = sub.add_parser("keys", parents=[common], help="pinned Ed25519 signing keys for secure aggregation: each node "
+                                                          "makes its own (keys node), the registry holds public keys only (keys registry)")
+    ksub = keys.add_subparsers(dest="keys_command", required=True)
+    kn = ksub.add_parser("node", parents=[common], help="on a node: its own private key (node.key, mode 0600) and public key (node.pub)")
+    kn.add_argument("--out", required=True, help="folder for node.key and node.pub")
+    kn.add_argument("--client-id", type=int, default=None, help="this node's client id, recorded in node.pub")
+    kn.set_defaults(func=_cmd_keys)
+    kr = ksub.add_parser("registry", parents=[common], help="build registry.json (secagg.key_registry) from the nodes' public keys")
+    kr.add_argument("--out", required=True, help="the registry file to write (e.g. registry.json)")
+    kr.add_argument("--id", type=int, action="append", default=None, metavar="K",
+                    help="client id of each PUBFILE, in order (default: the id in each file)")
+    kr.add_argument("pubfiles", nargs="+", metavar="PUBFILE", help="each node's node.pub")
+    kr.set_defaults(func=_cmd_keys)
+    ks = ksub.add_parser("simulation", parents=[common], help="SIMULATION ONLY (one process plays every client): a registry "
+                                                            "and every client's private key in one folder")
+    ks.add_argument("--clients", type=int, required=True, help="number of clients (ids 0..N-1)")
+    ks.add_argument("--out", required=True, help="folder for registry.json and client-K.key")
+    ks.set_defaults(func=_cmd_keys)
+    node = sub.add_parser("node", parents=[common], help="a deployment node's own records: its lifetime privacy ledger")
+    nsub = node.add_subparsers(dest="node_command", required=True)
+    ns = nsub.add_parser("status", parents=[common], help="identity, data fingerprints, lifetime and per-run spend, integrity")
+    ns.add_argument("--node-dir", required=True, help="the node's folder (its node config's node-dir)")
+    ns.add_argument("--json", action="store_true", help="print the status as JSON")
+    ns.set_defaults(func=_cmd_node)
+    nr = nsub.add_parser("reset-ledger", parents=[common], help="after a lost or altered lifetime ledger: start a new one "
+                                                              "(keeps the old files, carries every charge still known, records the reset)")
+    nr.add_argument("--node-dir", required=True, help="the node's folder (its node config's node-dir)")
+    nr.add_argument("--reason", required=True, help="why (recorded with the reset)")
+    nr.set_defaults(func=_cmd_node)
     pre = sub.add_parser("predict", parents=[common], help="label texts with a run's trained model")
     pre.add_argument("dir", help="a finished run's folder (its --out)")
     pre.add_argument("texts", nargs="*", help="texts to label")

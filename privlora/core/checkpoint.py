@@ -8,7 +8,7 @@ state, its momentum buffer, and any other server arrays) and ``state.json``:
      "metrics_rounds": R, "config_sha256": ...}
 
 The tensors file is written first under a new name, then ``state.json`` is replaced atomically
-(``os.replace``), then older tensor files are removed; a crash at any point leaves a complete
+(``os.replace``, then the folder fsynced), then older tensor files are removed; a crash at any point leaves a complete
 checkpoint (the old or the new). Loading checks the format, the tensor file's hash and the
 config's hash, and says what to do when any of them is wrong.
 """
@@ -39,26 +39,43 @@ def _fsync_write(path: Path, data: bytes) -> None:
         os.fsync(fh.fileno())
 
 
+def fsync_dir(folder: str | Path) -> None:
+    """Flush ``folder``'s entries (a rename or a new file in it) to disk: without this, a power
+    loss right after ``os.replace`` can bring back the old name or lose the new file."""
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: Path, data: bytes | str) -> None:
-    """Replace ``path`` with ``data`` so that a crash leaves the old file or the new, never half."""
+    """Replace ``path`` with ``data`` so that a crash, even a power loss, leaves the old file or the
+    new, never half: a complete, fsynced temporary file, renamed over ``path``, then the folder fsynced."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     _fsync_write(tmp, data.encode("utf-8") if isinstance(data, str) else data)
     os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 def save_checkpoint(run_dir: Path, rnd: int, tensors: dict[str, np.ndarray], meta: dict[str, Any]) -> Path:
     from safetensors.numpy import save
 
     ckpt = Path(run_dir) / "checkpoint"
-    ckpt.mkdir(exist_ok=True)
+    if not ckpt.is_dir():
+        ckpt.mkdir()
+        fsync_dir(run_dir)
     name = f"state-r{rnd:04d}.safetensors"
     blob = save({k: np.ascontiguousarray(v) for k, v in tensors.items()})
     _fsync_write(ckpt / name, blob)
+    fsync_dir(ckpt)  # the tensors file's name is on disk before state.json points at it
     state = {"format": FORMAT, "round": rnd, "tensors": name, "tensors_sha256": hashlib.sha256(blob).hexdigest(), **meta}
     atomic_write(ckpt / "state.json", json.dumps(state, sort_keys=True, indent=1))
     for old in ckpt.glob("state-r*.safetensors"):
         if old.name != name:
             old.unlink()
+    fsync_dir(ckpt)
     return ckpt / "state.json"
 
 

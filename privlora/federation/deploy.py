@@ -10,10 +10,12 @@ everything else from its node config (Flower's ``--node-config``), never from th
 ``data``        ``"partition"`` (demo: this client's share of ``data.source`` split exactly as
                 the simulation splits it) or a local csv/json/jsonl/parquet file with the
                 config's text and label columns (all of it is this node's training data)
-``node-dir``    this node's own folder: its ledger (DP runs), the updates it released and the
-                key that seals its memory between messages; default ``privlora-node``
-``signing-key`` this client's Ed25519 private key file (``privlora keys``), required when
-                the config pins a key registry
+``node-dir``    this node's own folder: its identity, its lifetime ledger of every release its
+                data made across runs and each run's own ledger (DP runs,
+                `privlora.federation.node_ledger`), the updates it released and the key that
+                seals its memory between messages; default ``privlora-node``
+``signing-key`` this node's own Ed25519 private key file (``privlora keys node``), required
+                when the config pins a key registry (which must hold its public key)
 ``noise``       ``"secure"`` (default: ChaCha20 from the OS, `privlora.federation.noise`) or
                 ``"seeded"`` (reproducible, for tests and experiments only)
 ``pause-at``    fault injection for tests: on the first message of this secure-aggregation
@@ -138,15 +140,18 @@ def build_client_node(settings: NodeSettings):
 
     guard = None
     if cfg.privacy.enabled:
+        from privlora.federation.node_ledger import NodeLedger, data_fingerprint
+
+        lifetime = NodeLedger(settings.node_dir, lambda: data_fingerprint(node_training_data(cfg, settings)))
         guard = ClientGuard(ledger_folder(settings.node_dir, cfg), settings.client_id, cfg.client_budget(settings.client_id),
-                            cfg.privacy.delta, cfg.privacy.accountant, run_identity(cfg))
+                            cfg.privacy.delta, cfg.privacy.accountant, run_identity(cfg), lifetime=lifetime)
     key = None
     if cfg.secagg.enabled and cfg.secagg.key_registry:
         from privlora.federation.keys import load_private_key, load_registry
 
         if not settings.signing_key:
             raise ConfigError("node config: 'signing-key' is missing but the config pins a key registry; "
-                              "give this client's private key file (written by `privlora keys`)")
+                              "give this node's own private key file (written on this node by `privlora keys node --out DIR`)")
         key = load_private_key(settings.signing_key, settings.client_id, load_registry(cfg.secagg.key_registry))
     def data_facts() -> tuple[int, list[str]]:
         data = node_training_data(cfg, settings)

@@ -36,17 +36,26 @@ class ClientGuard:
     """A client's own privacy ledger and budget: it charges before releasing and refuses what
     would take it past its budget, whatever the server says.
 
-    ``folder`` holds ``ledger.jsonl`` (the `accounting.ledger` format) and ``released/`` (the
-    update bytes released for each charged round). A release is idempotent: asked again for a
-    round it already charged (the server crashed and resumed), the node sends back the very
-    bytes it released before rather than a fresh, differently noised output.
+    ``folder`` holds ``ledger.jsonl`` (this run's charges, the `accounting.ledger` format) and
+    ``released/`` (the update bytes released for each charged round). A release is idempotent:
+    asked again for a round it already charged (the server crashed and resumed), the node sends
+    back the very bytes it released before rather than a fresh, differently noised output.
+
+    ``lifetime`` (a deployment's node: `privlora.federation.node_ledger.NodeLedger`) is the node's
+    ledger of every release its data ever made, across runs: admission is checked against the
+    lifetime spend too, each charge goes there first, and a lifetime record found truncated,
+    deleted or altered makes the node refuse to train until its operator resets it
+    (``privlora node reset-ledger``).
     """
 
-    def __init__(self, folder: str | Path, client_id: int, budget: float, delta: float, accountant: str, run: dict):
+    def __init__(self, folder: str | Path, client_id: int, budget: float, delta: float, accountant: str, run: dict,
+                 lifetime=None):
         from privlora.core.accountants import get_accountant
 
         self.folder = Path(folder)
         self.client_id = int(client_id)
+        self.lifetime = lifetime
+        self.run = {**run, "accountant": accountant, "folder": self.folder.name}
         path = self.folder / "ledger.jsonl"
         with ledger_file(path):
             if path.exists():
@@ -55,25 +64,77 @@ class ClientGuard:
                 if have is not None and abs(have - budget) > 1e-12:
                     raise LedgerError(f"it was opened with budget {have} for client {client_id}, now {budget}; a budget never changes mid-run")
             else:
-                self.ledger = Ledger.create(path, delta, accountant, {self.client_id: budget}, run={**run, "party": f"client {client_id}"})
+                from privlora.core.checkpoint import fsync_dir
+
+                header_run = {**run, "party": f"client {client_id}"}
+                if lifetime is not None:
+                    header_run["node_id"] = lifetime.node_id
+                new_folder = not self.folder.is_dir()
+                self.ledger = Ledger.create(path, delta, accountant, {self.client_id: budget}, run=header_run)
+                if new_folder:
+                    fsync_dir(self.folder.parent)
         self.budget = float(budget)
+        self.delta, self.accountant = float(delta), accountant
         self.admission = Admission(get_accountant(accountant), delta, {self.client_id: budget})
         self.admission.load({self.client_id: self.ledger.history(self.client_id)})
-        (self.folder / "released").mkdir(parents=True, exist_ok=True)
+        released = self.folder / "released"
+        if not released.is_dir():
+            from privlora.core.checkpoint import fsync_dir
+
+            released.mkdir(parents=True, exist_ok=True)
+            fsync_dir(self.folder)
+
+    def _lifetime_refusal(self) -> str | None:
+        """None if the lifetime record is intact (this run's ledger then completed from it), else why not."""
+        problems = self.lifetime.problems()
+        if problems:
+            more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+            return (f"client {self.client_id}: this node's lifetime privacy ledger is not intact: {'; '.join(problems[:3])}{more}. "
+                    f"It trains no more until its operator checks `privlora node status --node-dir {self.lifetime.node_dir}` and "
+                    f"runs `privlora node reset-ledger --node-dir {self.lifetime.node_dir} --reason TEXT`")
+        # a crash between the lifetime charge and this run's: complete this run's ledger (never un-spends)
+        for rec in self.lifetime.charges_of(self.run):
+            cid, rnd = int(rec["client"]), int(rec["round"])
+            if cid == self.client_id and self.ledger.charge_for(cid, rnd) is None:
+                from privlora.federation.node_ledger import _mechanism
+
+                with ledger_file(self.ledger.path):
+                    self.ledger.append(cid, rnd, _mechanism(rec))
+                self.admission.record(cid, _mechanism(rec))
+        return None
+
+    def _lifetime_admission(self) -> Admission:
+        from privlora.core.accountants import get_accountant
+
+        adm = Admission(get_accountant(self.accountant), self.delta, {self.client_id: self.budget})
+        adm.load({self.client_id: self.lifetime.history()})
+        return adm
 
     def check(self, rnd: int, asked: SubsampledGaussian | None, own: SubsampledGaussian) -> str | None:
         """None if the node may train round ``rnd``, else the reason it refuses."""
         if asked != own:
             return (f"client {self.client_id}: the server charged {asked} for round {rnd} but this client would release "
                     f"{own}; refusing an instruction whose mechanism differs from its own")
+        if self.lifetime is not None:
+            reason = self._lifetime_refusal()
+            if reason is not None:
+                return reason
         charged = self.ledger.charge_for(self.client_id, rnd)
         if charged is not None:
             return None if charged.mechanism == own else f"client {self.client_id}: round {rnd} was charged for another mechanism"
         decision = self.admission.decide(self.client_id, own)
-        return None if decision.admitted else f"refused by the client's own ledger: {decision.reason}"
+        if not decision.admitted:
+            return f"refused by the client's own ledger: {decision.reason}"
+        if self.lifetime is not None:
+            decision = self._lifetime_admission().decide(self.client_id, own)
+            if not decision.admitted:
+                return f"refused by the node's lifetime ledger (every run on this data): {decision.reason}"
+        return None
 
     def charge(self, rnd: int, mechanism: SubsampledGaussian) -> None:
-        """On disk before this returns; a round is charged once."""
+        """On disk before this returns (the lifetime ledger first); a round is charged once."""
+        if self.lifetime is not None and self.lifetime.charged(self.run, self.client_id, rnd) is None:
+            self.lifetime.append(self.run, self.client_id, rnd, mechanism)
         if self.ledger.charge_for(self.client_id, rnd) is None:
             self.ledger.append(self.client_id, rnd, mechanism)
             self.admission.record(self.client_id, mechanism)
@@ -85,10 +146,16 @@ class ClientGuard:
     def keep_release(self, rnd: int, blob: bytes) -> None:
         from privlora.core.checkpoint import atomic_write
 
-        atomic_write(self.folder / "released" / f"round-{rnd:05d}.bin", blob)
+        atomic_write(self.folder / "released" / f"round-{rnd:05d}.bin", blob)  # the folder fsynced too
 
-    def spent(self) -> float:
-        return self.admission.spent(self.client_id)
+    def spent(self) -> dict:
+        """What a run reports from this node: ``{"run": epsilon this run spent, "lifetime": epsilon
+        the node's data spent over every run}`` (lifetime None without a lifetime ledger, or while
+        it is not intact)."""
+        lifetime = None
+        if self.lifetime is not None and not self.lifetime.problems():
+            lifetime = self._lifetime_admission().spent(self.client_id)
+        return {"run": self.admission.spent(self.client_id), "lifetime": lifetime}
 
 
 @dataclass

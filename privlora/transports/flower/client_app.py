@@ -9,6 +9,8 @@ A ``whoami`` record is answered with the node's client id alone (the server's ad
 
 from __future__ import annotations
 
+import sys
+
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -27,10 +29,40 @@ def node_for(context: Context, run_config: dict | None = None):
     return settings, build_client_node(settings)
 
 
+SIMULATION_NODE_KEYS = frozenset({"partition-id", "num-partitions"})
+"""All a virtual node of Flower's simulation engine has in its node config (flwr's
+``server/superlink/fleet/vce/vce_api.py``: ``_register_node_info_stores``)."""
+
+
+def under_simulation_engine() -> bool:
+    """True only inside a Ray actor of Flower's simulation engine (its ``ClientAppActor``, flwr's
+    ``simulation/ray_transport/ray_actor.py``), which is where the engine runs a ClientApp. A
+    SuperNode runs its ClientApp in a ``flwr-clientapp`` process with no Ray: nothing the server
+    sends (run config, node count, messages) can make this true there. Never starts Ray."""
+    ray = sys.modules.get("ray")
+    if ray is None:
+        return False
+    try:
+        return bool(ray.is_initialized()) and ray.get_runtime_context().get_actor_id() is not None
+    except Exception:  # noqa: BLE001 - any doubt means: not the simulation engine
+        return False
+
+
 def _node_config(context: Context, run_config: dict | None = None) -> dict:
+    """This node's config. A SuperNode's comes from its operator (``--node-config``) and must hold
+    ``config``; only a virtual node of Flower's simulation engine (one process plays every client,
+    so there is no node operator) builds one from the run config."""
     nc = dict(context.node_config)
     rc = {**dict(context.run_config), **(run_config or {})}
-    if "config" not in nc and "config" in rc:  # a virtual node of the simulation engine
+    if "config" not in nc:
+        if not (set(nc) <= SIMULATION_NODE_KEYS and "partition-id" in nc and "config" in rc and under_simulation_engine()):
+            from privlora.core.config import ConfigError
+
+            raise ConfigError(
+                "node config: 'config' is missing: this SuperNode's operator must give the federation's TOML and "
+                "this node's own settings (flower-supernode --node-config 'config=\"PATH\" client-id=K node-dir=\"DIR\"'); "
+                "a node never takes its config, folders, keys or noise source from the server's run config (only "
+                "Flower's simulation engine, where one process plays every client, does)")
         cid = int(nc.get("partition-id", -1))
         nc = {"config": rc["config"], "client-id": cid, "data": "partition",
               "node-dir": f"{rc.get('node-root', 'privlora-nodes')}/client-{cid}", "noise": rc.get("noise", "seeded")}

@@ -418,7 +418,7 @@ def validate_launch(args: argparse.Namespace):
         missing = [f"client-{k}.key" for k in range(n) if not (Path(args.keys) / f"client-{k}.key").is_file()]
         if missing:
             raise UserError(f"--keys {args.keys}: missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}; "
-                            f"write them with `privlora keys --clients {n} --out {args.keys}`")
+                            f"write them with `privlora keys simulation --clients {n} --out {args.keys}`")
     if args.simulation:
         try:
             import flwr.simulation  # noqa: F401
@@ -525,7 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--nodes", type=int, default=0, help="number of nodes; must equal data.num_clients (the default)")
     ap.add_argument("--simulation", action="store_true", help="Flower's simulation engine instead of real processes")
     ap.add_argument("--tls", default=None, help="folder with ca.crt, server.pem, server.key")
-    ap.add_argument("--keys", default=None, help="folder of `privlora keys` (the config's secagg.key_registry)")
+    ap.add_argument("--keys", default=None, help="folder of `privlora keys simulation` (the config's secagg.key_registry and every client-K.key: a test deployment on one machine only)")
     ap.add_argument("--noise", default="secure", choices=("secure", "seeded"),
                     help="where every node draws DP noise from (also under --simulation); seeded is for tests only")
     ap.add_argument("--resume", default=None, metavar="DIR", help="continue the interrupted run in DIR")

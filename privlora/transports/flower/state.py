@@ -8,8 +8,9 @@ objects and numpy arrays) and authenticated with HMAC-SHA256 under a 256-bit key
 node's own folder (mode 0600): a blob is unpickled only if its tag verifies, so bytes that did
 not come from this node's own earlier process are refused, never deserialised. Even then the
 unpickler resolves only an allow-list of classes (`secagg`'s session objects, numpy arrays, the
-key reducers here, the node's pending contribution): a blob naming anything else (``os.system``,
-say) is refused by name, so a leaked key does not become code execution. Nothing received from
+key reducers here, the node's pending contribution), each named exactly as a (module, name) pair:
+a blob naming anything else (``os.system``, or any other function of an allowed module) is
+refused by name before anything runs, so a leaked key does not become code execution. Nothing received from
 the network is ever unpickled.
 """
 
@@ -21,6 +22,7 @@ import hmac
 import io
 import os
 import pickle
+import tempfile
 from pathlib import Path
 from types import MappingProxyType
 
@@ -70,9 +72,13 @@ class _Pickler(pickle.Pickler):
     dispatch_table[MappingProxyType] = lambda mp: (_mappingproxy, (dict(mp),))
 
 
-_ALLOWED_MODULES = ("secagg.",)
-_ALLOWED = {
+_ALLOWED = frozenset({
+    # the node's pending contribution and its secure-aggregation session (`secagg.SecAggClient`
+    # and what it holds); listed exactly: every other name, even in these modules, is refused
     ("privlora.federation.node", "_Pending"),
+    ("secagg.client", "SecAggClient"), ("secagg.client", "ClientStage"),
+    ("secagg.params", "Plan"),
+    ("secagg.encoding", "EncodingSpec"), ("secagg.encoding", "Segment"), ("secagg.encoding", "ClipReport"),
     ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "bytearray"), ("builtins", "complex"),
     ("numpy", "dtype"), ("numpy", "ndarray"),
     ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
@@ -80,30 +86,49 @@ _ALLOWED = {
     ("numpy._core.numeric", "_frombuffer"), ("numpy.core.numeric", "_frombuffer"),
     (__name__, "_x25519"), (__name__, "_ed25519"), (__name__, "_x25519_public"), (__name__, "_ed25519_public"),
     (__name__, "_mappingproxy"),
-}
+})
+"""Every (module, name) a node's sealed state may name, and nothing else."""
 
 
 class _Unpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
-        if (module, name) in _ALLOWED or (module.startswith(_ALLOWED_MODULES) and not name.startswith("_")):
+        if (module, name) in _ALLOWED:
             return super().find_class(module, name)
         raise MessageError(f"the node's saved state names {module}.{name}, which a node's state never holds; refusing it")
 
 
+KEY_BYTES = 32
+
+
 def node_key(folder: str | Path) -> bytes:
-    """This node's sealing key (created on first use, 0600)."""
-    path = Path(folder) / KEY_FILE
+    """This node's sealing key, created on first use (mode 0600). Created atomically: the 32 bytes
+    are written to a private temporary file and fsynced, then hard-linked to the key's name (which
+    fails if another process got there first: its key is used), so no reader ever sees a partial
+    key; a key file of any other length is refused."""
+    from privlora.core.checkpoint import fsync_dir
+
+    folder = Path(folder)
+    path = folder / KEY_FILE
     if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if not folder.is_dir():
+            folder.mkdir(parents=True, exist_ok=True)
+            fsync_dir(folder.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{KEY_FILE}.", dir=folder)  # mode 0600
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            return path.read_bytes()
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(os.urandom(32))
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(os.urandom(KEY_BYTES))
+                fh.flush()
+                os.fsync(fh.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass  # another process created it first; both use that one
+        finally:
+            os.unlink(tmp)
+        fsync_dir(folder)
     key = path.read_bytes()
-    if len(key) != 32:
-        raise MessageError(f"{path} is damaged (not a 32-byte key); delete it and start the run again")
+    if len(key) != KEY_BYTES:
+        raise MessageError(f"{path} is damaged (not a {KEY_BYTES}-byte key); delete it and start the run again")
     return key
 
 
