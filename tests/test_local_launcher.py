@@ -77,10 +77,14 @@ def test_a_missing_config_from_the_shell_is_one_line(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_noise_is_what_every_simulated_node_uses(tmp_path):
+def test_noise_is_what_every_simulated_node_uses(tmp_path, monkeypatch):
     """Under --simulation the virtual nodes build their node config from the shared settings
-    (client_app._node_config); --noise reaches it, for either choice."""
+    (client_app._node_config, inside the engine's Ray actors: played here by patching
+    under_simulation_engine); --noise reaches it, for either choice."""
+    from privlora.transports.flower import client_app
     from privlora.transports.flower.client_app import _node_config
+
+    monkeypatch.setattr(client_app, "under_simulation_engine", lambda: True)
 
     class Ctx:  # what the simulation engine gives a virtual node: a partition id, no run config
         node_config = {"partition-id": 1, "num-partitions": 2}
