@@ -288,15 +288,15 @@ class ClientNode:
 
         h = msg.header
         rnd, stage = int(h["round"]), str(h["stage"])
+        entered = self.sums.entered(rnd)
+        if stage == "advertise_keys" and entered is not None:
+            raise SessionRefused(f"client {self.client_id}: round {rnd}: this client's release already entered secure-sum "
+                                 f"session {entered[:12]}…; refusing a second session (a release enters at most one sum)")
         if self._pending is None or self._pending.round != rnd:
             raise MessageError(f"client {self.client_id}: secure aggregation for round {rnd}, but it holds no contribution of that round")
-        entered = self.sums.entered(rnd)
         if stage == "advertise_keys":
             from secagg import SecAggClient
 
-            if entered is not None:
-                raise SessionRefused(f"client {self.client_id}: round {rnd}: this client's release already entered secure-sum "
-                                     f"session {entered[:12]}…; refusing a second session (a release enters at most one sum)")
             check_invitation(self.cfg, self.client_id, rnd, h.get("invited") or [])
             # the session's size, threshold and least live inputs come from this node's config,
             # never from the invitation
