@@ -264,6 +264,20 @@ def test_attack4_a_base_weight_delta_is_refused_by_a_strategy_that_does_not_merg
     assert reply.kind == "refusal" and name in reply.header["reason"] and "flora only" in reply.header["reason"]
 
 
+@pytest.mark.parametrize("header, says", [
+    ({"strategy": "flora"}, "this node's config runs 'ffa'"),
+    ({"rank": 3}, "not an integer in [1, 2]"),
+    ({"rank": 0}, "not an integer in [1, 2]"),
+    ({"round": 0}, "round 0 is not an integer >= 1"),
+])
+def test_attack4_an_instruction_for_another_strategy_or_rank_is_refused(tiny_model_dir, federation, keys, tmp_path, header, says):
+    node = nodes_for(federation, keys, tmp_path, [0])[0]
+    msg = Message.from_bytes(federation.server.instruction(1, 0, node.client.planned_mechanism()), "round_instruction")
+    reply = Message.from_bytes(node.handle(Message("round_instruction", {**msg.header, **header}, msg.tensors).to_bytes()),
+                               ("client_update", "refusal"))
+    assert reply.kind == "refusal" and says in reply.header["reason"]
+
+
 def test_strategies_declare_their_incoming_fields(tiny_model_dir):
     from privlora.strategies import strategy_from_config
     from privlora.tasks.adapters import adapter_state

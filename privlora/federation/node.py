@@ -239,7 +239,11 @@ class ClientNode:
                 return self._refuse(rnd, f"this client's release of round {rnd} already entered a secure sum (session "
                                          f"{entered[:12]}…); a release enters at most one", code=ENTERED_SECURE_SUM)
         # before any charge or training: crafted weights never reach the model
-        reason = check_instruction(self.cfg, self.client_id, msg, self.client.incoming_fields(int(msg.header["rank"])))
+        try:
+            fields = self.client.incoming_fields(int(msg.header["rank"]))
+        except ValueError as exc:  # a rank the strategy cannot train (e.g. FedIT below the max rank)
+            return self._refuse(rnd, f"refusing the instruction: {exc}")
+        reason = check_instruction(self.cfg, self.client_id, msg, fields)
         if reason is not None:
             return self._refuse(rnd, f"refusing the instruction: {reason}")
         dp = self.cfg.privacy.enabled
