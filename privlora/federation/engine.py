@@ -22,7 +22,12 @@ each round:
 5. **sum**: in the clear, the contributions in client order; under secure aggregation,
    `secure_sum.secure_sum_over` runs the masked protocol through the transport, one exchange
    per stage, with dropout recovery; below the threshold the round aborts and the run stops
-   (``--resume`` continues once enough clients are back);
+   (``--resume`` continues once enough clients are back). Every session is sized from the
+   config, as each node sizes it (`session_rules`): at most ``clients_per_round`` clients, at
+   least max(3, t) live inputs. A node whose release of the round already entered a secure sum
+   refuses the round (a release enters at most one sum): on resume the round runs with the
+   clients whose releases never entered one, or, if fewer than that minimum are left, it is
+   skipped (``skipped`` in its metrics line; its charges stay spent, the model is unchanged);
 6. **finish** (`Strategy.finish`, server momentum), **evaluate**, append the round's metrics
    line (fsynced), **checkpoint**.
 
