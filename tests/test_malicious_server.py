@@ -203,6 +203,34 @@ def test_attack2_one_release_never_enters_two_secure_sums(tiny_model_dir, keys, 
     assert list(recorded["rounds"]) == ["1"]
 
 
+def test_attack2_without_a_folder_the_record_travels_with_the_nodes_state(tiny_model_dir, federation, keys, tmp_path):
+    from privlora.federation.node import ClientNode
+
+    # a Flower node without a folder is rebuilt for every message from its exported state
+    nodes = {c: ClientNode(federation.clients[c], signing_key=keys[0][c]) for c in (0, 1, 2)}
+    layout = layout_of(train(federation, nodes, 1)[0])
+    result, refused, _ = run_session(nodes, federation.cfg, 1, layout, invited=[0, 1, 2])
+    assert hasattr(result, "field_sum") and not refused
+    reborn = ClientNode(federation.clients[0], signing_key=keys[0][0])
+    reborn.import_state(nodes[0].export_state())
+    again = train(federation, {0: reborn}, 1)[0]
+    assert again.kind == "refusal" and again.header["code"] == "entered_secure_sum"
+
+
+def test_a_damaged_secure_sum_record_is_refused_by_name(tiny_model_dir, federation, keys, tmp_path):
+    from privlora.federation.node import ClientNode
+
+    folder = tmp_path / "node"
+    nodes = {c: ClientNode(federation.clients[c], signing_key=keys[0][c], folder=folder if c == 0 else tmp_path / f"n{c}")
+             for c in (0, 1, 2)}
+    layout = layout_of(train(federation, nodes, 1)[0])
+    run_session(nodes, federation.cfg, 1, layout, invited=[0, 1, 2])
+    record = next(folder.glob("secure-sums-*.json"))
+    record.write_text(record.read_text()[:5])
+    with pytest.raises(MessageError, match="is not a secure-sum record"):
+        ClientNode(federation.clients[0], signing_key=keys[0][0], folder=folder)
+
+
 # ------------------------------------------------------------------ attack 3
 
 
