@@ -90,19 +90,46 @@ def test_too_many_dropouts_abort_the_round_before_any_unmasking_share_leaves(tin
     assert json.loads((out / "checkpoint" / "state.json").read_text())["round"] == 0
 
 
-def test_an_aborted_round_resumes_when_the_clients_are_back(tiny_model_dir, tmp_path):
+def test_an_aborted_round_resumes_with_the_clients_whose_release_never_entered_a_sum(tiny_model_dir, tmp_path):
     from privlora.transports.inprocess import run_experiment
 
+    # clients 0, 1, 2 die before their masked inputs; 3 and 4 send theirs, then the sum aborts
     cfg = cfg_for(tiny_model_dir)
-    whole, cut = tmp_path / "whole", tmp_path / "cut"
-    run_experiment(cfg, whole, progress=False)
+    cut, fewer = tmp_path / "cut", tmp_path / "fewer"
     run_experiment(cfg, cut, progress=False, drop={"masked_input": {0, 1, 2}})
     run_experiment(None, cut, progress=False, resume=True)
-    # round 1 is re-run with the charges already spent, never charged twice
-    assert [(c.client, c.round) for c in Ledger.open(cut / "ledger.jsonl").charges] == \
-           [(c.client, c.round) for c in Ledger.open(whole / "ledger.jsonl").charges]
-    a, b = head(whole / "adapter"), head(cut / "adapter")
+    # on resume 3 and 4 refuse (their releases entered the aborted sum: never a second one);
+    # round 1 runs with 0, 1 and 2, the charges already spent are never charged twice
+    last = rows(cut)[-1]
+    assert last["clients"] == [0, 1, 2] and sorted(last["refused"]) == ["3", "4"]
+    assert all("already entered a secure sum" in r for r in last["refused"].values())
+    assert [(c.client, c.round) for c in Ledger.open(cut / "ledger.jsonl").charges] == [(c, 1) for c in range(5)]
+    # the same model as a run where 3 and 4 never answer the instruction
+    run_experiment(cfg, fewer, progress=False, drop={"train": {3, 4}})
+    a, b = head(fewer / "adapter"), head(cut / "adapter")
     assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert main(["verify", str(cut)]) == 0
+
+
+def test_a_resumed_round_whose_releases_all_entered_a_sum_is_skipped_not_summed_again(tiny_model_dir, tmp_path):
+    from privlora.transports.inprocess import run_experiment
+
+    # every client sends its masked input, then 3 of 5 die before signing: below t = 3, abort
+    cfg = cfg_for(tiny_model_dir, federation={"rounds": 2})
+    cut = tmp_path / "cut"
+    rec = run_experiment(cfg, cut, progress=False, drop={"consistency_check": {0, 1, 2}})
+    assert rec["aborted"]
+    run_experiment(None, cut, progress=False, resume=True)
+    r1, r2 = [r for r in rows(cut) if r["round"] in (1, 2)]
+    # round 1 is skipped: every release of it already entered the aborted sum
+    assert r1["skipped"] and r1["clients"] == [] and sorted(r1["refused"]) == ["0", "1", "2", "3", "4"]
+    assert r1["test_accuracy"] == rows(cut)[0]["test_accuracy"]  # the model is unchanged
+    # round 2 runs, under new charges, with fresh releases
+    assert r2["clients"] == [0, 1, 2, 3, 4] and "skipped" not in r2
+    charges = [(c.client, c.round) for c in Ledger.open(cut / "ledger.jsonl").charges]
+    assert charges == [(c, 1) for c in range(5)] + [(c, 2) for c in range(5)]
+    assert r1["epsilon"]["0"] > 0 and r2["epsilon"]["0"] > r1["epsilon"]["0"]
+    assert main(["verify", str(cut)]) == 0
 
 
 # ---------------------------------------------------------------- a client guards its own budget

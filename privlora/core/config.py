@@ -226,6 +226,13 @@ class FederationConfig:
     hetlora_norm_scope: str = "layer"
     """Aggregation weight S_k = ||B_k A_k||_F per adapted layer ('layer') or over the whole
     adapter ('global')."""
+    broadcast_bound: float = 10000.0
+    """Public bound on the absolute value of every number a client accepts in a round's
+    instruction (the global state the server broadcasts). A client refuses an instruction with a
+    value that is not finite or exceeds this bound, or with a field its strategy does not use
+    (`privlora.federation.guard`), before it charges or trains: crafted weights (e.g. a head
+    weight of 3e38 that makes a DP-SGD release NaN exactly when a target record is sampled) never
+    reach the model. The default is far above any weight an honest run reaches."""
 
 
 @dataclass(frozen=True)
@@ -305,6 +312,15 @@ class SecAggConfig:
     stage_timeout: float = 120.0
     """Seconds a networked transport waits for the clients' replies in each secure-aggregation
     stage; a client that has not answered by then is a dropout (ignored in simulation)."""
+    dropout_rate: float = 0.1
+    """Fraction of a round's clients that may drop out of a secure sum while it still completes,
+    in [0, 1). A secure sum is sized by each client from its own config
+    (`privlora.federation.session_rules`): at most ``federation.clients_per_round`` clients, the
+    threshold t above, and never fewer than max(3, t) live inputs (a sum of two lets each learn the
+    other's input); config validation refuses a config whose clients_per_round minus
+    floor(dropout_rate x clients_per_round) dropouts leaves fewer than that. With SecAgg+
+    (neighbours > 0) a client also refuses a key or survivor list shorter than clients_per_round
+    minus those dropouts (Bell et al.'s assumption)."""
 
 
 @dataclass(frozen=True)
@@ -579,6 +595,8 @@ def _validate_federation(cfg: ExperimentConfig) -> None:
         "federation.min_clients",
         f"must be in [1, federation.clients_per_round={f.clients_per_round}], found {f.min_clients}",
     )
+    _require(f.broadcast_bound > 0 and math.isfinite(f.broadcast_bound), "federation.broadcast_bound",
+             f"must be a finite number > 0 (the largest absolute value a client accepts in a broadcast), found {f.broadcast_bound}")
 
 
 def _validate_fedit_ranks(cfg: ExperimentConfig) -> None:
@@ -662,15 +680,66 @@ def _validate_secagg(cfg: ExperimentConfig) -> None:
     _require(s.value_bound > 0 and math.isfinite(s.value_bound), "secagg.value_bound", f"must be a finite number > 0, found {s.value_bound}")
     _require(s.max_weight >= 1 and math.isfinite(s.max_weight), "secagg.max_weight", f"must be a finite number >= 1, found {s.max_weight}")
     _require(s.stage_timeout > 0, "secagg.stage_timeout", f"must be > 0 seconds, found {s.stage_timeout}")
+    _require(isinstance(s.dropout_rate, (int, float)) and 0.0 <= s.dropout_rate < 1.0, "secagg.dropout_rate",
+             f"must be a fraction in [0, 1), found {s.dropout_rate}")
     _require(not s.key_registry or s.enabled, "secagg.key_registry", "is set but secagg.enabled is false; enable secure aggregation or remove the registry")
 
 
+SECURE_SUM_LEAST = 3
+"""No secure sum completes over fewer live inputs: in a sum of two each learns the other's input."""
+
+
+@dataclass(frozen=True)
+class SecureSumSize:
+    """A secure sum's size as every party computes it from the config alone (never from a number
+    the server sends): see `secure_sum_size`."""
+
+    size: int
+    """n_max: at most this many clients (``federation.clients_per_round``)."""
+    degree: int | None
+    """SecAgg+ degree k, or None for the complete graph."""
+    holders: int
+    """Share holders of each client: ``size`` (complete graph) or k + 1."""
+    threshold: int
+    """Shamir threshold t (``secagg.threshold``, or the smallest secure value holders // 2 + 1)."""
+    least: int
+    """Fewest clients a client accepts in a key list or survivor list: max(3, t), and for SecAgg+
+    also size - tolerated dropouts."""
+    dropouts: int
+    """floor(secagg.dropout_rate x size): dropouts the sum must survive."""
+
+
+def secure_sum_size(cfg: "ExperimentConfig") -> SecureSumSize:
+    """The size, threshold and least live inputs of every secure sum of this config (the same
+    arithmetic as `secagg.SecAggParams.resolve` for an integer degree)."""
+    s, n = cfg.secagg, cfg.federation.clients_per_round
+    degree = s.neighbours if s.neighbours and s.neighbours < n - 1 else None
+    holders = n if degree is None else degree + 1
+    t = s.threshold or holders // 2 + 1
+    dropouts = math.floor(s.dropout_rate * n + 1e-9)
+    least = max(SECURE_SUM_LEAST, t)
+    if degree is not None:
+        least = max(least, n - dropouts)
+    return SecureSumSize(size=n, degree=degree, holders=holders, threshold=t, least=least, dropouts=dropouts)
+
+
 def _validate_secagg_federation(cfg: ExperimentConfig) -> None:
-    """What secure aggregation needs of the federation: at least 3 clients per round, and no
-    FLoRA slot form (whose sum would reveal each client's factors)."""
+    """What secure aggregation needs of the federation: at least 3 clients per round, a threshold
+    that is secure and survives ``secagg.dropout_rate`` with at least 3 live inputs, and no FLoRA
+    slot form (whose sum would reveal each client's factors)."""
     if cfg.secagg.enabled:
-        _require(cfg.federation.clients_per_round >= 3, "federation.clients_per_round",
+        _require(cfg.federation.clients_per_round >= SECURE_SUM_LEAST, "federation.clients_per_round",
                  f"secure aggregation needs at least 3 clients per round (a sum of two reveals each to the other), found {cfg.federation.clients_per_round}")
+        z = secure_sum_size(cfg)
+        what = "clients_per_round" if z.degree is None else f"the neighbourhood size secagg.neighbours + 1 = {z.holders}"
+        _require(z.threshold <= z.holders and 2 * z.threshold > z.holders, "secagg.threshold",
+                 f"t = {z.threshold} must be above half of, and at most, the {z.holders} share holders ({what}); "
+                 f"use a value in [{z.holders // 2 + 1}, {z.holders}] or 0 for the smallest secure value")
+        live = z.size - z.dropouts
+        _require(live >= z.least, "secagg.dropout_rate",
+                 f"{cfg.secagg.dropout_rate:g} of federation.clients_per_round = {z.size} is {z.dropouts} dropout(s), which leaves "
+                 f"{live} live inputs, fewer than the {z.least} every secure sum needs (max(3, threshold t = {z.threshold})); "
+                 "lower secagg.dropout_rate or secagg.threshold, or raise federation.clients_per_round")
         _require(not (cfg.federation.strategy == "flora" and cfg.federation.flora_form == "slot"), "federation.flora_form",
                  "slot-form stacking puts every client's factors in its own slot, so the sum reveals each client's "
                  "contribution and secure aggregation would hide nothing; use flora_form = 'product' (exact, hidden, "
@@ -760,9 +829,11 @@ __all__ = [
     "LoraConfig",
     "ModelConfig",
     "PrivacyConfig",
+    "SecureSumSize",
     "TrainingConfig",
     "config_from_dict",
     "config_to_toml",
     "load_config",
+    "secure_sum_size",
     "validate",
 ]

@@ -77,6 +77,41 @@ def penalty_step(model, penalty):
     return apply
 
 
+def zero_nonfinite_samples(params) -> int:
+    """Set to zero every per-example gradient (Opacus's ``p.grad_sample``, over all ``params``)
+    of an example whose gradient holds a non-finite value anywhere; returns how many. Run before
+    Opacus clips: such an example then contributes nothing, so the sum of clipped gradients
+    stays within the clip norm C and the noise covers it (a NaN would otherwise reach the release
+    exactly when that example is sampled, a bit DP does not cover)."""
+    import torch
+
+    samples = []
+    for p in params:
+        g = getattr(p, "grad_sample", None)
+        if g is None:
+            continue
+        samples.extend(g if isinstance(g, list) else [g])
+    if not samples:
+        return 0
+    bad = None
+    for g in samples:
+        row = ~torch.isfinite(g.reshape(g.shape[0], -1)).all(dim=1)
+        bad = row if bad is None else (bad | row) if bad.shape == row.shape else None
+        if bad is None:  # per-sample gradients of different batches: sanitise each tensor alone
+            break
+    if bad is None:
+        count = 0
+        for g in samples:
+            row = ~torch.isfinite(g.reshape(g.shape[0], -1)).all(dim=1)
+            g[row] = 0
+            count = max(count, int(row.sum()))
+        return count
+    if bad.any():
+        for g in samples:
+            g[bad] = 0
+    return int(bad.sum())
+
+
 def poisson_sample_rate(num_examples: int, batch_size: int) -> float:
     """q = 1 / ceil(n_k / batch_size): the rate Opacus's DPDataLoader samples at (1 / its length)."""
     return 1.0 / math.ceil(num_examples / batch_size)
@@ -146,6 +181,15 @@ class Client:
         if self.num_examples == 0:
             raise DataError(f"data.num_clients: client {client_id} has no training examples; lower data.num_clients")
         self._noise_multiplier: float | None = None
+        self._incoming: dict[int, dict[str, tuple[int, ...]]] = {}
+
+    def incoming_fields(self, rank: int) -> dict[str, tuple[int, ...]]:
+        """The fields (name -> shape) this client accepts in a round instruction of ``rank``:
+        its strategy's declared incoming fields (`Strategy.incoming`) for its own adapter."""
+        if rank not in self._incoming:
+            template = adapter_state(self.task.make_adapter(self.base_model, rank))
+            self._incoming[rank] = self.strategy.incoming(template, rank)
+        return self._incoming[rank]
 
     # ------------------------------------------------------------------ DP parameters
     @property
@@ -193,7 +237,9 @@ class Client:
             # stays on the client (it would be a release that epsilon does not cover).
             "train_loss": None if result.mechanism is not None else result.train_loss,
             "steps": result.steps,
-            "seconds": result.seconds,
+            # wall-clock time depends on the data (batches are trimmed to their longest example):
+            # under DP it stays on the client, like the loss
+            "seconds": None if result.mechanism is not None else result.seconds,
             "mechanism": None if result.mechanism is None else result.mechanism.to_dict(),
         }
         tensors = {k: v.astype(np.float32) for k, v in contribution.items()}
@@ -339,6 +385,7 @@ class Client:
             batch = trim_batch(ids[idx], mask[idx], labels[idx])
             loss = self._loss(gs_model, batch) * weight
             loss.backward()
+            zero_nonfinite_samples(dp_optimizer.params)  # before Opacus clips (in step / pre_step)
             if weight:
                 losses.append(float(loss.detach()))
             last = i == len(chunks) - 1

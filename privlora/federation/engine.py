@@ -22,7 +22,12 @@ each round:
 5. **sum**: in the clear, the contributions in client order; under secure aggregation,
    `secure_sum.secure_sum_over` runs the masked protocol through the transport, one exchange
    per stage, with dropout recovery; below the threshold the round aborts and the run stops
-   (``--resume`` continues once enough clients are back);
+   (``--resume`` continues once enough clients are back). Every session is sized from the
+   config, as each node sizes it (`session_rules`): at most ``clients_per_round`` clients, at
+   least max(3, t) live inputs. A node whose release of the round already entered a secure sum
+   refuses the round (a release enters at most one sum): on resume the round runs with the
+   clients whose releases never entered one, or, if fewer than that minimum are left, it is
+   skipped (``skipped`` in its metrics line; its charges stay spent, the model is unchanged);
 6. **finish** (`Strategy.finish`, server momentum), **evaluate**, append the round's metrics
    line (fsynced), **checkpoint**.
 
@@ -263,7 +268,7 @@ class RoundEngine:
             return admitted, refused, (
                 f"round {rnd}: only {len(admitted)} of the {len(chosen)} sampled clients {why}, "
                 f"fewer than {fewest} (federation.min_clients = {self.cfg.federation.min_clients}"
-                f"{', and secure aggregation needs 3' if self.cfg.secagg.enabled else ''}); the run stops here"
+                f"{f', and secure aggregation needs {fewest}' if self.cfg.secagg.enabled else ''}); the run stops here"
             )
         if self.dp:
             # charge before any update leaves a client; a crash from here on never un-spends it
@@ -276,8 +281,13 @@ class RoundEngine:
         return admitted, refused, None
 
     def fewest(self) -> int:
-        # a secure sum of two lets each client subtract its own input: never fewer than three
-        return max(self.cfg.federation.min_clients, 3 if self.cfg.secagg.enabled else 1)
+        # a secure sum of two lets each client subtract its own input: never fewer than three,
+        # nor fewer than the threshold (the nodes size every session from the same config)
+        if not self.cfg.secagg.enabled:
+            return self.cfg.federation.min_clients
+        from privlora.federation.session_rules import session_size
+
+        return max(self.cfg.federation.min_clients, session_size(self.cfg).least)
 
     def collect(self, rnd: int, admitted: list[int]) -> tuple[list[ClientReport], list[dict], dict, list[int], dict[str, str]]:
         """Instruct the admitted clients and read their updates: (reports, clear contributions,
@@ -286,6 +296,10 @@ class RoundEngine:
         instructions = {c: server.instruction(rnd, c, self.planned(c) if self.dp else None) for c in admitted}
         replies = self.transport.exchange(STAGE_TRAIN, instructions, self.cfg.federation.train_timeout or None)
         reports, contributions, layouts, dropped, refused = [], [], {}, [], {}
+        self.entered_sum: list[int] = []
+        """Clients that refused because their release of this round already entered a secure sum."""
+        from privlora.federation.session_rules import ENTERED_SECURE_SUM
+
         for cid in admitted:
             blob = replies.get(cid)
             if blob is None:
@@ -293,6 +307,8 @@ class RoundEngine:
                 continue
             msg = Message.from_bytes(blob, ("client_update", "refusal"))
             if msg.kind == "refusal":
+                if msg.header.get("code") == ENTERED_SECURE_SUM:
+                    self.entered_sum.append(cid)
                 refused[str(cid)] = str(msg.header.get("reason"))
                 log(f"round {rnd}: client {cid} refused: {refused[str(cid)]}")
                 continue
@@ -349,6 +365,8 @@ class RoundEngine:
         bytes_down0 = dict(self.transport.stats.bytes_down)
         reports, contributions, layouts, dropped, refused_by_clients = self.collect(rnd, admitted)
         bytes_down = sum(self.transport.stats.bytes_down.get(c, 0) - bytes_down0.get(c, 0) for c in admitted)
+        if self.cfg.secagg.enabled and self.entered_sum and len(reports) < self.fewest():
+            return self._skip_round(rnd, chosen, {**refused, **refused_by_clients}, bytes_down, t_round), None
         try:
             secure, clear_metrics = self.aggregate(rnd, reports, contributions, layouts)
         except RoundAborted as exc:
@@ -389,6 +407,42 @@ class RoundEngine:
         append_jsonl(self.metrics_path, record)
         self.checkpoint(rnd)
         return record, None
+
+    def _skip_round(self, rnd: int, chosen: list[int], refused: dict, bytes_down: int, t_round: float) -> dict[str, Any]:
+        """A round whose clients' releases already entered a secure sum (a resumed round) and too
+        few others are left: it is skipped, never summed again. Its charges stay spent, the global
+        model is unchanged; its metrics line says so (``skipped``) and the run goes on."""
+        why = (f"round {rnd}: clients {self.entered_sum} refused because their releases of this round already entered a "
+               f"secure sum (a release enters at most one), and the {len(chosen) - len(self.entered_sum)} other sampled "
+               f"clients are fewer than the {self.fewest()} a secure sum needs; the round is skipped: its charges stay spent "
+               "and the global model is unchanged")
+        log(why)
+        ev = self.server.evaluate()
+        eps = {str(k): self.admission.spent(k) for k in self.ids} if self.dp else {}
+        record = {
+            "round": rnd,
+            "test_accuracy": ev["accuracy"],
+            "test_loss": ev["loss"],
+            **self.server.task.metrics_record(ev),
+            "majority_baseline": self.majority_baseline,
+            "clients": [],
+            "sampled": chosen,
+            "refused": refused,
+            "train_loss": None,
+            "epsilon": eps,
+            "epsilon_max": max(eps.values()) if eps else None,
+            "per_client": [],
+            "client_ranks": [self.server.client_ranks[k] for k in self.ids],
+            "secagg": None,
+            "bytes_up": 0,
+            "bytes_down": int(bytes_down),
+            "seconds": time.perf_counter() - t_round,
+            "skipped": why,
+        }
+        self._anchor(record)
+        append_jsonl(self.metrics_path, record)
+        self.checkpoint(rnd)
+        return record
 
     # ------------------------------------------------------------------ the run
     def run(self, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:

@@ -7,13 +7,19 @@ Messages it answers (`privlora.federation.messages`):
 
 - ``describe`` -> ``client_description``: the release one round of local DP-SGD makes (sigma,
   q, steps, clip, delta), the noise source, and, in the clear only, the number of examples.
-- ``round_instruction`` -> ``client_update`` (or ``refusal``): train (`Client.handle`). With a
-  `ClientGuard` the node first checks the instruction against its own ledger and budget, and
-  charges its own ledger (fsynced) before anything leaves. Under secure aggregation the reply
-  is the update's header only (with the contribution's layout); the contribution stays here
-  for the masked sum.
+- ``round_instruction`` -> ``client_update`` (or ``refusal``): train (`Client.handle`). The node
+  first checks the instruction (`privlora.federation.guard`: its own strategy and rank, only the
+  fields its strategy uses, every value finite and within ``federation.broadcast_bound``) and,
+  under secure aggregation, that this round's release has not already entered a secure sum
+  (`privlora.federation.session_rules`). With a `ClientGuard` it then checks the instruction
+  against its own ledger and budget, and charges its own ledger (fsynced) before anything
+  leaves. An update holding a non-finite value is never released (a refusal says why). Under
+  secure aggregation the reply is the update's header only (with the contribution's layout);
+  the contribution stays here for the masked sum.
 - ``secagg_request`` -> ``secagg_reply``: one stage of `secagg`'s client state machine over the
-  contribution kept from this round's training.
+  contribution kept from this round's training, in a session the node sizes from its own config
+  (`session_rules.session_plan`); an invitation or a second session its rules forbid raises
+  `session_rules.SessionRefused` (the server sees a dropout).
 """
 
 from __future__ import annotations
@@ -172,6 +178,11 @@ class ClientNode:
     ``signing_key`` is this client's pinned Ed25519 private key (secure aggregation with a key
     registry); ``guard`` its own ledger (deployments).
 
+    ``folder``: where the node records which secure-sum session each round's release entered
+    (`session_rules.SessionRecord`; a deployed node's own folder, a folder per client under the
+    run in the in-process simulation). None = the guard's folder if there is a guard, else in
+    memory (carried by `export_state`).
+
     ``client`` is a `Client`, or a zero-argument callable that builds one (a Flower node starts a
     new process for every message: the secure-aggregation stages then never load the model);
     give ``cfg`` and ``client_id`` with a callable. `export_state`/`import_state` carry what a
@@ -179,7 +190,7 @@ class ClientNode:
 
     def __init__(self, client, guard: ClientGuard | None = None, signing_key=None, noise: str = "seeded",
                  label_names: list[str] | None = None, config_sha256: str | None = None, *, cfg=None, client_id: int | None = None,
-                 data_facts=None):
+                 data_facts=None, folder=None):
         from privlora.federation.noise import NOISE_SOURCES
 
         if noise not in NOISE_SOURCES:
@@ -204,6 +215,13 @@ class ClientNode:
         self._data_facts = data_facts
         """Optional zero-argument callable -> (number of examples, label names), cheaper than
         building the client (no model): what ``describe`` needs."""
+        from privlora.core.config import resolved_sha256
+        from privlora.federation.session_rules import SessionRecord
+
+        if folder is None and guard is not None:
+            folder = getattr(guard, "folder", None)
+        self.sums = SessionRecord(folder, resolved_sha256(self.cfg)[:12])
+        """Which secure-sum session each round's release entered (`session_rules.SessionRecord`)."""
 
     @property
     def client(self) -> Client:
@@ -215,10 +233,14 @@ class ClientNode:
 
     def export_state(self) -> dict:
         """What must survive until the next message of this run (no model, no data)."""
-        return {"pending": self._pending, "session": self._session}
+        state = {"pending": self._pending, "session": self._session}
+        if self.sums.path is None:  # an in-memory record travels with the state
+            state["secure_sums"] = self.sums.state()
+        return state
 
     def import_state(self, state: dict) -> None:
         self._pending, self._session = state.get("pending"), state.get("session")
+        self.sums.load(state.get("secure_sums"))
 
     # ------------------------------------------------------------------ dispatch
     def handle(self, blob: bytes, progress=None) -> bytes:
@@ -261,15 +283,36 @@ class ClientNode:
         }
         return Message("client_description", header).to_bytes()
 
-    def _refuse(self, rnd: int, reason: str) -> bytes:
+    def _refuse(self, rnd: int, reason: str, code: str | None = None) -> bytes:
         print(f"privlora: client {self.client_id}: round {rnd}: {reason}", file=sys.stderr)
-        return Message("refusal", {"client_id": self.client_id, "round": rnd, "reason": reason}).to_bytes()
+        header = {"client_id": self.client_id, "round": rnd, "reason": reason}
+        if code is not None:
+            header["code"] = code
+        return Message("refusal", header).to_bytes()
 
     # ------------------------------------------------------------------ training
     def _train(self, msg: Message, blob: bytes, progress) -> bytes:
+        from privlora.federation.guard import check_header, check_instruction, check_release
         from privlora.federation.noise import noise_source
+        from privlora.federation.session_rules import ENTERED_SECURE_SUM
 
+        reason = check_header(self.cfg, self.client_id, msg.header)
+        if reason is not None:
+            return self._refuse(msg.header.get("round") if isinstance(msg.header.get("round"), int) else -1, reason)
         rnd = int(msg.header["round"])
+        if self.cfg.secagg.enabled:
+            entered = self.sums.entered(rnd)
+            if entered is not None:
+                return self._refuse(rnd, f"this client's release of round {rnd} already entered a secure sum (session "
+                                         f"{entered[:12]}…); a release enters at most one", code=ENTERED_SECURE_SUM)
+        # before any charge or training: crafted weights never reach the model
+        try:
+            fields = self.client.incoming_fields(int(msg.header["rank"]))
+        except ValueError as exc:  # a rank the strategy cannot train (e.g. FedIT below the max rank)
+            return self._refuse(rnd, f"refusing the instruction: {exc}")
+        reason = check_instruction(self.cfg, self.client_id, msg, fields)
+        if reason is not None:
+            return self._refuse(rnd, f"refusing the instruction: {reason}")
         dp = self.cfg.privacy.enabled
         if self.guard is not None and dp:
             asked = msg.header.get("mechanism")
@@ -283,10 +326,18 @@ class ClientNode:
                 self.guard.charge(rnd, own)  # fsynced before training, long before anything leaves
                 with noise_source(self.noise):
                     update = self.client.handle(blob, progress=progress)
+                why = check_release(update)
+                if why is not None:  # kept as the round's answer: never retrained under the same charge
+                    update = self._refuse(rnd, why)
                 self.guard.keep_release(rnd, update)
+            if Message.from_bytes(update, ("client_update", "refusal")).kind == "refusal":
+                return update
         else:
             with noise_source(self.noise):
                 update = self.client.handle(blob, progress=progress)
+            why = check_release(update)
+            if why is not None:
+                return self._refuse(rnd, why)
         if not self.cfg.secagg.enabled:
             return update
         return self._keep_for_secure_sum(rnd, update)
@@ -304,16 +355,23 @@ class ClientNode:
     # ------------------------------------------------------------------ secure aggregation
     def _secagg(self, msg: Message) -> bytes:
         from privlora.federation.secure_sum import session_plan
+        from privlora.federation.session_rules import SessionRefused, check_invitation
 
         h = msg.header
         rnd, stage = int(h["round"]), str(h["stage"])
+        entered = self.sums.entered(rnd)
+        if stage == "advertise_keys" and entered is not None:
+            raise SessionRefused(f"client {self.client_id}: round {rnd}: this client's release already entered secure-sum "
+                                 f"session {entered[:12]}…; refusing a second session (a release enters at most one sum)")
         if self._pending is None or self._pending.round != rnd:
             raise MessageError(f"client {self.client_id}: secure aggregation for round {rnd}, but it holds no contribution of that round")
         if stage == "advertise_keys":
             from secagg import SecAggClient
 
-            invited = [int(c) for c in h["invited"]]
-            plan, spec = session_plan(self.cfg, self._pending.layout, len(invited))
+            check_invitation(self.cfg, self.client_id, rnd, h.get("invited") or [])
+            # the session's size, threshold and least live inputs come from this node's config,
+            # never from the invitation
+            plan, spec = session_plan(self.cfg, self._pending.layout)
             try:
                 nonce = bytes.fromhex(h["session_nonce"])
             except (KeyError, TypeError, ValueError):
@@ -326,7 +384,14 @@ class ClientNode:
             if self._session is None or self._session[0] != rnd:
                 raise MessageError(f"client {self.client_id}: stage {stage!r} of round {rnd} before its key advertisement")
             client = self._session[1]
+            nonce = (client.session_nonce or b"").hex()
+            if entered is not None and entered != nonce:
+                raise SessionRefused(f"client {self.client_id}: round {rnd}: this client's release already entered secure-sum "
+                                     f"session {entered[:12]}…; refusing to continue another")
             out = client.handle(tensor_bytes(msg))
+            if stage == "masked_input":
+                # on disk before the masked input leaves: this release never enters another sum
+                self.sums.enter(rnd, nonce)
             if stage == "unmasking":
                 self._session, self._pending = None, None
         header = {"client_id": self.client_id, "round": rnd, "stage": stage}

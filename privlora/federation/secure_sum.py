@@ -76,25 +76,41 @@ def clip_segments(cfg: ExperimentConfig, spec: list[tuple[str, tuple[int, ...]]]
 
 
 def params_from_config(cfg: ExperimentConfig):
-    """The `secagg.SecAggParams` of a run: bits, threshold, SecAgg+ degree and pinned keys."""
+    """The `secagg.SecAggParams` of a run: bits, threshold, SecAgg+ degree, pinned keys, the
+    assumed dropout rate and the least list size (`privlora.federation.session_rules`), all from
+    the config."""
     from privlora.federation.keys import load_registry
+    from privlora.federation.session_rules import session_size
     from secagg import SecAggParams
 
     s = cfg.secagg
+    z = session_size(cfg)
     registry = load_registry(s.key_registry) if s.key_registry else None
-    return SecAggParams(bits=s.bits, threshold=s.threshold or None, neighbours=s.neighbours or None, signing_keys=registry)
+    return SecAggParams(bits=s.bits, threshold=z.threshold, neighbours=z.degree, signing_keys=registry,
+                        dropout_rate=float(s.dropout_rate), min_clients=z.least)
 
 
-def session_plan(cfg: ExperimentConfig, spec: list[tuple[str, tuple[int, ...]]], n_clients: int):
-    """(plan, encoding) of one round's session of ``n_clients``, computed alike by the server and
-    every client from the config and the contribution's layout: the protocol's config digest
-    makes any difference between them an error, never a wrong sum."""
+def session_plan(cfg: ExperimentConfig, spec: list[tuple[str, tuple[int, ...]]]):
+    """(plan, encoding) of one round's session, computed alike by the server and every client from
+    the config and the contribution's layout, never from how many clients the server invites: at
+    most ``federation.clients_per_round`` clients (n_max), the config's threshold, and at least
+    max(3, t) live inputs (`session_rules.session_size`). The protocol's config digest makes any
+    difference between the parties an error, never a wrong sum."""
     from secagg import EncodingSpec
 
-    plan = params_from_config(cfg).resolve(n_clients)
+    z = _size(cfg)
+    plan = params_from_config(cfg).resolve(z.size)
+    if (plan.threshold, plan.degree, plan.min_clients) != (z.threshold, z.degree, z.least):
+        raise RuntimeError(f"secagg resolved {plan} but the config says {z}")  # a bug, never a session
     length = int(sum(int(np.prod(shape)) for _, shape in spec))
     encoding = EncodingSpec.build(clip_segments(cfg, spec), length, bits=plan.bits, max_clients=plan.n_max, precision_bits=plan.precision_bits)
     return plan, encoding
+
+
+def _size(cfg: ExperimentConfig):
+    from privlora.federation.session_rules import session_size
+
+    return session_size(cfg)
 
 
 def _request(rnd: int, cid: int, stage: str, blob: bytes = b"", invited: list[int] | None = None, nonce: bytes | None = None) -> bytes:
@@ -129,7 +145,7 @@ def secure_sum_over(transport, cfg: ExperimentConfig, rnd: int, clients: list[in
     from secagg import STAGES, SecAggError, SecAggServer
 
     clients = sorted(clients)
-    plan, encoding = session_plan(cfg, spec, len(clients))
+    plan, encoding = session_plan(cfg, spec)
     # a fresh nonce binds every advertisement to this session: a round that is run again (after
     # a resume, or an aborted attempt) never accepts an advertisement of the earlier session
     nonce = os.urandom(32)

@@ -45,7 +45,8 @@ class ClientReport:
     """None under secure aggregation (the size then travels only inside the masked sum)."""
     train_loss: float | None
     steps: int
-    seconds: float
+    seconds: float | None
+    """Local training's wall-clock seconds; None under DP (a statistic of the data: never sent)."""
     mechanism: SubsampledGaussian | None
     bytes_up: int
     """Length of the client_update message as simulated (header and all tensors)."""
@@ -124,7 +125,7 @@ class Server:
                 num_examples=None if h["num_examples"] is None else int(h["num_examples"]),
                 train_loss=None if h["train_loss"] is None else float(h["train_loss"]),
                 steps=int(h["steps"]),
-                seconds=float(h["seconds"]),
+                seconds=None if h.get("seconds") is None else float(h["seconds"]),
                 mechanism=mech,
                 bytes_up=len(blob),
                 next_rank=int(h.get("next_rank", h["rank"])),

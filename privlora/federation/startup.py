@@ -128,9 +128,12 @@ def prepare_out_dir(out: Path, overwrite: bool = False) -> None:
         raise OutputDirError(f"--out: cannot create {out} ({exc.strerror}); choose a folder you can write to") from exc
 
 
-def client_nodes(cfg: ExperimentConfig, clients: list[Client]) -> dict[int, ClientNode]:
+def client_nodes(cfg: ExperimentConfig, clients: list[Client], out: Path | None = None) -> dict[int, ClientNode]:
     """One `ClientNode` per client; with a key registry, each signs with its own private key
-    (read beside the registry: in simulation this process plays every client)."""
+    (read beside the registry: in simulation this process plays every client). Under secure
+    aggregation with a run folder ``out``, each node records the secure sums its releases entered
+    in ``out/nodes/client-K`` (`session_rules.SessionRecord`), so a resumed simulation refuses
+    to put a release into a second sum as a deployed node would; without ``out``, in memory."""
     keys = {}
     if cfg.secagg.enabled and cfg.secagg.key_registry:
         from privlora.federation.keys import load_private_key, load_registry, private_key_path
@@ -140,7 +143,10 @@ def client_nodes(cfg: ExperimentConfig, clients: list[Client]) -> dict[int, Clie
             if c.client_id not in registry:
                 raise ConfigError(f"secagg.key_registry: client {c.client_id} has no key in {cfg.secagg.key_registry}")
             keys[c.client_id] = load_private_key(private_key_path(cfg.secagg.key_registry, c.client_id), c.client_id, registry)
-    return {c.client_id: ClientNode(c, signing_key=keys.get(c.client_id)) for c in clients}
+    def folder(k: int) -> Path | None:
+        return None if out is None or not cfg.secagg.enabled else Path(out) / "nodes" / f"client-{k}"
+
+    return {c.client_id: ClientNode(c, signing_key=keys.get(c.client_id), folder=folder(c.client_id)) for c in clients}
 
 
 def check_output(cfg: ExperimentConfig | None, out: Path, overwrite: bool, resume: bool) -> ExperimentConfig:

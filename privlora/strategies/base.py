@@ -165,6 +165,13 @@ class Strategy(ABC):
         """After local training: the state to contribute and the client's rank from now on."""
         return local_state, rank
 
+    def incoming(self, template: State, rank: int) -> dict[str, tuple[int, ...]]:
+        """The fields a client of ``rank`` accepts in a broadcast, name -> shape, given its fresh
+        adapter ``template`` at that rank: exactly what `broadcast` sends a client of that rank
+        (so dense base-weight deltas only for a strategy that merges, FLoRA). A client refuses an
+        instruction carrying any other field (`privlora.federation.guard`)."""
+        return {k: tuple(v.shape) for k, v in self.broadcast(self.initial_state(template), rank).items()}
+
     def base_update(self, payload: State) -> State:
         """Dense deltas (by peft parameter name) the client adds to its frozen base weights."""
         return {k[len(BASE_DELTA_PREFIX) :]: v for k, v in payload.items() if is_base_delta(k)}

@@ -39,7 +39,8 @@ class InProcessTransport(Transport):
 
     ``drop``: ``{stage: client ids}``; from that stage on those clients never answer again (as
     a node that was killed). A node that raises a `secagg.SecAggError` (it aborted the protocol)
-    sends nothing back, as a real node that aborts. Any other exception propagates: in one
+    or `session_rules.SessionRefused` (its own rules forbid the session) sends nothing back, as
+    a real node that aborts. Any other exception propagates: in one
     process a bug must not pass for a dropout.
     """
 
@@ -59,6 +60,8 @@ class InProcessTransport(Transport):
     def _exchange(self, stage: str, messages: dict[int, bytes], timeout: float | None) -> dict[int, bytes]:
         from secagg import SecAggError
 
+        from privlora.federation.session_rules import SessionRefused
+
         self.dead |= self.drop.get(stage, set())
         out = {}
         for c, blob in messages.items():
@@ -67,7 +70,7 @@ class InProcessTransport(Transport):
             bar = self.progress(stage, c) if self.progress is not None else None
             try:
                 out[c] = self.nodes[c].handle(blob, progress=bar)
-            except SecAggError as exc:
+            except (SecAggError, SessionRefused) as exc:  # the node refused or aborted: it sends nothing back
                 print(f"privlora: client {c} aborted secure aggregation: {type(exc).__name__}: {exc}", file=sys.stderr)
             finally:
                 if bar is not None:
@@ -97,7 +100,7 @@ def run_experiment(
     """
     started = start_run(cfg, out_dir, overwrite=overwrite, resume=resume, with_clients=True,
                         reporter=Progress(progress), prepare=prepare)
-    nodes = client_nodes(started.cfg, started.federation.clients)
+    nodes = client_nodes(started.cfg, started.federation.clients, started.out)
     bars = None
     if progress:
         def bars(stage, cid):
