@@ -158,4 +158,5 @@ def build_client_node(settings: NodeSettings):
         return len(data), data.label_names
 
     return ClientNode(load_client, guard=guard, signing_key=key, noise=settings.noise,
-                      config_sha256=resolved_sha256(cfg), cfg=cfg, client_id=settings.client_id, data_facts=data_facts)
+                      config_sha256=resolved_sha256(cfg), cfg=cfg, client_id=settings.client_id, data_facts=data_facts,
+                      folder=settings.node_dir)

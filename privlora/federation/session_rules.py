@@ -33,7 +33,6 @@ that a resumed simulation behaves as a deployment would); without one, in memory
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from privlora.core.config import ExperimentConfig, SecureSumSize, secure_sum_size
@@ -117,20 +116,14 @@ class SessionRecord:
 
 
 def durable_write(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically: a temporary file in the same folder, fsynced, renamed
-    over ``path``, then the folder fsynced, so the rename itself survives a power loss."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """`core.checkpoint.atomic_write` (temporary file fsynced, renamed, folder fsynced), creating
+    the folder first (and fsyncing its parent, so the new folder's name survives a power loss)."""
+    from privlora.core.checkpoint import atomic_write, fsync_dir
+
+    if not path.parent.is_dir():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fsync_dir(path.parent.parent)
+    atomic_write(path, text)
 
 
 __all__ = ["ENTERED_SECURE_SUM", "SessionRecord", "SessionRefused", "check_invitation", "durable_write", "session_size"]
