@@ -46,6 +46,7 @@ predict`` and `privlora.tasks.models.load_base_for_run` read model.json without 
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
@@ -55,6 +56,28 @@ import numpy as np
 from privlora.core.config import DataConfig, ExperimentConfig
 from privlora.core.errors import UserError
 from privlora.tasks.data import LabelledData
+
+
+def check_delta(cfg: ExperimentConfig, client_sizes: list[int]) -> None:
+    """Refuse ``privacy.delta`` above 1/n of the smallest client's n training records (such a
+    guarantee allows leaking a whole record with probability delta), naming the value, n and the
+    fix; with ``privacy.allow_large_delta`` the run goes on (one warning is printed at start-up)."""
+    from privlora.core.config import ConfigError
+
+    p = cfg.privacy
+    sizes = [n for n in client_sizes if n > 0]
+    if not p.enabled or not sizes or p.allow_large_delta:
+        return
+    n = min(sizes)
+    if p.delta > 1.0 / n:
+        k = client_sizes.index(n)
+        suggestion = 10 ** math.floor(math.log10(0.1 / n))
+        raise ConfigError(
+            f"privacy.delta: {p.delta:g} is above 1/n = {1.0 / n:.3g} for the smallest client (client {k}, n = {n} training "
+            f"records): an (epsilon, delta) guarantee then allows leaking a whole record with probability delta; lower "
+            f"privacy.delta well below 1/n (e.g. privacy.delta = {suggestion:g}), or set privacy.allow_large_delta = true "
+            "to accept it"
+        )
 
 
 class CanaryError(UserError):
@@ -111,7 +134,9 @@ class Task(ABC):
         from privlora.tasks.partition import partition
 
         d = self.cfg.data
-        return partition(train, d.partition, d.num_clients, self.cfg.seed, d.dirichlet_alpha)
+        shards = partition(train, d.partition, d.num_clients, self.cfg.seed, d.dirichlet_alpha)
+        check_delta(self.cfg, [len(s) for s in shards])
+        return shards
 
     # ------------------------------------------------------------------ model
     def load_tokenizer(self) -> Any:
