@@ -229,8 +229,13 @@ class Task(ABC):
         if final["test_accuracy"] is None:
             return []
         majority = "" if first.get("majority_baseline") is None else f"; always predicting the majority class {first['majority_baseline']:.4f}"
-        return [f"- {self.accuracy_label} on {where}: **{final['test_accuracy']:.4f}** after round {final['round']} "
+        return [f"- {self.accuracy_label} on {where}: **{final['test_accuracy']:.4f}** {self.after_round(final)} "
                 f"(untrained model {first['test_accuracy']:.4f}{majority})."]
+
+    def after_round(self, final: dict[str, Any]) -> str:
+        """``after round 6``, or ``after round 1 of 6`` when the run has not run all its rounds."""
+        planned = self.cfg.federation.rounds
+        return f"after round {final['round']}" + (f" of {planned}" if final["round"] < planned else "")
 
     def quality_lines(self, rows: list[dict[str, Any]], final: dict[str, Any], where: str) -> list[str]:
         """report.md's lines on held-out quality (``where``: what it was measured on): the
@@ -239,7 +244,7 @@ class Task(ABC):
         for key, title, fmt in self.metric_columns(rows):
             if final.get(key) is not None:
                 before = "-" if first.get(key) is None else format(first[key], fmt)
-                parts.append(f"- Held-out {title} on {where}: **{format(final[key], fmt)}** after round {final['round']} "
+                parts.append(f"- Held-out {title} on {where}: **{format(final[key], fmt)}** {self.after_round(final)} "
                              f"(untrained model {before}).")
         return parts
 
