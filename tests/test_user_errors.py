@@ -492,7 +492,7 @@ def test_lora_settings_the_model_does_not_have_are_named_before_anything_is_writ
 
 # ---------------------------------------------------------------- one error family
 
-INTERNAL = {"RoundAborted"}  # the engine's own signal between its steps, never shown as a user error
+INTERNAL = {"RoundAborted", "Terminated"}  # the engine's own signal between its steps, and SIGTERM as an exception (a KeyboardInterrupt): never shown as a user error
 
 
 def _privlora_exception_classes():

@@ -65,12 +65,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         final = run_experiment(cfg, out, progress=not args.quiet, overwrite=args.overwrite, resume=bool(args.resume))
     except CheckpointError as exc:
         raise CheckpointError(_checkpoint_next_step(exc, out) if args.resume else str(exc)) from exc
-    except KeyboardInterrupt:
-        print(f"privlora: {interrupted_message(out)}", file=sys.stderr)
-        return 130
     except Terminated:
         print(f"privlora: terminated (SIGTERM); {continue_hint(out)}", file=sys.stderr)
         return 143
+    except KeyboardInterrupt:
+        print(f"privlora: {interrupted_message(out)}", file=sys.stderr)
+        return 130
     except OSError as exc:
         raise UserError(explain_os_error(exc, out)) from exc
     if cfg is None:
@@ -254,14 +254,15 @@ def _cmd_audit(args: argparse.Namespace) -> int:
                                overwrite=args.overwrite, auditor_dir=auditor_dir)
     except (AuditError, OutputDirError) as exc:
         raise ConfigError(str(exc)) from exc
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        word = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
         if (out / "checkpoint" / "state.json").is_file():
             extra = "" if args.auditor_dir is None else f" --auditor-dir {auditor_dir}"
-            print(f"privlora: interrupted; every finished round and the audit's state ({auditor_dir}, keep it from the "
+            print(f"privlora: {word}; every finished round and the audit's state ({auditor_dir}, keep it from the "
                   f"server) are kept: continue with `privlora audit --resume {out}{extra}`", file=sys.stderr)
         else:
-            print("privlora: interrupted before any round finished: run the same command again", file=sys.stderr)
-        return 130
+            print(f"privlora: {word} before any round finished: run the same command again", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
     best = record["best"]
     print(json.dumps({"out": str(out), "epsilon_lower": round(record["epsilon_lower"], 4),
                       "epsilon_lower_fdp": round(record["fdp"]["epsilon_lower"], 4), "mu_lower": round(record["fdp"]["mu_lower"], 4),
@@ -303,10 +304,10 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         out = Path(args.out or grid_out)
     try:
         result = run_sweep(grid, out, command=["privlora", *getattr(args, "argv", [])], progress=not args.quiet)
-    except KeyboardInterrupt:
-        print(f"privlora: sweep interrupted; every finished point in {out / 'runs'} is kept and {out / 'sweep.json'} "
+    except KeyboardInterrupt as exc:
+        print(f"privlora: sweep {'terminated (SIGTERM)' if isinstance(exc, Terminated) else 'interrupted'}; every finished point in {out / 'runs'} is kept and {out / 'sweep.json'} "
               f"records each point's status: continue with `privlora sweep --resume {out}`", file=sys.stderr)
-        return 130
+        return 143 if isinstance(exc, Terminated) else 130
     print(json.dumps({"out": str(out), "points": result["total"], "done": result["done"], "failed": result["failed"],
                       "aborted": result["aborted"], "table": str(out / "table.md"), "plot": str(out / "sweep.png")}))
     if result["failed"] or result["aborted"]:
@@ -404,8 +405,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-class Terminated(BaseException):
-    """SIGTERM arrived (`kill`, a scheduler ending the job): unwinds like Ctrl-C, exit 143."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived (`kill`, a scheduler ending the job): unwinds as Ctrl-C does (every
+    handler of KeyboardInterrupt keeps what it keeps for Ctrl-C), then exit 143."""
 
 
 def _on_sigterm(signum, frame):
