@@ -41,7 +41,8 @@ def terminated(tmp_path_factory, tiny_model_dir):
         "lora": {"r": 2, "alpha": 4.0},
         "federation": {"rounds": 4, "clients_per_round": 3},
         "training": {"local_steps": 3, "batch_size": 16, "physical_batch_size": 16},
-        "privacy": {"noise_multiplier": 1.0, "delta": 1e-3},
+        # a delta above 1/n, accepted by its named override (issue 31, item 4)
+        "privacy": {"noise_multiplier": 1.0, "delta": 0.05, "allow_large_delta": True},
     })
     root = tmp_path_factory.mktemp("term")
     (root / "c.toml").write_text(config_to_toml(cfg))
@@ -66,6 +67,9 @@ def test_sigterm_says_how_to_resume_and_exits_143(terminated):
     lines = [ln for ln in err.splitlines() if "SIGTERM" in ln]
     assert lines == [f"privlora: terminated (SIGTERM); every finished round is kept: continue with `privlora run --resume {out}`"]
     assert not (out / "report.md").exists()
+    # the override lets the run go on with privlora's own warnings only: no raw library warning
+    assert "Warning" not in err and "opacus" not in err.lower(), err
+    assert all(ln.startswith("privlora: ") for ln in err.splitlines()), err
 
 
 def test_the_report_of_an_interrupted_run_says_it_is_unfinished(terminated, capsys):
