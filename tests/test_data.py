@@ -175,3 +175,15 @@ def test_a_missing_source_is_blamed_and_relative_paths_explained(tmp_path):
     assert line.startswith("privlora: error: data.source: '/nonexistent.csv' is neither"), line
     assert "group_column" not in line
     assert not (tmp_path / "run").exists() and not (tmp_path / "run2").exists()
+
+
+def test_a_run_folders_own_config_keeps_a_source_relative_to_the_current_folder(tmp_path, monkeypatch):
+    """A run started from Python with a cwd-relative source: its config.toml, read again (report,
+    --resume), still means the same file, not one beside config.toml."""
+    monkeypatch.chdir(tmp_path)
+    reviews(tmp_path, [("a", "x"), ("b", "y")], name="mine.csv")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.toml").write_text('[data]\nsource = "mine.csv"\npartition = "iid"\n')
+    assert load_config(tmp_path / "run" / "config.toml").data.source == "mine.csv"
+    (tmp_path / "run" / "custom.toml").write_text('[data]\nsource = "colours"\npartition = "iid"\n')
+    assert load_config(tmp_path / "run" / "custom.toml").data.source == "colours"

@@ -730,16 +730,24 @@ def read_toml(path: str | Path, role: str = "config", wanted: str = "a .toml fil
     return resolve_data_paths(raw, path.parent) if role == "config" else raw
 
 
+DATA_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet", ".bz2")
+
+
 def resolve_data_paths(raw: dict[str, Any], folder: Path) -> dict[str, Any]:
     """A config table whose relative ``data.source`` is made absolute against ``folder`` (the
     folder of the config file that sets it), so that a config means the same file from any
-    current folder; the run's config.toml records the absolute path. ``embedded:`` and
-    ``python:`` sources are left as they are."""
+    current folder; the run's config.toml records the absolute path. Left as it is: an
+    ``embedded:`` or ``python:`` source, an absolute path, a path that is not a file there but
+    is one from the current folder (configs written before this rule, and run folders' own
+    config.toml of runs started from Python), and a name that is no data file at all (a
+    custom task's source)."""
     data = raw.get("data")
     if isinstance(data, dict) and isinstance(data.get("source"), str):
         src = data["source"]
         if src and ":" not in src.split("/")[0] and not Path(src).expanduser().is_absolute():
-            raw = {**raw, "data": {**data, "source": str((folder / src).absolute())}}
+            there = (folder / src).absolute()
+            if there.is_file() or (not Path(src).is_file() and Path(src).suffix.lower() in DATA_SUFFIXES):
+                raw = {**raw, "data": {**data, "source": str(there)}}
     return raw
 
 
