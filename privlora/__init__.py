@@ -13,6 +13,14 @@ The package is laid out by role; each layer imports only from the layers below i
     strategies/   fedit, ffa, flora, hetlora (and server momentum): numpy only
     core/         config, errors (one family), progress, checkpoint files, accountants
 
+The Python API is the names below (each imported on first use, so ``import privlora`` loads
+no torch): ``run(config, out, data=..., model=..., tokenizer=..., on_round=...) -> RunResult``
+(validated exactly as ``privlora run`` validates a file; ``data`` a pandas DataFrame or a
+``datasets.Dataset``, ``model``/``tokenizer`` objects, ``on_round`` called with each finished
+round's metrics), ``load_config``, ``config_from_dict``, ``ExperimentConfig`` and its sections,
+``STRATEGIES``, the task interface ``Task``/``register_task``, and the errors (``UserError``,
+``ConfigError``, ``DataError``).
+
 Beside it, `accounting` (ledger, accountants, audit bounds) and `secagg` (the masked secure
 sum) know nothing of torch, LoRA or each other.
 """

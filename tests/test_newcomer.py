@@ -179,3 +179,29 @@ def test_too_few_canaries_are_warned_about_with_the_minimum(tmp_path, capsys):
     assert "--canaries 40: even if every guess were right, 40 canaries give a lower bound of at most ε = " in err
     assert "below the ε = 8 the run targets" in err
     assert (busy / "x").read_text() == "keep"
+
+
+def test_in_sweep_png_a_no_dp_line_at_the_majority_level_does_not_hide_it(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from privlora.commands import sweep  # sweep.plot draws sweep.png for `privlora sweep` and `--table`
+
+    drawn = {}
+    real = matplotlib.figure.Figure.savefig
+
+    def capture(self, fname, *a, **k):
+        ax = self.axes[0]
+        drawn["lines"] = [(ln.get_label(), ln.get_zorder(), tuple(ln.get_ydata())) for ln in ax.get_lines()]
+        drawn["legend"] = [t.get_text() for t in ax.get_legend().get_texts()]
+        return real(self, fname, *a, **k)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", capture)
+    row = {"runs": 3, "accuracy_sd": 0.0, "majority_baseline": 0.563}
+    rows = [dict(row, strategy="fedit", epsilon=float("inf"), accuracy_mean=0.563, accuracy_min=0.55, accuracy_max=0.58),
+            dict(row, strategy="fedit", epsilon=4.0, accuracy_mean=0.69, accuracy_min=0.67, accuracy_max=0.70)]
+    sweep.plot(rows, tmp_path / "sweep.png")
+    lines = {label: (z, y) for label, z, y in drawn["lines"]}
+    nodp, majority = lines["fedit no DP (ε = ∞): 0.563"], lines["majority class: 0.563"]
+    assert nodp[1][0] == majority[1][0] == 0.563  # the same height ...
+    assert majority[0] > nodp[0]  # ... and the majority line is drawn on top
+    assert "majority class: 0.563" in drawn["legend"] and "fedit no DP (ε = ∞): 0.563" in drawn["legend"]
