@@ -118,7 +118,7 @@ def test_the_epsilon_plot_draws_identical_curves_once_and_the_rest_apart(termina
     real = matplotlib.figure.Figure.savefig
 
     def capture(self, fname, *a, **k):
-        drawn[Path(fname).name] = [(ln.get_label(), ln.get_linestyle(), ln.get_marker(), ln.get_color(), tuple(ln.get_ydata()))
+        drawn[Path(fname).name] = [(ln.get_label(), ln.get_linestyle(), ln.get_marker(), ln.get_color(), (tuple(ln.get_xdata()), tuple(ln.get_ydata())))
                                    for ln in self.axes[0].get_lines()]
         return real(self, fname, *a, **k)
 
@@ -205,3 +205,26 @@ def test_in_sweep_png_a_no_dp_line_at_the_majority_level_does_not_hide_it(tmp_pa
     assert nodp[1][0] == majority[1][0] == 0.563  # the same height ...
     assert majority[0] > nodp[0]  # ... and the majority line is drawn on top
     assert "majority class: 0.563" in drawn["legend"] and "fedit no DP (ε = ∞): 0.563" in drawn["legend"]
+
+
+def test_the_default_runs_ten_clients_are_told_apart_in_privacy_epsilon_png(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    run = tmp_path / "default-run"
+    shutil.copytree(DEFAULT_RUN, run)
+    drawn = {}
+    real = matplotlib.figure.Figure.savefig
+
+    def capture(self, fname, *a, **k):
+        drawn[Path(fname).name] = [(ln.get_label(), ln.get_linestyle(), ln.get_marker(), ln.get_color(), (tuple(ln.get_xdata()), tuple(ln.get_ydata())))
+                                   for ln in self.axes[0].get_lines()]
+        return real(self, fname, *a, **k)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", capture)
+    assert main(["report", str(run)]) == 0
+    lines = [ln for ln in drawn["privacy_epsilon.png"] if ln[0].startswith("client")]
+    named = sorted(int(x) for ln in lines for x in ln[0].split(" (")[0].split(" ", 1)[1].split(", "))
+    assert named == list(range(10))  # every client named once
+    assert len({ln[4] for ln in lines}) == len(lines)  # identical curves are drawn once, with all their names
+    assert len({ln[1:4] for ln in lines}) == len(lines) >= 2  # and each curve has its own colour, dash and marker
+    assert len({ln[1:3] for ln in lines}) >= min(len(lines), 8)  # told apart by more than colour (grey print, colour blindness)
