@@ -228,3 +228,32 @@ def test_the_default_runs_ten_clients_are_told_apart_in_privacy_epsilon_png(tmp_
     assert len({ln[4] for ln in lines}) == len(lines)  # identical curves are drawn once, with all their names
     assert len({ln[1:4] for ln in lines}) == len(lines) >= 2  # and each curve has its own colour, dash and marker
     assert len({ln[1:3] for ln in lines}) >= min(len(lines), 8)  # told apart by more than colour (grey print, colour blindness)
+
+
+def test_the_committed_example_predicts_with_its_own_adapter(capsys):
+    """examples/default-run keeps its trained adapter (300 KB): predict works on it, and the adapter
+    scores the run's held-out split as metrics.jsonl says its final round did."""
+    import numpy as np
+
+    from privlora.core.config import load_config
+    from privlora.tasks.data import load_labelled_data, run_split
+    from privlora.tasks.predict import load_run_model
+
+    assert main(["predict", str(DEFAULT_RUN), "--json", "A sharp, funny and moving film."]) == 0
+    (out,) = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert set(out["probabilities"]) == {"rotten", "fresh"}
+    cfg = load_config(DEFAULT_RUN / "config.toml")
+    _, test = run_split(load_labelled_data(cfg.data), cfg.data, cfg.seed)
+    model, tokenizer, names = load_run_model(DEFAULT_RUN)
+    import torch
+
+    correct = 0
+    with torch.inference_mode():
+        for i in range(0, len(test), 256):
+            enc = tokenizer(test.texts[i:i + 256], truncation=True, max_length=cfg.model.max_length, padding=True,
+                            return_tensors="pt")
+            pred = model(**enc).logits.argmax(-1).numpy()
+            correct += int((pred == test.labels[i:i + 256]).sum())
+    final = rows(DEFAULT_RUN)[-1]
+    assert names == ["rotten", "fresh"]
+    assert abs(correct / len(test) - final["test_accuracy"]) <= 1 / len(test), (correct / len(test), final["test_accuracy"])
