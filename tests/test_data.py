@@ -187,3 +187,15 @@ def test_a_run_folders_own_config_keeps_a_source_relative_to_the_current_folder(
     assert load_config(tmp_path / "run" / "config.toml").data.source == "mine.csv"
     (tmp_path / "run" / "custom.toml").write_text('[data]\nsource = "colours"\npartition = "iid"\n')
     assert load_config(tmp_path / "run" / "custom.toml").data.source == "colours"
+
+
+def test_a_relative_source_given_with_set_is_the_current_folders_and_recorded_absolute(tmp_path, monkeypatch):
+    from privlora.core.overrides import load_with_overrides
+
+    monkeypatch.chdir(tmp_path)
+    reviews(tmp_path, [("a", "x"), ("b", "y")], name="here.csv")
+    (tmp_path / "cfgs").mkdir()
+    (tmp_path / "cfgs" / "c.toml").write_text('[data]\npartition = "iid"\n')
+    cfg = load_with_overrides(tmp_path / "cfgs" / "c.toml", ["data.source=here.csv"])
+    assert cfg.data.source == str(tmp_path / "here.csv")
+    assert load_with_overrides(None, ["data.source=embedded:rotten_tomatoes"]).data.source == "embedded:rotten_tomatoes"
