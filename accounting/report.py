@@ -188,6 +188,7 @@ def plot_epsilon(ledger: Ledger, accountant: str, path: str | Path, rounds: int 
     idle = [c for c in shown if c not in histories]
     last_round = rounds or max((ch.round for ch in ledger.charges), default=0)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    curves: dict[tuple, list[int]] = {}  # clients whose curves are the same are drawn once, named together
     for c in sorted(shown):
         if c in idle:
             ax1.plot([0, last_round], [0.0, 0.0], ls=":", label=f"client {c} (never trained)")
@@ -202,7 +203,14 @@ def plot_epsilon(ledger: Ledger, accountant: str, path: str | Path, rounds: int 
                 ys.append(acc.epsilon(history_key(ch.mechanism for ch in mine[: i + 1]), ledger.delta))
         xs.append(last_round)
         ys.append(ys[-1])
-        ax1.plot(xs, ys, drawstyle="steps-post" if stride == 1 else "default", label=f"client {c}")
+        curves.setdefault((tuple(xs), tuple(round(y, 9) for y in ys), stride == 1), []).append(c)
+    styles = ("-", "--", "-.", ":")
+    markers = ("o", "s", "^", "v", "D", "P", "X", "*")
+    for i, ((xs, ys, steps), who) in enumerate(sorted(curves.items(), key=lambda kv: kv[1][0])):
+        # each curve its own colour, dash and marker, so that lines that cross or nearly meet stay apart
+        name = f"client {who[0]}" if len(who) == 1 else f"clients {', '.join(map(str, who))} (same ε)"
+        ax1.plot(xs, ys, drawstyle="steps-post" if steps else "default", ls=styles[i % len(styles)],
+                 marker=markers[i % len(markers)], markersize=4, lw=1.4, alpha=0.85, label=name)
     budgets = ledger.budgets
     if budgets and len(set(budgets.values())) == 1:
         ax1.axhline(next(iter(budgets.values())), color="k", ls="--", lw=1, label="budget")

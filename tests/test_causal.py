@@ -451,7 +451,7 @@ def test_local_instruction_jsonl_and_its_errors(tmp_path):
     with pytest.raises(DataError, match="data.response_column: column 'answer' not found"):
         load_instruction_data(DataConfig(source=str(path), response_column="answer", partition="iid"))
     path.write_text(json.dumps({"instruction": "q", "response": ""}) + "\n")
-    with pytest.raises(DataError, match="record 0 .* empty 'response'"):
+    with pytest.raises(DataError, match=r"^data.response_column: 1 of 1 records have an empty 'response' \(records 1; the first record is 1\)"):
         load_instruction_data(DataConfig(source=str(path), partition="iid"))
 
 

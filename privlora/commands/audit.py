@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -412,6 +413,46 @@ def bounds(scores: dict[str, np.ndarray], included: np.ndarray, delta: float, co
     }
 
 
+SCORES = ("whitebox", "blackbox")
+"""The scores every audit reads (`Auditor`): each is one family of `bounds`' tests."""
+
+
+def best_possible_bound(m: int, delta: float, confidence: float) -> float:
+    """The largest epsilon lower bound ``m`` canaries can give, whatever training does: every
+    guess right (scores that separate included from left-out canaries perfectly), read with the
+    same tests and Bonferroni level as a real audit (`bounds`)."""
+    included = np.arange(m) % 2 == 0
+    perfect = included.astype(np.float64)
+    b = bounds({name: perfect for name in SCORES}, included, delta, confidence)
+    return max(b["best"]["epsilon_lower"], b["best_fdp"]["epsilon_lower_fdp"])
+
+
+def fewest_useful_canaries(delta: float, confidence: float, limit: int = 4096) -> int:
+    """The fewest canaries (even, from 2) whose `best_possible_bound` is above 0."""
+    m = 2
+    while m < limit and best_possible_bound(m, delta, confidence) <= 0:
+        m += 2
+    return m
+
+
+def canary_warning(m: int, delta: float, confidence: float, target: float | None) -> str | None:
+    """A warning when ``m`` canaries are too few for the audit to say much: none can give a bound
+    above 0, or even a perfect score's bound stays below the epsilon the run targets."""
+    if m >= DEFAULT_CANARIES:
+        return None
+    ceiling = best_possible_bound(m, delta, confidence)
+    if ceiling <= 0:
+        need = fewest_useful_canaries(delta, confidence)
+        return (f"--canaries {m}: even if every guess were right, {m} canaries cannot give a lower bound on epsilon above 0 "
+                f"at confidence {confidence:g} (it takes at least {need}); the audit will report 0 whatever training "
+                f"did. Use --canaries {DEFAULT_CANARIES} (the default)")
+    if target is not None and ceiling < target:
+        return (f"--canaries {m}: even if every guess were right, {m} canaries give a lower bound of at most "
+                f"ε = {ceiling:.2f} at confidence {confidence:g}, below the ε = {target:g} the run targets, so this audit "
+                f"cannot detect a violation of that claim; use more canaries (the default is {DEFAULT_CANARIES})")
+    return None
+
+
 def claimed_epsilon(out: Path, clients_with_canaries) -> float | None:
     """The largest epsilon the ledger charges any client holding a canary (None without DP)."""
     from privlora.reporting.report import read_metrics
@@ -530,6 +571,11 @@ def run_audit(
         if not 0 < confidence < 1:
             raise AuditError(f"--confidence must be in (0, 1), found {confidence}")
         secret = secrets.randbits(63) if seed is None else int(seed)
+        if int(canaries) >= 2 and cfg is not None and cfg.privacy.enabled:
+            p = cfg.privacy
+            target = p.budget_epsilon or (p.target_epsilon if p.noise_multiplier == 0 else None)
+            if warning := canary_warning(int(canaries), cfg.privacy.delta, float(confidence), target):
+                print(f"privlora: warning: {warning}", file=sys.stderr)
         state = AuditorState(folder, out, {"secret_seed": str(secret), "canaries": int(canaries), "design": design,
                                            "confidence": float(confidence)})
         cfg_used = cfg

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from privlora.core.checkpoint import CheckpointError
 from privlora.core.config import ConfigError, load_config
-from privlora.core.errors import RunFolderError, UserError, explain_os_error, interrupted_message
+from privlora.core.errors import RunFolderError, UserError, continue_hint, explain_os_error, interrupted_message
 from privlora.core.overrides import load_with_overrides
 from privlora.core.progress import quiet_library_warnings
 
@@ -50,6 +50,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if args.config or args.out or args.overwrite:
             raise ConfigError("--resume DIR continues the run in DIR with its own config.toml; give no CONFIG, --out or --overwrite")
         cfg, out = None, Path(args.resume)
+        if (done := finished_run(out)) is not None:
+            print(f"privlora: {out} is already finished ({done}); there is nothing to resume. Its results are in "
+                  f"{out / 'report.md'}; to train again, start a new run: `privlora run {out / 'config.toml'} --out NEW_DIR`",
+                  file=sys.stderr)
+            return 0
         print(f"privlora: resuming {out}", file=sys.stderr)
     else:
         cfg = load_with_overrides(args.config, args.set)
@@ -61,6 +66,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         final = run_experiment(cfg, out, progress=not args.quiet, overwrite=args.overwrite, resume=bool(args.resume))
     except CheckpointError as exc:
         raise CheckpointError(_checkpoint_next_step(exc, out) if args.resume else str(exc)) from exc
+    except Terminated:
+        print(f"privlora: terminated (SIGTERM); {continue_hint(out)}", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print(f"privlora: {interrupted_message(out)}", file=sys.stderr)
         return 130
@@ -80,6 +88,28 @@ def _cmd_run(args: argparse.Namespace) -> int:
         summary["stopped"] = final["stopped"]
     print(json.dumps(summary))
     return 0
+
+
+def finished_run(out: Path) -> str | None:
+    """How a run folder that has nothing left to run ended ("all 6 rounds", "stopped after round
+    2: ..."), read from its metrics.jsonl and report; None when it is not finished (or not a
+    run folder: --resume then says what is wrong with it)."""
+    metrics, cfg_path = out / "metrics.jsonl", out / "config.toml"
+    if not (metrics.is_file() and cfg_path.is_file() and (out / "report.md").is_file()):
+        return None
+    try:
+        rows = [json.loads(x) for x in metrics.read_text(encoding="utf-8").splitlines() if x.strip()]
+        rounds = load_config(cfg_path).federation.rounds
+    except (ValueError, UserError, OSError):
+        return None
+    if not rows:
+        return None
+    last = rows[-1]
+    if last.get("stopped") and not last.get("aborted"):
+        return f"stopped in round {last['round']}: {last['stopped']}"
+    if last.get("round") == rounds and not last.get("stopped"):
+        return f"all {rounds} round{'s' if rounds != 1 else ''}"
+    return None
 
 
 def _run_folder(path: str, command: str) -> Path:
@@ -273,14 +303,15 @@ def _cmd_audit(args: argparse.Namespace) -> int:
                                overwrite=args.overwrite, auditor_dir=auditor_dir)
     except (AuditError, OutputDirError) as exc:
         raise ConfigError(str(exc)) from exc
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        word = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
         if (out / "checkpoint" / "state.json").is_file():
             extra = "" if args.auditor_dir is None else f" --auditor-dir {auditor_dir}"
-            print(f"privlora: interrupted; every finished round and the audit's state ({auditor_dir}, keep it from the "
+            print(f"privlora: {word}; every finished round and the audit's state ({auditor_dir}, keep it from the "
                   f"server) are kept: continue with `privlora audit --resume {out}{extra}`", file=sys.stderr)
         else:
-            print("privlora: interrupted before any round finished: run the same command again", file=sys.stderr)
-        return 130
+            print(f"privlora: {word} before any round finished: run the same command again", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
     best = record["best"]
     print(json.dumps({"out": str(out), "epsilon_lower": round(record["epsilon_lower"], 4),
                       "epsilon_lower_fdp": round(record["fdp"]["epsilon_lower"], 4), "mu_lower": round(record["fdp"]["mu_lower"], 4),
@@ -322,10 +353,10 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         out = Path(args.out or grid_out)
     try:
         result = run_sweep(grid, out, command=["privlora", *getattr(args, "argv", [])], progress=not args.quiet)
-    except KeyboardInterrupt:
-        print(f"privlora: sweep interrupted; every finished point in {out / 'runs'} is kept and {out / 'sweep.json'} "
+    except KeyboardInterrupt as exc:
+        print(f"privlora: sweep {'terminated (SIGTERM)' if isinstance(exc, Terminated) else 'interrupted'}; every finished point in {out / 'runs'} is kept and {out / 'sweep.json'} "
               f"records each point's status: continue with `privlora sweep --resume {out}`", file=sys.stderr)
-        return 130
+        return 143 if isinstance(exc, Terminated) else 130
     print(json.dumps({"out": str(out), "points": result["total"], "done": result["done"], "failed": result["failed"],
                       "aborted": result["aborted"], "table": str(out / "table.md"), "plot": str(out / "sweep.png")}))
     if result["failed"] or result["aborted"]:
@@ -435,8 +466,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """The arguments; ``predict DIR --json "a text"`` takes texts after its options too (argparse
+    alone stops at the first option after DIR)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if getattr(args, "command", None) == "predict" and not any(x.startswith("-") for x in extra):
+            args.texts = list(args.texts) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived (`kill`, a scheduler ending the job): unwinds as Ctrl-C does (every
+    handler of KeyboardInterrupt keeps what it keeps for Ctrl-C), then exit 143."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    import signal
+
+    args = _parse(argv)
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread: leave SIGTERM alone
+        previous = None
+    try:
+        return _main(args, argv)
+    except Terminated:
+        out = getattr(args, "resume", None) or getattr(args, "out", None)
+        hint = continue_hint(Path(out)) if out else "run the same command again"
+        print(f"privlora: terminated (SIGTERM); {hint}", file=sys.stderr)
+        return 143
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     debug = getattr(args, "debug", False)
     quiet_library_warnings()

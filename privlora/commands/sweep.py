@@ -909,12 +909,15 @@ def plot(rows: list[dict], path: Path) -> None:
                         marker="o", capsize=3, label=f"{s} (DP, mean ± sd; band min–max)")
         for r in rows:
             if r["strategy"] == s and math.isinf(r["epsilon"]) and r["runs"]:
-                ax.axhline(r["accuracy_mean"], color=c, ls="--", lw=1.5, label=f"{s} no DP (ε = ∞)")
+                ax.axhline(r["accuracy_mean"], color=c, ls="--", lw=1.5, label=f"{s} no DP (ε = ∞): {r['accuracy_mean']:.3f}")
                 if r["runs"] > 1:
                     ax.axhspan(r["accuracy_min"], r["accuracy_max"], color=c, alpha=0.07, lw=0)
     majority = [r["majority_baseline"] for r in rows if r["majority_baseline"] is not None]
     if majority:
-        ax.axhline(statistics.fmean(majority), color="grey", ls=":", lw=1.5, label="majority class")
+        # drawn last and on top, dotted black with markers: a no-DP line at the same height cannot hide it
+        level = statistics.fmean(majority)
+        ax.plot([0, 1], [level, level], transform=ax.get_yaxis_transform(), color="black", ls=":", lw=2, marker="|",
+                markevery=0.1, markersize=8, zorder=10, label=f"majority class: {level:.3f}")
     ax.set_xscale("log")
     if finite:
         lo, hi = finite[0], finite[-1]

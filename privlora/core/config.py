@@ -148,6 +148,13 @@ class DataConfig:
     partition: str = "natural"
     dirichlet_alpha: float = 0.5
     num_clients: int = 10
+    labels: tuple[str, ...] = ()
+    """The class names, in order (label i = ``labels[i]``): every record's label (as text) must
+    be one of them. Empty = inferred from the data (sorted), refusing labels too rare to be real
+    classes (``Pos`` beside ``pos``, or a label with fewer than max(2, 0.5%) of 20+ records)."""
+    drop_invalid: bool = False
+    """Drop the records with an empty or missing text or label (or a label not in ``labels``),
+    with a count on stderr, instead of refusing the data with their row numbers."""
 
 
 @dataclass(frozen=True)
@@ -265,6 +272,11 @@ class PrivacyConfig:
     noise_multiplier: float = 0.0
     """Explicit noise multiplier (sigma); 0 means calibrate it from target_epsilon."""
     delta: float = 1e-5
+    """The delta of every (epsilon, delta) guarantee; at most 1/n of the smallest client's n
+    training records (refused above it unless ``allow_large_delta``)."""
+    allow_large_delta: bool = False
+    """Accept a delta above 1/n of the smallest client (a guarantee that allows leaking a whole
+    record with probability delta); one warning is printed instead of the refusal."""
     max_grad_norm: float = 1.0
     accountant: str = "pld"
     """The tight accountant that decides admission and the reported epsilon: "prv" (Opacus PRV,
@@ -536,6 +548,12 @@ def _validate_review_phrasing(cfg: ExperimentConfig) -> None:
         _require(len(d.review_answers) == 2 and all(a.strip() for a in d.review_answers)
                  and len(set(d.review_answers)) == 2, "data.review_answers",
                  f"must be two different non-empty answers [for rotten, for fresh], found {list(d.review_answers)}")
+    if d.labels:
+        _require(len(d.labels) >= 2 and len(set(d.labels)) == len(d.labels) and all(x.strip() == x and x for x in d.labels),
+                 "data.labels", f"must be two or more different class names without surrounding spaces, found {list(d.labels)}")
+        _require(m.task != "causal-lm", "data.labels", "names classes, which model.task = 'causal-lm' does not have; remove it")
+        _require(d.source != EMBEDDED_DATA, "data.labels",
+                 f"the embedded reviews bring their own labels (rotten, fresh); remove it, or give a file as data.source")
     for name in ("review_prompt", "review_answers"):
         _require(not getattr(d, name) or (m.task == "causal-lm" and d.source == EMBEDDED_DATA), f"data.{name}",
                  "review_prompt and review_answers phrase the embedded reviews for model.task = 'causal-lm'; "
@@ -545,6 +563,10 @@ def _validate_review_phrasing(cfg: ExperimentConfig) -> None:
 def _validate_group_column(cfg: ExperimentConfig) -> None:
     """The natural partition has a column to group by (the embedded data sets bring their own)."""
     d = cfg.data
+    if d.partition == "natural" and not d.group_column and d.source not in (EMBEDDED_DATA, EMBEDDED_QA):
+        _require(d.source.startswith("python:") or Path(d.source).expanduser().is_file(), "data.source",
+                 f"{d.source!r} is neither {EMBEDDED_DATA!r} nor an existing file (a relative data.source in a config "
+                 "file is resolved against that file's folder, one given with --set against the current folder)")
     if d.partition == "natural":
         _require(
             bool(d.group_column) or d.source in (EMBEDDED_DATA, EMBEDDED_QA),
@@ -769,11 +791,33 @@ def read_toml(path: str | Path, role: str = "config", wanted: str = "a .toml fil
     if not path.is_file():
         raise ConfigError(f"{role}: file {str(path)!r} does not exist; pass the path of {wanted}")
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{role}: {path} is not valid TOML ({exc})") from exc
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{role}: {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from exc
+    return resolve_data_paths(raw, path.parent) if role == "config" else raw
+
+
+DATA_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet", ".bz2")
+
+
+def resolve_data_paths(raw: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """A config table whose relative ``data.source`` is made absolute against ``folder`` (the
+    folder of the config file that sets it), so that a config means the same file from any
+    current folder; the run's config.toml records the absolute path. Left as it is: an
+    ``embedded:`` or ``python:`` source, an absolute path, a path that is not a file there but
+    is one from the current folder (configs written before this rule, and run folders' own
+    config.toml of runs started from Python), and a name that is no data file at all (a
+    custom task's source)."""
+    data = raw.get("data")
+    if isinstance(data, dict) and isinstance(data.get("source"), str):
+        src = data["source"]
+        if src and ":" not in src.split("/")[0] and not Path(src).expanduser().is_absolute():
+            there = (folder / src).absolute()
+            if there.is_file() or (not Path(src).is_file() and Path(src).suffix.lower() in DATA_SUFFIXES):
+                raw = {**raw, "data": {**data, "source": str(there)}}
+    return raw
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

@@ -25,7 +25,8 @@ import typing
 from pathlib import Path
 from typing import Any, Iterable
 
-from privlora.core.config import ConfigError, ExperimentConfig, config_from_dict, config_to_dict, load_config, read_toml
+from privlora.core.config import (ConfigError, ExperimentConfig, config_from_dict, config_to_dict, load_config, read_toml,
+                                  resolve_data_paths)
 
 
 def _fields(cls: type) -> dict[str, Any]:
@@ -119,6 +120,8 @@ def parse_overrides(assignments: Iterable[str]) -> dict[str, Any]:
         key, value_text = split_assignment(text)
         _, tp = resolve_key(key)
         out[key] = check_value(key, parse_value(key, value_text, tp), tp)
+        if key == "data.source":  # a relative path on the command line means the current folder's file
+            out[key] = resolve_data_paths({"data": {"source": out[key]}}, Path.cwd())["data"]["source"]
     return out
 
 

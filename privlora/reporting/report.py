@@ -99,6 +99,11 @@ def plot(rows: list[dict], path: Path, loss_label: str = "held-out loss") -> Non
     plt.close(fig)
 
 
+def plural(n: int, word: str) -> str:
+    """``1 round``, ``6 rounds``."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def accuracy_line(cfg, rows: list[dict], final: dict) -> str:
     """The report's lines on held-out quality, in the run's task's words (`Task.quality_lines`):
     accuracy against the untrained model and the majority class, then the task's own metrics
@@ -209,8 +214,8 @@ def calibration_statement(cfg, rows: list[dict]) -> str:
                 f"{cfg.calibration_rounds} of the {f.rounds} rounds, its expected share with {f.clients_per_round} of "
                 f"{cfg.data.num_clients} clients sampled per round (privacy.participation = \"expected\"), not in all "
                 f"of them; {enforced}")
-    return (f"Each client's noise multiplier was calibrated so that ε ≤ {p.target_epsilon} if it trained in every one "
-            f"of the {f.rounds} rounds; {enforced}")
+    every = "every one of the " + f"{f.rounds} rounds" if f.rounds != 1 else "the run's 1 round"
+    return f"Each client's noise multiplier was calibrated so that ε ≤ {p.target_epsilon} if it trained in {every}; {enforced}"
 
 
 def tuning_statement(cfg) -> str | None:
@@ -317,7 +322,7 @@ def summary_lines(cfg, rows: list[dict], final: dict, stopped: str | None) -> li
     lines += [
         f"- Strategy **{cfg.federation.strategy}**, {cfg.data.num_clients} clients "
         f"({cfg.data.partition} partition), {cfg.federation.clients_per_round} sampled per round, "
-        f"{cfg.federation.rounds} rounds x {cfg.training.local_steps} local steps, LoRA rank "
+        f"{plural(cfg.federation.rounds, 'round')} x {plural(cfg.training.local_steps, 'local step')}, LoRA rank "
         f"{list(cfg.lora.ranks) or cfg.lora.r} on {list(cfg.lora.target_modules)}, seed {cfg.seed}.",
         f"- Aggregation: {aggregation_statement(cfg)}",
         accuracy_line(cfg, rows, final),
@@ -326,6 +331,10 @@ def summary_lines(cfg, rows: list[dict], final: dict, stopped: str | None) -> li
         lines.append(tuned)
     if stopped:
         lines.append(f"- **Stopped early:** {stopped}.")
+    elif final["round"] < cfg.federation.rounds:
+        lines.append(f"- **Unfinished:** the run was interrupted after round {final['round']} of {cfg.federation.rounds}; "
+                     "every number here is that round's, not a finished run's. Continue it with `privlora run --resume` "
+                     "on this folder; the report is written again at the end.")
     if not cfg.privacy.enabled:
         lines += ["- **No differential privacy**: this run is a non-private baseline; no epsilon applies."]
     lines.append("- Upload and download are the mean tensor bytes (float32) one client sent and received in the round "

@@ -46,6 +46,7 @@ predict`` and `privlora.tasks.models.load_base_for_run` read model.json without 
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
@@ -55,6 +56,28 @@ import numpy as np
 from privlora.core.config import DataConfig, ExperimentConfig
 from privlora.core.errors import UserError
 from privlora.tasks.data import LabelledData
+
+
+def check_delta(cfg: ExperimentConfig, client_sizes: list[int]) -> None:
+    """Refuse ``privacy.delta`` above 1/n of the smallest client's n training records (such a
+    guarantee allows leaking a whole record with probability delta), naming the value, n and the
+    fix; with ``privacy.allow_large_delta`` the run goes on (one warning is printed at start-up)."""
+    from privlora.core.config import ConfigError
+
+    p = cfg.privacy
+    sizes = [n for n in client_sizes if n > 0]
+    if not p.enabled or not sizes or p.allow_large_delta:
+        return
+    n = min(sizes)
+    if p.delta > 1.0 / n:
+        k = client_sizes.index(n)
+        suggestion = 10 ** math.floor(math.log10(0.1 / n))
+        raise ConfigError(
+            f"privacy.delta: {p.delta:g} is above 1/n = {1.0 / n:.3g} for the smallest client (client {k}, n = {n} training "
+            f"records): an (epsilon, delta) guarantee then allows leaking a whole record with probability delta; lower "
+            f"privacy.delta well below 1/n (e.g. privacy.delta = {suggestion:g}), or set privacy.allow_large_delta = true "
+            "to accept it"
+        )
 
 
 class CanaryError(UserError):
@@ -111,7 +134,9 @@ class Task(ABC):
         from privlora.tasks.partition import partition
 
         d = self.cfg.data
-        return partition(train, d.partition, d.num_clients, self.cfg.seed, d.dirichlet_alpha)
+        shards = partition(train, d.partition, d.num_clients, self.cfg.seed, d.dirichlet_alpha)
+        check_delta(self.cfg, [len(s) for s in shards])
+        return shards
 
     # ------------------------------------------------------------------ model
     def load_tokenizer(self) -> Any:
@@ -204,8 +229,13 @@ class Task(ABC):
         if final["test_accuracy"] is None:
             return []
         majority = "" if first.get("majority_baseline") is None else f"; always predicting the majority class {first['majority_baseline']:.4f}"
-        return [f"- {self.accuracy_label} on {where}: **{final['test_accuracy']:.4f}** after round {final['round']} "
+        return [f"- {self.accuracy_label} on {where}: **{final['test_accuracy']:.4f}** {self.after_round(final)} "
                 f"(untrained model {first['test_accuracy']:.4f}{majority})."]
+
+    def after_round(self, final: dict[str, Any]) -> str:
+        """``after round 6``, or ``after round 1 of 6`` when the run has not run all its rounds."""
+        planned = self.cfg.federation.rounds
+        return f"after round {final['round']}" + (f" of {planned}" if final["round"] < planned else "")
 
     def quality_lines(self, rows: list[dict[str, Any]], final: dict[str, Any], where: str) -> list[str]:
         """report.md's lines on held-out quality (``where``: what it was measured on): the
@@ -214,7 +244,7 @@ class Task(ABC):
         for key, title, fmt in self.metric_columns(rows):
             if final.get(key) is not None:
                 before = "-" if first.get(key) is None else format(first[key], fmt)
-                parts.append(f"- Held-out {title} on {where}: **{format(final[key], fmt)}** after round {final['round']} "
+                parts.append(f"- Held-out {title} on {where}: **{format(final[key], fmt)}** {self.after_round(final)} "
                              f"(untrained model {before}).")
         return parts
 

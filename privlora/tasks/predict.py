@@ -44,6 +44,11 @@ def load_run(run_dir: str | Path):
         raise RunFolderError(f"predict: {run} is not a folder; give the --out folder of a finished privlora run")
     adapter = run / "adapter"
     if not (adapter / "adapter_config.json").is_file():
+        if (run / "report.md").is_file() and not (run / "checkpoint" / "state.json").is_file():
+            raise RunFolderError(
+                f"predict: {run} is a finished run whose trained adapter was not kept ({adapter} is absent: a committed "
+                f"example keeps only its report, metrics and ledger); to get a model to predict with, run the same config "
+                f"again: `privlora run {run / 'config.toml'} --out NEW_DIR`, then `privlora predict NEW_DIR ...`")
         how = (f"continue it with `privlora run --resume {run}`" if (run / "checkpoint" / "state.json").is_file()
                else "run it to the end first")
         raise RunFolderError(f"predict: {adapter} holds no adapter: the run has not finished; {how}")
