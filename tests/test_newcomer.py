@@ -70,6 +70,9 @@ def test_sigterm_says_how_to_resume_and_exits_143(terminated):
     # the override lets the run go on with privlora's own warnings only: no raw library warning
     assert "Warning" not in err and "opacus" not in err.lower(), err
     assert all(ln.startswith("privlora: ") for ln in err.splitlines()), err
+    # one warning for the whole federation, not one per client (all three clients are above 1/n)
+    delta_lines = [ln for ln in err.splitlines() if "is above 1/n" in ln]
+    assert len(delta_lines) == 1 and "(and 2 other clients)" in delta_lines[0], err
 
 
 def test_the_report_of_an_interrupted_run_says_it_is_unfinished(terminated, capsys):

@@ -223,8 +223,11 @@ def start_run(
     start_output(cfg, out, overwrite, resume, label_names)
     first_evaluation_stage(server, reporter, len(server.test_dataset), enabled=not resume)
     if fed is not None and cfg.privacy.enabled:
-        for c in fed.clients:
-            if w := delta_warning(cfg.privacy.delta, c.num_examples):
-                print(f"privlora: warning: client {c.client_id}: {w}", file=sys.stderr)
+        over = [c for c in fed.clients if delta_warning(cfg.privacy.delta, c.num_examples)]
+        if over:  # one line for the whole federation (allowed by privacy.allow_large_delta)
+            smallest = min(over, key=lambda c: c.num_examples)
+            others = f" (and {len(over) - 1} other client{'s' if len(over) > 2 else ''})" if len(over) > 1 else ""
+            print(f"privlora: warning: client {smallest.client_id}{others}: "
+                  f"{delta_warning(cfg.privacy.delta, smallest.num_examples)}", file=sys.stderr)
     return StartedRun(cfg=cfg, out=out, server=server, majority_baseline=majority, label_names=label_names,
                       resume=resume, federation=fed)
