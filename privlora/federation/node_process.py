@@ -36,7 +36,8 @@ even SIGKILL leaves a charge spent and a restarted node re-sends the kept releas
 allow (`privlora.federation.node.ClientGuard`).
 
 Every message is appended to ``NODE-DIR/activity.jsonl`` (time, kind, round, stage, received or
-sent) and ``pause-at`` (fault injection for tests) pauses this process on that stage.
+sent) and ``pause-at`` (fault injection for tests) pauses this process on that stage, or, with
+``pause-at = "charged"``, right after a charge is on disk.
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ IO_TIMEOUT = 60.0
 """Seconds a peer has to send (or take) one whole frame."""
 OP_MESSAGE, OP_WHOAMI = b"M", b"W"
 OK, ERROR = b"O", b"E"
+PAUSE_CHARGED = "charged"
+"""``pause-at`` value (tests only): the node process pauses right after a charge reaches its ledger."""
 _HEAD = struct.Struct(">cQ")
 
 
@@ -95,6 +98,21 @@ def _address(path: Path):
 
 def socket_path(settings) -> Path:
     return Path(settings.node_socket) if getattr(settings, "node_socket", "") else Path(settings.node_dir) / SOCKET_NAME
+
+
+def listening(path: str | Path) -> bool:
+    """True if a node process accepts connections on ``path`` now (a stale socket file left by a
+    killed process is not enough)."""
+    path = Path(path)
+    if not path.exists():
+        return False
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s, _address(path) as addr:
+            s.settimeout(2.0)
+            s.connect(addr)
+        return True
+    except OSError:
+        return False
 
 
 # ---------------------------------------------------------------------------------- frames
@@ -236,6 +254,8 @@ class NodeProcess:
         self._lock()
         try:
             self.node = build_client_node(self.settings)
+            if self.settings.pause_at == PAUSE_CHARGED and self.node.guard is not None:
+                self._pause_after_charge()
             self._bind()
         except BaseException:
             self.close()
@@ -244,6 +264,17 @@ class NodeProcess:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def _pause_after_charge(self) -> None:
+        """Fault injection (``pause-at = "charged"``): pause right after a charge is on disk, before
+        training, so that a test can kill the node between its charge and its release."""
+        guard, charge = self.node.guard, self.node.guard.charge
+
+        def charge_then_pause(rnd, mechanism):
+            charge(rnd, mechanism)
+            pause(self.node_dir, PAUSE_CHARGED)
+
+        guard.charge = charge_then_pause
 
     def close(self) -> None:
         if self._sock is not None:
@@ -354,5 +385,5 @@ def _pair(p: str) -> str:
     return f'"{k.strip()}" = {v.strip()}'
 
 
-__all__ = ["NodeBusy", "NodeError", "NodeProcess", "NodeUnreachable", "ask", "log_activity", "read_node_config", "serve",
+__all__ = ["NodeBusy", "NodeError", "NodeProcess", "NodeUnreachable", "ask", "log_activity", "listening", "read_node_config", "serve",
            "socket_path"]
