@@ -186,7 +186,7 @@ def _cmd_node_serve(args: argparse.Namespace) -> int:
     from privlora.federation.deploy import node_settings
     from privlora.federation.node_process import read_node_config, serve
 
-    return serve(node_settings(read_node_config(args.node_config)))
+    return serve(node_settings(read_node_config(args.node_config)), preload=not args.lazy)
 
 
 def _cmd_node(args: argparse.Namespace) -> int:
@@ -397,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     nv.add_argument("--node-config", required=True, metavar="FILE.toml",
                     help="the node config: a TOML file, or Flower's form 'config=\"fed.toml\" client-id=0 node-dir=\"DIR\"' "
                          "(keys: config, client-id, data, node-dir, signing-key, noise, node-socket)")
+    nv.add_argument("--lazy", action="store_true", help="load the data and model on the first training message, not before listening")
     nv.set_defaults(func=_cmd_node_serve)
     ns = nsub.add_parser("status", parents=[common], help="identity, data fingerprints, lifetime and per-run spend, integrity")
     ns.add_argument("--node-dir", required=True, help="the node's folder (its node config's node-dir)")

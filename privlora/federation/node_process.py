@@ -4,8 +4,8 @@
 
 It builds the node's `ClientNode` once from its node config (`privlora.federation.deploy`: the
 federation's TOML, client id, data, ``node-dir``, signing key, noise source): its ledger, lifetime
-ledger and key now, its data, tokenizer and model on the first message that needs them, and
-keeps them for its whole life. Flower's ClientApp (a fresh process per message, shipped by the
+ledger, key, data, tokenizer and model, before it listens (``--lazy``: the data and model on the
+first message that trains), and keeps them for its whole life. Flower's ClientApp (a fresh process per message, shipped by the
 server) only relays message bytes to it (`privlora.transports.flower.client_app`); a node's
 secure-aggregation session and this round's pending contribution simply stay in this process's
 memory (nothing is sealed or handed to the SuperNode between messages).
@@ -197,8 +197,9 @@ class NodeProcess:
     """The node's long-lived server. ``with NodeProcess(settings) as p: p.serve()``; entering takes
     the folder's lock (or raises `NodeBusy`) and binds the socket; leaving removes both."""
 
-    def __init__(self, settings, max_frame: int = MAX_FRAME, io_timeout: float = IO_TIMEOUT):
+    def __init__(self, settings, max_frame: int = MAX_FRAME, io_timeout: float = IO_TIMEOUT, preload: bool = True):
         self.settings = settings
+        self.preload = bool(preload)
         self.node_dir = Path(settings.node_dir)
         self.path = socket_path(settings)
         self.max_frame, self.io_timeout = int(max_frame), float(io_timeout)
@@ -256,6 +257,8 @@ class NodeProcess:
             self.node = build_client_node(self.settings)
             if self.settings.pause_at == PAUSE_CHARGED and self.node.guard is not None:
                 self._pause_after_charge()
+            if self.preload:  # data, tokenizer and model now: the socket appears when the node is warm
+                self.node.client  # noqa: B018 - loads and keeps them
             self._bind()
         except BaseException:
             self.close()
@@ -342,9 +345,10 @@ class NodeProcess:
                 self.serve_one(conn)
 
 
-def serve(settings, ready=None) -> int:
-    """Run the node process until SIGTERM/SIGINT; 0 on a clean stop."""
-    p = NodeProcess(settings)
+def serve(settings, ready=None, preload: bool = True) -> int:
+    """Run the node process until SIGTERM/SIGINT; 0 on a clean stop. ``preload``: load the data,
+    tokenizer and model before listening (else on the first message that trains)."""
+    p = NodeProcess(settings, preload=preload)
     previous = {s: signal.signal(s, p.stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         with p:

@@ -200,7 +200,7 @@ class LocalDeployment:
             for i, nc in enumerate(self.node_configs):
                 self.start_node_process(i, nc)
             for i in range(len(self.node_configs)):
-                self.wait_node_process(i, wait)
+                self.wait_node_process(i, max(wait, 600.0))  # each loads its data and model before it listens
         for i, nc in enumerate(self.node_configs):
             self.start_node(i, nc)
 
