@@ -181,7 +181,7 @@ def test_a_relay_with_no_node_process_answers_a_named_refusal_quickly(tmp_path, 
     assert "no node process listens" in refusal.header["reason"] and "privlora node serve" in refusal.header["reason"]
     # a message without a refusal form (a secure-aggregation stage) is an error reply naming the reason
     secagg = Message("secagg_request", {"client_id": 0, "round": 3, "stage": "share_keys"}).to_bytes()
-    with pytest.raises(client_app.RelayError, match="no node process listens"):
+    with pytest.raises(NodeUnreachable, match="no node process listens"):
         client_app.handle(flower_message({"blob": secagg}), context)
     # the relay's address book answer needs no node; and it takes nothing but where to relay
     assert client_app.handle(flower_message({"whoami": 1}), context).content[RECORD]["client-id"] == 0

@@ -8,8 +8,8 @@ relay holds no data, ledger, key or state: a ClientApp shipped by a hostile serv
 more than send privlora messages, which the node judges by its own rules. No node process, or one
 that dies mid-message or does not answer within ``relay-timeout`` (default 900 s): a round
 instruction gets a privlora ``refusal`` (``code = "node_unreachable"``, the reason inside; the
-server records it in metrics.jsonl), any other message an error reply naming the reason (the
-server counts a dropout); never a hang.
+server records it in metrics.jsonl), any other message an error reply naming the reason
+(`privlora.federation.node_process.NodeUnreachable`; the server counts a dropout); never a hang.
 
 Without ``node-socket`` (Flower's simulation engine: virtual nodes in warm Ray actors; tests) the
 node runs in the ClientApp itself: each message rebuilds the `ClientNode` from its node config
@@ -135,15 +135,10 @@ UNREACHABLE = "node_unreachable"
 """The ``code`` of a relay's refusal when the node process cannot answer."""
 
 
-class RelayError(Exception):
-    """The node process refused or could not answer a message that has no refusal form (Flower
-    returns it to the server as an error reply: the node is a dropout, the reason logged)."""
-
-
 def _relay(msg: Message, nc: dict) -> Message:
     """Forward one message's bytes to the node process and its reply back; nothing else."""
     from privlora.core.config import ConfigError
-    from privlora.federation.node_process import OP_WHOAMI, NodeError, NodeUnreachable, ask
+    from privlora.federation.node_process import OP_WHOAMI, NodeUnreachable, ask
 
     unknown = sorted(set(nc) - RELAY_KEYS - SIMULATION_NODE_KEYS)
     if unknown:
@@ -161,32 +156,31 @@ def _relay(msg: Message, nc: dict) -> Message:
         else:
             import json
 
-            try:
-                cid = int(json.loads(ask(path, b"", 30.0, op=OP_WHOAMI))["client-id"])
-            except (NodeUnreachable, NodeError) as exc:
-                raise RelayError(f"node-socket {path}: {exc}") from None
+            cid = int(json.loads(ask(path, b"", 30.0, op=OP_WHOAMI))["client-id"])
         return Message(RecordDict({RECORD: ConfigRecord({"client-id": cid})}), reply_to=msg)
     blob = bytes(record["blob"])
     try:
         reply = ask(path, blob, timeout)
     except NodeUnreachable as exc:
         reply = _unreachable(blob, str(exc), nc)
-    except NodeError as exc:
-        raise RelayError(str(exc)) from None
+    # a NodeError (the node refused or failed on the message) goes back to the server as Flower's
+    # error reply, as when the node ran in this process: the node is a dropout, the reason logged
     return Message(RecordDict({RECORD: ConfigRecord({"blob": reply})}), reply_to=msg)
 
 
 def _unreachable(blob: bytes, reason: str, nc: dict) -> bytes:
     """A round instruction's refusal naming why the node process could not answer; for any other
-    message a `RelayError` (a refusal is a reply only to a round instruction)."""
+    message `NodeUnreachable` (a refusal is a reply only to a round instruction; Flower returns the
+    error to the server, which counts a dropout and logs the reason)."""
     from privlora.federation.messages import Message as PrivloraMessage
     from privlora.federation.messages import MessageError
+    from privlora.federation.node_process import NodeUnreachable
 
     print(f"privlora: relay: {reason}", file=sys.stderr, flush=True)
     try:
         asked = PrivloraMessage.from_bytes(blob, ("round_instruction",))
     except MessageError:
-        raise RelayError(f"node process unreachable: {reason}") from None
+        raise NodeUnreachable(f"node process unreachable: {reason}") from None
     cid = asked.header.get("client_id", nc.get("client-id"))
     header = {"client_id": cid, "round": asked.header.get("round"), "reason": f"node process unreachable: {reason}",
               "code": UNREACHABLE}
