@@ -44,7 +44,7 @@ def nodes(tmp_path):
         log.close()
         proc.log = tmp_path / f"node-{len(started)}.log"
         started.append(proc)
-        sock = node_dir / "node.sock"
+        sock = Path(extra.get("node-socket", node_dir / "node.sock"))
         end = time.monotonic() + START_WAIT
         while wait and not listening(sock):
             assert proc.poll() is None, proc.log.read_text()
@@ -173,8 +173,9 @@ def test_a_relay_with_no_node_process_answers_a_named_refusal_quickly(tmp_path, 
             "sample_rate": 0.5, "sampling": "poisson", "steps": 2}
     context = Context(run_id=1, node_id=7, node_config={"node-socket": str(tmp_path / "none" / "node.sock"), "client-id": 0},
                       state=RecordDict(), run_config={"config": str(cfg)})
+    msg = flower_message({"blob": instruction(cfg, mech, 3)})
     t = time.monotonic()
-    reply = client_app.handle(flower_message({"blob": instruction(cfg, mech, 3)}), context)
+    reply = client_app.handle(msg, context)
     assert time.monotonic() - t < 5.0
     refusal = Message.from_bytes(bytes(reply.content[RECORD]["blob"]), "refusal")
     assert refusal.header["round"] == 3 and refusal.header["client_id"] == 0 and refusal.header["code"] == "node_unreachable"
@@ -220,8 +221,14 @@ def test_sigterm_during_a_message_finishes_it_and_leaves_a_consistent_ledger(tmp
 
 
 def test_an_oversized_or_stalled_frame_is_dropped_and_the_node_serves_on(tmp_path, tiny_model_dir, nodes):
+    import grp
+
     cfg = write_config(tmp_path, tiny_model_dir)
-    _, sock = nodes(cfg, tmp_path / "node0")
+    (tmp_path / "run").mkdir()
+    group = grp.getgrgid(os.getgid()).gr_name  # a deployment names the SuperNode user's group
+    _, sock = nodes(cfg, tmp_path / "node0", **{"node-socket": str(tmp_path / "run" / "node.sock"), "socket-group": group})
+    assert (sock.stat().st_mode & 0o777) == 0o660 and sock.stat().st_gid == os.getgid()
+    assert (tmp_path / "node0").stat().st_mode & 0o777 == 0o700  # the node folder: its user only
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.connect(str(sock))
         s.sendall(_HEAD.pack(OP_MESSAGE, (1 << 30) + 1))  # above MAX_FRAME: refused before any read

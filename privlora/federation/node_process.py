@@ -11,8 +11,12 @@ secure-aggregation session and this round's pending contribution simply stay in 
 memory (nothing is sealed or handed to the SuperNode between messages).
 
 Where it listens: a Unix socket, ``NODE-DIR/node.sock`` by default (``node-socket`` in the node
-config), created mode 0600 inside the node's folder (mode 0700 when the process creates it):
-only the node's own OS user can connect. Nothing listens on the network.
+config), created mode 0600 (the node's folder mode 0700 when the process creates it): only the
+node's own OS user can connect. When the node process runs as its own OS user and the SuperNode
+as another, put the socket outside the node folder (``node-socket =
+"/run/privlora-node/node.sock"``) and name the group of the SuperNode's user (``socket-group``):
+the socket is then mode 0660 in that group, and the node folder stays unreadable to the
+SuperNode. Nothing listens on the network.
 
 One node process per folder: it holds an exclusive ``fcntl.flock`` on ``NODE-DIR/node.lock`` for
 its whole life; a second process on the same folder refuses to start (`NodeBusy`), naming the
@@ -244,7 +248,22 @@ class NodeProcess:
             raise
         finally:
             os.umask(old)
-        os.chmod(self.path, 0o600)
+        group = getattr(self.settings, "socket_group", "")
+        if group:  # the relay runs as another user (the SuperNode's), a member of this group
+            import grp
+
+            from privlora.core.config import ConfigError
+
+            try:
+                gid = grp.getgrnam(group).gr_gid
+                os.chown(self.path, -1, gid)
+            except (KeyError, PermissionError) as exc:
+                sock.close()
+                raise ConfigError(f"node config: socket-group {group!r}: cannot give the socket to that group ({exc}); create "
+                                  "the group and make this node's user a member of it (see docs/flower.md)") from None
+            os.chmod(self.path, 0o660)
+        else:
+            os.chmod(self.path, 0o600)
         sock.listen(16)
         sock.settimeout(0.5)  # wakes to see a stop request
         self._sock = sock
