@@ -88,7 +88,35 @@ def run_flower(cfg_path: Path, out: Path, n: int, node_processes: bool = False) 
         status = dep.wait(run_id, 7200)
     if status != "finished:completed":
         raise RuntimeError(f"the Flower run ended {status}; logs in {work}")
-    return {**summary(out), "wall_s": time.perf_counter() - t, "loopback_mb": (lo_bytes() - before) / 1e6, "start_s": started}
+    extra = {"breakdown": breakdown(work / "nodes")} if node_processes else {}
+    return {**summary(out), "wall_s": time.perf_counter() - t, "loopback_mb": (lo_bytes() - before) / 1e6, "start_s": started,
+            **extra}
+
+
+def breakdown(nodes_dir: Path) -> dict:
+    """Where a Flower round's seconds go, from the node processes' activity logs (each message's
+    received and sent times on its node): per round, the sum over its stages of the slowest
+    node's own time on the stage ("node s"), and the gaps between stages (the time between the
+    last reply of a stage leaving its node and the first request of the next reaching one:
+    SuperNode polling, ClientApp start, SuperLink and the server's own work)."""
+    pairs = []
+    for log in sorted(nodes_dir.glob("client-*/activity.jsonl")):
+        rows = [json.loads(x) for x in log.read_text().splitlines()]
+        for a, b in zip(rows, rows[1:]):
+            if a.get("direction") == "received" and b.get("direction") == "sent":
+                pairs.append({"round": a.get("round"), "stage": a.get("stage") or a["kind"], "start": a["time"], "end": b["time"]})
+    out = {}
+    for rnd in sorted({p["round"] for p in pairs if p["round"]}):
+        stages = {}
+        for p in (p for p in pairs if p["round"] == rnd):
+            st = stages.setdefault(p["stage"], {"first": p["start"], "last": p["end"], "node": 0.0})
+            st["first"], st["last"] = min(st["first"], p["start"]), max(st["last"], p["end"])
+            st["node"] = max(st["node"], p["end"] - p["start"])
+        order = sorted(stages.values(), key=lambda s: s["first"])
+        out[rnd] = {"stages": len(order), "node_s": sum(s["node"] for s in order),
+                    "between_stages_s": sum(b["first"] - a["last"] for a, b in zip(order, order[1:])),
+                    "span_s": order[-1]["last"] - order[0]["first"]}
+    return out
 
 
 def run_sim100(work: Path, secure: bool) -> dict:
