@@ -137,7 +137,11 @@ def _recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
 def read_frame(sock: socket.socket, timeout: float, max_frame: int = MAX_FRAME) -> tuple[bytes, bytes]:
     """(op or status byte, payload); the whole frame within ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
-    tag, n = _HEAD.unpack(_recv_exact(sock, _HEAD.size, deadline))
+    sock.settimeout(timeout)
+    first = sock.recv(1)
+    if not first:
+        raise EOFError("the peer closed the connection before sending anything")
+    tag, n = _HEAD.unpack(first + _recv_exact(sock, _HEAD.size - 1, deadline))
     if n > max_frame:
         raise ValueError(f"a frame of {n} bytes exceeds the {max_frame}-byte limit")
     return tag, _recv_exact(sock, n, deadline)
@@ -164,7 +168,7 @@ def ask(path: str | Path, payload: bytes, timeout: float, op: bytes = OP_MESSAGE
                               "`privlora node serve --node-config NODE.toml` on this machine") from None
     except TimeoutError:
         raise NodeUnreachable(f"the node process on {path} did not answer within {timeout:.0f} s") from None
-    except (ConnectionError, OSError, ValueError, struct.error) as exc:
+    except (ConnectionError, EOFError, OSError, ValueError, struct.error) as exc:
         raise NodeUnreachable(f"the node process on {path} stopped before answering ({type(exc).__name__}: {exc})") from None
     if status == OK:
         return body
@@ -342,6 +346,8 @@ class NodeProcess:
     def serve_one(self, conn: socket.socket) -> None:
         try:
             op, payload = read_frame(conn, self.io_timeout, self.max_frame)
+        except EOFError:  # a connection that sends nothing (`listening` probes so)
+            return
         except (TimeoutError, ConnectionError, OSError, ValueError, struct.error) as exc:
             print(f"privlora: node: dropped a request: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
             return
