@@ -240,3 +240,37 @@ def test_an_oversized_or_stalled_frame_is_dropped_and_the_node_serves_on(tmp_pat
         status, body = read_frame(s, 30)
     assert status == b"E" and b"MessageError" in body
     assert describe(sock, cfg)["client_id"] == 0
+
+
+def test_the_server_records_an_unreachable_node_as_a_refusal_with_its_reason(tmp_path, tiny_cfg, monkeypatch):
+    """The round engine, fed the relay's answer for a node whose process is gone, runs the round
+    with the others and writes the reason in metrics.jsonl (the named dropout a Flower run records)."""
+    import privlora.transports.inprocess as inprocess
+    from privlora.transports.flower import client_app
+
+    real = inprocess.client_nodes
+
+    class Unreachable:
+        def __init__(self, node):
+            self.node = node
+
+        def handle(self, blob, progress=None):
+            try:
+                Message.from_bytes(blob, "round_instruction")
+            except Exception:  # noqa: BLE001 - describe: the node was up at the start
+                return self.node.handle(blob, progress=progress)
+            return client_app._unreachable(blob, f"no node process listens on {tmp_path / 'gone.sock'}", {})
+
+    def nodes_with_one_gone(*args, **kwargs):
+        nodes = real(*args, **kwargs)
+        nodes[1] = Unreachable(nodes[1])
+        return nodes
+
+    monkeypatch.setattr(inprocess, "client_nodes", nodes_with_one_gone)
+    cfg = tiny_cfg(federation={"rounds": 1, "clients_per_round": 4, "min_clients": 2})
+    inprocess.run_experiment(cfg, tmp_path / "run", progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    last = rows[-1]
+    assert last["round"] == 1 and "aborted" not in last
+    assert last["refused"]["1"].startswith("node process unreachable: no node process listens on")
+    assert 1 not in [pc["client"] for pc in last["per_client"]] and len(last["per_client"]) == 3
