@@ -1,4 +1,5 @@
-"""privlora on a real Flower deployment: a SuperLink and three SuperNodes on 127.0.0.1.
+"""privlora on a real Flower deployment: a SuperLink and three SuperNodes on 127.0.0.1, each
+SuperNode's ClientApp relaying to its node's long-lived node process (``privlora node serve``).
 
 Each test starts its own `flower-superlink` and `flower-supernode` processes on free loopback
 ports (`privlora.transports.flower.local.LocalDeployment`), waits a bounded time for the run, and ends
@@ -101,6 +102,10 @@ def test_two_dp_rounds_with_secure_aggregation_and_pinned_keys(tmp_path, tiny_mo
         assert [(c.round, c.mechanism) for c in own.charges] == [(c.round, c.mechanism) for c in server.charges if c.client == k]
         assert main(["verify", str(out), "--client-ledger", str(own.path)]) == 0
     assert report["noise_source"] == {"0": "seeded", "1": "seeded", "2": "seeded"} and report["transport"] == "flower"
+    for k in range(3):  # every message of a node was served by its one node process (the ClientApps only relayed)
+        seen = [json.loads(x) for x in (tmp_path / "nodes" / f"client-{k}" / "activity.jsonl").read_text().splitlines()]
+        assert {e["kind"] for e in seen} >= {"describe", "round_instruction", "secagg_request"}
+        assert len({e.get("pid") for e in seen}) == 1 and seen[0].get("pid") is not None
 
     # the same config and seed in one process: the same adapter within the fixed-point quantisation
     inproc = tmp_path / "in-process"

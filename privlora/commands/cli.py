@@ -1,7 +1,7 @@
 """Command line: ``privlora run [CONFIG] --out DIR`` (or ``--resume DIR``), ``privlora report DIR``,
 ``privlora verify DIR``, ``privlora predict DIR TEXT...``, ``privlora audit [CONFIG] --out DIR``,
 ``privlora sweep [CONFIG] --epsilons ... --seeds ... --out DIR``, ``privlora keys node|registry|simulation`` and
-``privlora node status|reset-ledger``. ``run``, ``audit``
+``privlora node serve|status|reset-ledger``. ``run``, ``audit``
 and ``sweep`` take ``--set KEY=VALUE`` overrides (`privlora.core.overrides`).
 
 Every failure a user can cause prints one line, ``privlora: error: <problem>; <fix>``, and exits
@@ -212,6 +212,13 @@ def _cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_node_serve(args: argparse.Namespace) -> int:
+    from privlora.federation.deploy import node_settings
+    from privlora.federation.node_process import read_node_config, serve
+
+    return serve(node_settings(read_node_config(args.node_config)), preload=not args.lazy)
+
+
 def _cmd_node(args: argparse.Namespace) -> int:
     from privlora.federation.node_ledger import NodeLedger
 
@@ -414,8 +421,15 @@ def build_parser() -> argparse.ArgumentParser:
     ks.add_argument("--clients", type=int, required=True, help="number of clients (ids 0..N-1)")
     ks.add_argument("--out", required=True, help="folder for registry.json and client-K.key")
     ks.set_defaults(func=_cmd_keys)
-    node = sub.add_parser("node", parents=[common], help="a deployment node's own records: its lifetime privacy ledger")
+    node = sub.add_parser("node", parents=[common], help="a deployment node: its long-lived process, its lifetime privacy ledger")
     nsub = node.add_subparsers(dest="node_command", required=True)
+    nv = nsub.add_parser("serve", parents=[common], help="run this machine's node process (data, ledger, key, model loaded once) "
+                                                       "on a Unix socket in its folder; Flower's ClientApp relays to it")
+    nv.add_argument("--node-config", required=True, metavar="FILE.toml",
+                    help="the node config: a TOML file, or Flower's form 'config=\"fed.toml\" client-id=0 node-dir=\"DIR\"' "
+                         "(keys: config, client-id, data, node-dir, signing-key, noise, node-socket)")
+    nv.add_argument("--lazy", action="store_true", help="load the data and model on the first training message, not before listening")
+    nv.set_defaults(func=_cmd_node_serve)
     ns = nsub.add_parser("status", parents=[common], help="identity, data fingerprints, lifetime and per-run spend, integrity")
     ns.add_argument("--node-dir", required=True, help="the node's folder (its node config's node-dir)")
     ns.add_argument("--json", action="store_true", help="print the status as JSON")

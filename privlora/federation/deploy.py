@@ -18,6 +18,10 @@ everything else from its node config (Flower's ``--node-config``), never from th
                 when the config pins a key registry (which must hold its public key)
 ``noise``       ``"secure"`` (default: ChaCha20 from the OS, `privlora.federation.noise`) or
                 ``"seeded"`` (reproducible, for tests and experiments only)
+``node-socket`` where the node process (``privlora node serve``, `privlora.federation.node_process`)
+                listens and the ClientApp relay connects; default ``NODE-DIR/node.sock``
+``socket-group`` the OS group whose members may connect to that socket (the SuperNode's user;
+                mode 0660), when the node process runs as its own user; default: none (0600)
 ``pause-at``    fault injection for tests: on the first message of this secure-aggregation
                 stage the node writes ``NODE-DIR/paused-at-STAGE`` and stops answering (so that
                 a test can kill it exactly there); never set it in a deployment
@@ -36,7 +40,7 @@ from pathlib import Path
 
 from privlora.core.config import ConfigError, load_config, resolved_sha256
 
-NODE_KEYS = ("config", "client-id", "data", "node-dir", "signing-key", "noise", "pause-at")
+NODE_KEYS = ("config", "client-id", "data", "node-dir", "signing-key", "noise", "node-socket", "socket-group", "pause-at")
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,8 @@ class NodeSettings:
     signing_key: str = ""
     noise: str = "secure"
     pause_at: str = ""
+    node_socket: str = ""
+    socket_group: str = ""
 
 
 def node_settings(node_config: Mapping) -> NodeSettings:
@@ -77,6 +83,8 @@ def node_settings(node_config: Mapping) -> NodeSettings:
         signing_key=str(node_config.get("signing-key", "")),
         noise=noise,
         pause_at=str(node_config.get("pause-at", "")),
+        node_socket=str(node_config.get("node-socket", "")),
+        socket_group=str(node_config.get("socket-group", "")),
     )
 
 

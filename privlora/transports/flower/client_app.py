@@ -1,9 +1,21 @@
 """The ClientApp: one privlora client node behind Flower's Message API.
 
-Each message is handled by a fresh process (Flower's SuperNode starts one per message): the node
-rebuilds its `ClientNode` from its node config (`privlora.federation.deploy`, cheap: no model is loaded
-until a message needs training), restores what it remembered from ``context.state`` (sealed
-with this node's own key, `privlora.transports.flower.state`), answers, and saves its memory again.
+A deployment runs it as a **relay**: the SuperNode's node config names the node process's socket
+(``flower-supernode --node-config 'node-socket="/srv/privlora-node/node.sock"'``, optionally
+``client-id=K`` and ``relay-timeout=SECONDS``), and each message's bytes go to the node process
+(`privlora.federation.node_process`, ``privlora node serve``), its reply's bytes come back. The
+relay holds no data, ledger, key or state: a ClientApp shipped by a hostile server can do no
+more than send privlora messages, which the node judges by its own rules. No node process, or one
+that dies mid-message or does not answer within ``relay-timeout`` (default 900 s): a round
+instruction gets a privlora ``refusal`` (``code = "node_unreachable"``, the reason inside; the
+server records it in metrics.jsonl), any other message an error reply naming the reason
+(`privlora.federation.node_process.NodeUnreachable`; the server counts a dropout); never a hang.
+
+Without ``node-socket`` (Flower's simulation engine: virtual nodes in warm Ray actors; tests) the
+node runs in the ClientApp itself: each message rebuilds the `ClientNode` from its node config
+(`privlora.federation.deploy`, cheap: no model is loaded until a message needs training),
+restores what it remembered from ``context.state`` (sealed with this node's own key,
+`privlora.transports.flower.state`), answers, and saves its memory again.
 A ``whoami`` record is answered with the node's client id alone (the server's address book).
 """
 
@@ -78,6 +90,8 @@ def handle(msg: Message, context: Context, run_config: dict | None = None) -> Me
     from privlora.transports.flower.state import node_key, seal, unseal
 
     record = msg.content[RECORD]
+    if RELAY_KEY in context.node_config:
+        return _relay(msg, dict(context.node_config))
     if "whoami" in record:
         from privlora.federation.deploy import node_settings
 
@@ -100,24 +114,74 @@ def handle(msg: Message, context: Context, run_config: dict | None = None) -> Me
 
 def _activity(settings, blob: bytes) -> dict:
     """Append (time, kind, round, stage) of a message this node received or sent to its log."""
-    import json
-    import time
+    from privlora.federation.node_process import log_activity
 
-    from privlora.federation.messages import KINDS
-    from privlora.federation.messages import Message as PrivloraMessage
-
-    msg = PrivloraMessage.from_bytes(blob, KINDS)
-    entry = {"time": time.time(), "kind": msg.kind, "round": msg.header.get("round"), "stage": msg.header.get("stage")}
-    settings.node_dir.mkdir(parents=True, exist_ok=True)
-    with open(settings.node_dir / "activity.jsonl", "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(entry) + "\n")
-    return entry
+    return log_activity(settings.node_dir, blob)
 
 
 def _pause(settings) -> None:
     """Fault injection (`pause-at`): mark the spot and stop answering, so a test can kill the node."""
-    import time
+    from privlora.federation.node_process import pause
 
-    (settings.node_dir / f"paused-at-{settings.pause_at}").write_text("paused\n", encoding="utf-8")
-    time.sleep(600)
-    raise RuntimeError(f"node paused at {settings.pause_at} (pause-at) and was not killed")
+    pause(settings.node_dir, settings.pause_at)
+
+
+# ------------------------------------------------------------------------------------------ relay
+RELAY_KEY = "node-socket"
+RELAY_KEYS = frozenset({RELAY_KEY, "client-id", "relay-timeout"})
+RELAY_TIMEOUT = 900.0
+"""Seconds the relay waits for the node process's reply (time queued behind other messages included)."""
+UNREACHABLE = "node_unreachable"
+"""The ``code`` of a relay's refusal when the node process cannot answer."""
+
+
+def _relay(msg: Message, nc: dict) -> Message:
+    """Forward one message's bytes to the node process and its reply back; nothing else."""
+    from privlora.core.config import ConfigError
+    from privlora.federation.node_process import OP_WHOAMI, NodeUnreachable, ask
+
+    unknown = sorted(set(nc) - RELAY_KEYS - SIMULATION_NODE_KEYS)
+    if unknown:
+        raise ConfigError(f"node config: a relay (node-socket set) takes only {sorted(RELAY_KEYS)}; found {unknown}: the "
+                          "node's config, folder, data and keys belong in the node process's own config (privlora node serve)")
+    path = str(nc[RELAY_KEY])
+    try:
+        timeout = float(nc.get("relay-timeout", RELAY_TIMEOUT))
+    except (TypeError, ValueError):
+        raise ConfigError(f"node config: relay-timeout must be a number of seconds, found {nc.get('relay-timeout')!r}") from None
+    record = msg.content[RECORD]
+    if "whoami" in record:
+        if "client-id" in nc:
+            cid = int(nc["client-id"])
+        else:
+            import json
+
+            cid = int(json.loads(ask(path, b"", 30.0, op=OP_WHOAMI))["client-id"])
+        return Message(RecordDict({RECORD: ConfigRecord({"client-id": cid})}), reply_to=msg)
+    blob = bytes(record["blob"])
+    try:
+        reply = ask(path, blob, timeout)
+    except NodeUnreachable as exc:
+        reply = _unreachable(blob, str(exc), nc)
+    # a NodeError (the node refused or failed on the message) goes back to the server as Flower's
+    # error reply, as when the node ran in this process: the node is a dropout, the reason logged
+    return Message(RecordDict({RECORD: ConfigRecord({"blob": reply})}), reply_to=msg)
+
+
+def _unreachable(blob: bytes, reason: str, nc: dict) -> bytes:
+    """A round instruction's refusal naming why the node process could not answer; for any other
+    message `NodeUnreachable` (a refusal is a reply only to a round instruction; Flower returns the
+    error to the server, which counts a dropout and logs the reason)."""
+    from privlora.federation.messages import Message as PrivloraMessage
+    from privlora.federation.messages import MessageError
+    from privlora.federation.node_process import NodeUnreachable
+
+    print(f"privlora: relay: {reason}", file=sys.stderr, flush=True)
+    try:
+        asked = PrivloraMessage.from_bytes(blob, ("round_instruction",))
+    except MessageError:
+        raise NodeUnreachable(f"node process unreachable: {reason}") from None
+    cid = asked.header.get("client_id", nc.get("client-id"))
+    header = {"client_id": cid, "round": asked.header.get("round"), "reason": f"node process unreachable: {reason}",
+              "code": UNREACHABLE}
+    return PrivloraMessage("refusal", header).to_bytes()

@@ -5,12 +5,15 @@ engine, and end every process it started.
     python -m privlora.transports.flower.local [CONFIG] --out DIR --simulation [--noise secure|seeded]
     python -m privlora.transports.flower.local --resume DIR
 
-Deployment: one ``flower-superlink`` and N ``flower-supernode`` processes on 127.0.0.1 (free
-ports), each node with its own node config (``client-id``, ``node-dir``, ``data = "partition"``
-of the config's data, its signing key when the config pins a registry); then ``flwr run`` of
-the app in ``examples/flower`` (or ``--app``), waiting for the run to finish. Every process is
-ended by its id, descendants included (SuperLink and SuperNode start ``flower-superexec``, which
-starts ``flwr-serverapp``/``flwr-clientapp``); this process becomes their "subreaper" so that no
+Deployment: one ``flower-superlink`` on 127.0.0.1 (a free port) and, per node, one node process
+(``privlora node serve``, `privlora.federation.node_process`: its own node config with
+``client-id``, ``node-dir``, ``data = "partition"`` of the config's data, its signing key when
+the config pins a registry; the model loaded once) and one ``flower-supernode`` whose ClientApp
+only relays to the node process's socket (node config ``node-socket``, ``client-id``); then
+``flwr run`` of the app in ``examples/flower`` (or ``--app``), waiting for the run to finish.
+Every process is ended by its id, descendants included (SuperLink and SuperNode start
+``flower-superexec``, which starts ``flwr-serverapp``/``flwr-clientapp``; a node process gets
+SIGTERM and finishes the message in hand); this process becomes their "subreaper" so that no
 orphan is left behind.
 
 Everything a user can get wrong is checked before any process starts (the config and every
@@ -143,9 +146,12 @@ def config_arg(values: dict) -> str:
 class LocalDeployment:
     """A SuperLink and SuperNodes on 127.0.0.1. ``nodes``: one node config (dict) per node;
     ``tls``: a folder with ``ca.crt``, ``server.pem`` and ``server.key`` (see docs/flower.md's
-    certificate command), or None for ``--insecure``."""
+    certificate command), or None for ``--insecure``. ``node_processes`` (default): each node
+    config goes to a node process (``privlora node serve``) and its SuperNode's ClientApp relays
+    to it; False: the ClientApp is the node (a fresh process per message)."""
 
-    def __init__(self, nodes: list[dict], workdir: str | Path, tls: str | Path | None = None):
+    def __init__(self, nodes: list[dict], workdir: str | Path, tls: str | Path | None = None, node_processes: bool = True):
+        self.node_processes = bool(node_processes)
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.home = self.workdir / "flwr-home"
@@ -190,10 +196,47 @@ class LocalDeployment:
         self._start("superlink", [_bin("flower-superlink"), *sec, "--host", "127.0.0.1", "--port", str(self.port),
                                   "--disable-runtime-dependency-installation"])
         self._wait_healthy(wait)
+        if self.node_processes:
+            for i, nc in enumerate(self.node_configs):
+                self.start_node_process(i, nc)
+            for i in range(len(self.node_configs)):
+                self.wait_node_process(i, max(wait, 600.0))  # each loads its data and model before it listens
         for i, nc in enumerate(self.node_configs):
             self.start_node(i, nc)
 
+    def node_socket(self, i: int) -> Path:
+        from privlora.federation.deploy import node_settings
+        from privlora.federation.node_process import socket_path
+
+        return socket_path(node_settings(self.node_configs[i]))
+
+    def start_node_process(self, i: int, node_config: dict) -> subprocess.Popen:
+        """Node ``i``'s node process (``privlora node serve``), its config written to ``workdir/node-i.toml``."""
+        path = self.workdir / f"node-{i}.toml"
+        path.write_text("".join(f"{json.dumps(str(k))} = {_toml_value(v)}\n" for k, v in node_config.items()), encoding="utf-8")
+        return self._start(f"node{i}", [sys.executable, "-m", "privlora", "node", "serve", "--node-config", str(path)])
+
+    def wait_node_process(self, i: int, wait: float = 120.0) -> None:
+        """Until node ``i``'s process listens (its socket exists), bounded by ``wait`` seconds."""
+        from privlora.federation.node_process import listening
+
+        sock, proc = self.node_socket(i), self.procs[f"node{i}"]
+        end = time.monotonic() + wait
+        while not listening(sock):
+            if proc.poll() is not None:
+                log = (self.workdir / f"node{i}.log").read_text(errors="replace")[-800:]
+                raise RuntimeError(f"node process {i} exited ({proc.returncode}) before listening: {log}")
+            if time.monotonic() > end:
+                raise TimeoutError(f"node process {i} did not listen on {sock} within {wait:.0f} s; see {self.workdir / f'node{i}.log'}")
+            time.sleep(0.1)
+
+    def relay_config(self, i: int) -> dict:
+        """What SuperNode ``i``'s ClientApp gets: where to relay, and its client id (nothing else)."""
+        return {"node-socket": str(self.node_socket(i)), "client-id": int(self.node_configs[i].get("client-id", i))}
+
     def start_node(self, i: int, node_config: dict) -> None:
+        if self.node_processes:
+            node_config = self.relay_config(i)
         sec = ["--root-certificates", str(self.tls / "ca.crt")] if self.tls else ["--insecure"]
         self._start(f"supernode{i}", [_bin("flower-supernode"), *sec, "--superlink", f"127.0.0.1:{self.port}",
                                       "--host", "127.0.0.1", "--port", str(free_port()),
@@ -217,8 +260,11 @@ class LocalDeployment:
         raise TimeoutError(f"flower-superlink was not healthy within {wait:.0f} s; see {self.workdir / 'superlink.log'}")
 
     def kill_node(self, i: int, sig: int = signal.SIGKILL) -> list[int]:
-        """Kill SuperNode ``i`` and everything it started (SIGKILL by default: a crash)."""
-        return kill_tree(self.procs[f"supernode{i}"].pid, sig, grace=2.0)
+        """Kill SuperNode ``i``, its node process and everything they started (SIGKILL by default: a crash)."""
+        pids = kill_tree(self.procs[f"supernode{i}"].pid, sig, grace=2.0)
+        if f"node{i}" in self.procs:
+            pids += kill_tree(self.procs[f"node{i}"].pid, sig, grace=2.0)
+        return pids
 
     def close(self) -> None:
         """End every process started here, its group and its descendants; a second Ctrl-C or
