@@ -278,7 +278,7 @@ class ClientNode:
             "mechanism": None if planned is None else planned.to_dict(),
             "noise": self.noise,
             # in the clear the size travels with every update anyway; under secagg it never leaves
-            "num_examples": None if self.cfg.secagg.enabled else n,
+            "num_examples": None if self.cfg.secagg.enabled or self.cfg.privacy.unit == "client" else n,
             "spent": None if self.guard is None else self.guard.spent(),
         }
         return Message("client_description", header).to_bytes()
@@ -346,8 +346,16 @@ class ClientNode:
         from privlora.federation.secure_sum import flatten, layout
 
         msg = Message.from_bytes(update, "client_update")
+        from privlora.federation.client_level import DISTRIBUTED_KEY, is_distributed
+
         spec = layout(msg.tensors)
-        self._pending = _Pending(rnd, spec, flatten(msg.tensors, spec))
+        if is_distributed(self.cfg):  # integers mod 2^client_bits: carried as they are, never as floats
+            if list(msg.tensors) != [DISTRIBUTED_KEY] or msg.tensors[DISTRIBUTED_KEY].dtype != np.uint64:
+                raise MessageError(f"client {self.client_id}: a distributed-noise update must be one uint64 vector {DISTRIBUTED_KEY!r}")
+            vector = msg.tensors[DISTRIBUTED_KEY].ravel().copy()
+        else:
+            vector = flatten(msg.tensors, spec)
+        self._pending = _Pending(rnd, spec, vector)
         self._session = None
         header = dict(msg.header, layout=[[k, list(s)] for k, s in spec])
         return Message("client_update", header).to_bytes()
