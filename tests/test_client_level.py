@@ -43,3 +43,51 @@ def test_end_to_end_tiny_run_of_each_noise_kind(tiny_cfg, tmp_path, noise, secag
             assert cl["bits"] == 16 and cl["wraps_seen"] == 0 and cl["wrap_probability"] < 1e-3
     res = verify_run(out)
     assert res.ok, res.problems
+
+
+def test_verify_refuses_an_edited_variance_or_bit_width(tiny_cfg, tmp_path):
+    """Edit the per-client variance, or the bits, of a Skellam run's client-level ledger, and
+    recompute the hash chain so only the numbers betray it: verify must refuse both."""
+    import shutil
+
+    from accounting.client_level import CLIENT_LEVEL_FILE
+    from accounting.ledger import entry_hash
+    from accounting.verify import verify_run
+    from privlora.transports.inprocess import run_experiment
+
+    cfg = client_cfg(tiny_cfg, "skellam", True)
+    out = tmp_path / "run"
+    run_experiment(cfg, out)
+    assert verify_run(out).ok
+
+    def edited(field, change):
+        copy = tmp_path / f"edit-{field}"
+        shutil.copytree(out, copy)
+        path = copy / CLIENT_LEVEL_FILE
+        recs = [json.loads(line) for line in path.read_text().splitlines()]
+        recs[1]["mechanism"][field] = change(recs[1]["mechanism"][field])
+        prev = recs[0]["hash"]
+        for r in recs[1:]:  # a careful forger re-chains every later line
+            r["prev"] = prev
+            r["hash"] = entry_hash(r)
+            prev = r["hash"]
+        path.write_text("".join(json.dumps(r, sort_keys=True, separators=(",", ":")) + "\n" for r in recs))
+        # the anchors in metrics.jsonl name the old heads: move them too, so only the numbers differ
+        rows = read_metrics(copy)
+        heads = [recs[0]["hash"]] + [r["hash"] for r in recs[1:]]
+        for row in rows:
+            if "client_level" in row:
+                row["client_level"]["ledger"]["head"] = heads[row["client_level"]["ledger"]["entries"]]
+        (copy / "metrics.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+        return verify_run(copy)
+
+    more_noise = edited("variance", lambda v: v * 4.0)
+    assert not more_noise.ok and any("epsilon" in p for p in more_noise.problems), more_noise.problems
+    fewer_bits = edited("bits", lambda b: b - 4)
+    assert not fewer_bits.ok and any("bits" in p for p in fewer_bits.problems), fewer_bits.problems
+    # without re-chaining, the hash chain itself breaks
+    copy = tmp_path / "plain-edit"
+    shutil.copytree(out, copy)
+    path = copy / CLIENT_LEVEL_FILE
+    path.write_text(path.read_text().replace('"bits":16', '"bits":20', 1))
+    assert any("hash does not match" in p for p in verify_run(copy).problems)
