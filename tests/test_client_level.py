@@ -204,3 +204,149 @@ def test_whole_contribution_clipped_head_included_and_mean_of_clipped_deltas_app
     for n in ("m.lora_B.weight", "classifier.weight"):
         np.testing.assert_allclose(new[n], glob[n] + summed[n] / 4.0, rtol=1e-5, atol=1e-6)  # divided by E = 4, not by 3
     np.testing.assert_array_equal(new["m.lora_A.weight"], glob["m.lora_A.weight"])
+
+
+# ---------------------------------------------------------------------------------------------
+# distributed noise: the accounted variance, dropouts down to the threshold, the integer secure sum
+# ---------------------------------------------------------------------------------------------
+
+
+def dist_cfg(noise, **privacy):
+    from privlora.core.config import config_from_dict
+
+    return config_from_dict({
+        "data": {"num_clients": 10},
+        "federation": {"weighting": "uniform", "clients_per_round": 5, "rounds": 3},
+        "secagg": {"enabled": True, "dropout_rate": 0.4},  # t = 3: a sum of 5 survives 2 dropouts
+        "privacy": {"unit": "client", "client_noise": noise, "client_clip": 0.5, "client_target_epsilon": 4.0, **privacy},
+    })
+
+
+def discrete_gaussian_variance(sigma: float) -> float:
+    """Var of N_Z(0, sigma^2), summed exactly over its support (independent of the sampler)."""
+    k = np.arange(-int(40 * sigma) - 20, int(40 * sigma) + 21, dtype=np.float64)
+    w = np.exp(-(k**2) / (2 * sigma**2))
+    return float(np.sum(k**2 * w) / np.sum(w))
+
+
+def accounted_share_variance(params) -> float:
+    return discrete_gaussian_variance(params.sigma) if params.sigma is not None else float(params.variance)
+
+
+Z = 4.0  # one-sided threshold per check: P(N(0,1) > 4) = 3.2e-5; with T = 120 iid trials and the
+# t distribution of the studentized mean, each check's false-alarm rate is about 1e-4.
+
+
+@pytest.mark.parametrize("noise", ["discrete_gaussian", "skellam"])
+def test_decoded_sum_minus_exact_clipped_sum_has_the_accounted_variance(noise):
+    """Five clients with contributions of norm 2C (so each is clipped) encode, the sum is taken mod
+    2^bits, the server decodes. The error decoded - sum of clipped contributions (clipped here,
+    independently) must have per-coordinate variance gamma^2 (n v + r) with v the accounted share
+    variance and 0 <= r <= n/4 the rounding's: checked as two one-sided z tests over T trials."""
+    from privlora.federation.client_level import distributed_params
+    from privlora.federation.distributed_noise import Layout, decode_sum, encode_contribution, modular_sum, noise_generator
+
+    cfg = dist_cfg(noise)
+    layout = Layout((("a", (150,)), ("b", (2, 25))))
+    params = distributed_params(cfg, layout, rnd=1)
+    n, C, gamma = 5, cfg.privacy.client_clip, params.gamma
+    v = accounted_share_variance(params)
+    assert params.min_inputs == 3 and params.bits == 16
+    low, high = gamma**2 * n * v, gamma**2 * (n * v + n / 4.0)
+    rng = np.random.default_rng(7)
+    stats = []
+    for trial in range(120):
+        xs = []
+        for _ in range(n):
+            x = rng.normal(size=200)
+            xs.append(x * (2 * C / np.linalg.norm(x)))
+        enc = [encode_contribution({"a": x[:150], "b": x[150:].reshape(2, 25)}, params, noise_generator(1000 * trial + i))[0]
+               for i, x in enumerate(xs)]
+        out, rep = decode_sum(modular_sum(enc, params.bits), params, num_inputs=n)
+        assert rep.suspect == 0
+        exact = sum(x * min(1.0, C / np.linalg.norm(x)) for x in xs)
+        err = np.concatenate([out["a"], out["b"].ravel()]) - exact
+        stats.append(float(np.mean(err**2)))
+    stats = np.array(stats)
+    se = stats.std(ddof=1) / math.sqrt(len(stats))
+    assert (stats.mean() - low) / se > -Z, (stats.mean(), low)   # at least the accounted noise
+    assert (stats.mean() - high) / se < Z, (stats.mean(), high)  # and no more than noise + rounding
+
+
+def test_dropout_down_to_the_threshold_keeps_the_accounted_noise():
+    """Through the real secure sum (integer mode, `session_plan`): 5 clients, 2 drop before their
+    masked input, so 3 = min_inputs inputs remain. The sum is exactly the survivors' encodings mod
+    2^bits, and with zero contributions (rounding exact) the decoded noise has at least the
+    accounted variance gamma^2 * min_inputs * v. A sum of 2 is refused by the decoder."""
+    import os
+
+    from privlora.federation.client_level import DISTRIBUTED_KEY, distributed_params
+    from privlora.federation.distributed_noise import Layout, decode_sum, encode_contribution, modular_sum, noise_generator
+    from privlora.federation.secure_sum import session_plan
+    from secagg import SecAggClient, SecAggServer
+    from secagg.simulation import run_session
+
+    cfg = dist_cfg("discrete_gaussian")
+    layout = Layout((("a", (100,)),))
+    params = distributed_params(cfg, layout, rnd=2)
+    plan, spec = session_plan(cfg, [(DISTRIBUTED_KEY, (params.padded_dim,))])
+    assert spec.modulus_bits == params.bits == 16 and plan.min_clients == 3
+    v = accounted_share_variance(params)
+    stats = []
+    for trial in range(40):
+        enc = {c: encode_contribution({"a": np.zeros(100)}, params, noise_generator(50 * trial + c))[0] for c in range(5)}
+        nonce = os.urandom(32)
+        clients = {c: SecAggClient(c, plan, spec, 2, session_nonce=nonce) for c in enc}
+        for c, e in enc.items():
+            clients[c].set_input(e)
+        server = SecAggServer(plan, spec, 2, expected=sorted(enc), session_nonce=nonce)
+        res, _ = run_session(clients, server, {"masked_input": {3, 4}})
+        assert sorted(res.survivors) == [0, 1, 2]
+        residues, _ = spec.decode(res.field_sum)
+        np.testing.assert_array_equal(residues, modular_sum([enc[0], enc[1], enc[2]], params.bits))
+        with pytest.raises(ValueError, match="fewer inputs holds less noise"):
+            decode_sum(residues, params, num_inputs=2)
+        out, _ = decode_sum(residues, params, num_inputs=3)
+        stats.append(float(np.mean(out["a"] ** 2)))
+    stats = np.array(stats)
+    se = stats.std(ddof=1) / math.sqrt(len(stats))
+    accounted = params.gamma**2 * params.min_inputs * v
+    assert (stats.mean() - accounted) / se > -Z, (stats.mean(), accounted)
+    # and the record charged is the one of min_inputs shares, whatever the number of survivors
+    assert params.release().min_inputs == 3 and params.release().total_variance == pytest.approx(3 * params.sigma**2)
+
+
+def test_integer_secure_sum_reduces_what_leaves_a_client_mod_2_to_the_bits():
+    """The masked vector a client sends holds residues mod 2^m only (nothing above the modulus
+    the server could read wraps from), and the server's sum is the inputs' sum mod 2^m."""
+    import os
+
+    from secagg import EncodingSpec, SecAggClient, SecAggParams, SecAggServer
+    from secagg.messages import Kind
+    from secagg.simulation import run_session
+
+    plan = SecAggParams(bits=64, threshold=3, min_clients=3).resolve(4)
+    spec = EncodingSpec.integers(64, modulus_bits=12, bits=64, max_clients=plan.n_max)
+    rng = np.random.default_rng(3)
+    inputs = {c: rng.integers(0, 1 << 12, size=64, dtype=np.uint64) for c in range(4)}
+    nonce = os.urandom(32)
+    clients = {c: SecAggClient(c, plan, spec, 5, session_nonce=nonce) for c in inputs}
+    for c, x in inputs.items():
+        clients[c].set_input(x)
+    server = SecAggServer(plan, spec, 5, expected=sorted(inputs), session_nonce=nonce)
+    seen = []
+
+    def tamper(kind, sender, recipient, blob):
+        if kind == Kind.MASKED_INPUT:
+            seen.append(blob)
+        return blob
+
+    res, _ = run_session(clients, server, None, tamper)
+    total, _ = spec.decode(res.field_sum)
+    np.testing.assert_array_equal(total, sum(inputs.values()) % (1 << 12))
+    assert len(seen) == 4
+    for blob in seen:  # the vector sits right after the envelope: find it by its dtype and length
+        words = np.frombuffer(blob[-(64 * 0 + spec.total_length * 8 + 64):-64], dtype="<u8")
+        assert words.max() < (1 << 12)
+    with pytest.raises(Exception, match="values must be in"):
+        spec.encode(np.array([1 << 12] + [0] * 63, dtype=np.uint64))
