@@ -24,12 +24,15 @@ def read_metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("noise,secagg", [("central", False), ("central", True), ("discrete_gaussian", True), ("skellam", True)])
-def test_end_to_end_tiny_run_of_each_noise_kind(tiny_cfg, tmp_path, noise, secagg):
+@pytest.mark.parametrize("noise,secagg,strategy", [
+    ("central", False, "ffa"), ("central", True, "ffa"), ("discrete_gaussian", True, "ffa"), ("skellam", True, "ffa"),
+    ("central", False, "fedit"), ("discrete_gaussian", True, "flora"),
+])
+def test_end_to_end_tiny_run_of_each_noise_kind(tiny_cfg, tmp_path, noise, secagg, strategy):
     from accounting.verify import verify_run
     from privlora.transports.inprocess import run_experiment
 
-    cfg = client_cfg(tiny_cfg, noise, secagg)
+    cfg = client_cfg(tiny_cfg, noise, secagg, strategy)
     out = tmp_path / "run"
     run_experiment(cfg, out)
     rows = [r for r in read_metrics(out) if r["round"] >= 1]
@@ -40,8 +43,15 @@ def test_end_to_end_tiny_run_of_each_noise_kind(tiny_cfg, tmp_path, noise, secag
         assert 0 < cl["epsilon_server_max"] <= 8.0 + 1e-6
         if noise != "central":
             assert cl["bits"] == 16 and cl["wraps_seen"] == 0 and cl["wrap_probability"] < 1e-3
+            assert cl["min_inputs"] == 3 and cl["inputs"] == 3
+        else:
+            assert cl["noise_multiplier"] > 0
+    ledger = [json.loads(line) for line in (out / "client_level.jsonl").read_text().splitlines()]
+    assert [e["round"] for e in ledger[1:]] == [1, 2]
+    assert all(set(e["clients"]) >= set(r["clients"]) for e, r in zip(ledger[1:], rows))  # every contributor charged
     res = verify_run(out)
     assert res.ok, res.problems
+    assert max(res.client_level["server"].values()) == pytest.approx(rows[-1]["client_level"]["epsilon_server_max"])
 
 
 def test_verify_refuses_an_edited_variance_or_bit_width(tiny_cfg, tmp_path):
