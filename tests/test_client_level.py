@@ -360,3 +360,23 @@ def test_integer_secure_sum_reduces_what_leaves_a_client_mod_2_to_the_bits():
         assert words.max() < (1 << 12)
     with pytest.raises(Exception, match="values must be in"):
         spec.encode(np.array([1 << 12] + [0] * 63, dtype=np.uint64))
+
+
+def test_the_508_client_benchmark_grid_is_valid_configs():
+    import importlib.util
+    from pathlib import Path
+
+    from privlora.core.config import config_from_dict
+    from privlora.federation.client_level import min_inputs
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "client_level.py"
+    spec = importlib.util.spec_from_file_location("bench_client_level", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    jobs = bench.jobs()
+    assert len({bench.key(j) for j in jobs}) == len(jobs) == 3 * (1 + 8 + 10)
+    for j in jobs:
+        cfg = config_from_dict(j["config"])
+        assert cfg.data.num_clients == 508 and cfg.data.partition == "natural"
+        if j["noise"] in ("discrete_gaussian", "skellam"):
+            assert cfg.privacy.client_bits == j["bits"] and min_inputs(cfg) == 68
