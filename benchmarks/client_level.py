@@ -22,10 +22,12 @@ that was charged.
 Model setting (what makes the grid fit in a few hours on 2 cores) -- the part still to build:
 LoRA on the top encoder layer only (``lora.layers = [5]``, query and value) plus the head, and a
 cache of the frozen lower layers' outputs per example, so that a local step runs one layer
-instead of six. Without the cache a round of 76 clients x 5 local steps of MiniLM costs about
-76 x 5 x 0.3 s = 2 min (measure it with ``--probe``), i.e. an hour per run and 66 x 3 = 200 hours
-for the grid; with the cache, about 6x less per step (still to measure). Until the cache exists,
-``--probe`` times one round of the first job, and ``--only`` runs a subset.
+instead of six. Without the cache it does not fit: a probe of the first central job (issue 30's
+session, 2 threads on a 2-core machine shared with another job) took 1.6-2.9 s per local step,
+8-16 s per client, so a round of 76 clients is 10-20 minutes, a 30-round run 5-10 hours and the
+57 runs of the grid weeks. With the lower five layers cached, a step runs one layer of six plus
+the head (expected about 5x less; to measure). Until the cache exists, ``--probe`` times one
+round of the first central job, and ``--only`` runs a subset.
 
 Reported (per job: accuracy, client-level epsilon against the server and against the model
 alone, bytes per client per round, seconds per round; the table: mean and sd over seeds), with

@@ -422,3 +422,30 @@ def test_a_killed_client_level_run_resumes_without_lost_or_doubled_charges(tiny_
 
     assert strip(read_metrics(cut)) == strip(read_metrics(whole))
     assert [r["client_level"]["ledger"]["entries"] for r in read_metrics(cut)] == [0, 1, 2]
+
+
+def test_each_node_records_its_own_client_level_release_before_sending(tiny_cfg, tmp_path):
+    """Under secure aggregation every simulated node has a folder: each records, in its own
+    client-level ledger, the release its config decides for every round it took part in, equal
+    to the server's record of that round."""
+    from accounting.client_level import ClientLevelLedger
+    from privlora.transports.inprocess import run_experiment
+
+    cfg = client_cfg(tiny_cfg, "discrete_gaussian", True)
+    out = tmp_path / "run"
+    run_experiment(cfg, out, progress=False)
+    server = ClientLevelLedger.open(out / "client_level.jsonl")
+    rows = [r for r in read_metrics(out) if r["round"] >= 1]
+    seen = 0
+    for k in range(cfg.data.num_clients):
+        files = list((out / "nodes" / f"client-{k}").glob("client_level-*.jsonl"))
+        took_part = [r["round"] for r in rows if k in r["clients"]]
+        if not took_part:
+            continue
+        (path,) = files
+        mine = ClientLevelLedger.open(path)
+        assert [e.round for e in mine.entries] == took_part
+        for e in mine.entries:
+            assert e.clients == (k,) and e.release == server.entry_for(e.round).release
+        seen += 1
+    assert seen >= 3

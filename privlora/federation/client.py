@@ -183,6 +183,8 @@ class Client:
         if self.num_examples == 0:
             raise DataError(f"data.num_clients: client {client_id} has no training examples; lower data.num_clients")
         self._noise_multiplier: float | None = None
+        self.client_level_release = None
+        """(round, release) of the last client-level contribution made (`privlora.federation.client_level`)."""
         self._incoming: dict[int, dict[str, tuple[int, ...]]] = {}
 
     def incoming_fields(self, rank: int) -> dict[str, tuple[int, ...]]:
@@ -267,8 +269,10 @@ class Client:
         delta = cl.client_delta(self.strategy, result.state, result.start, rank, self.client_id)
         if not cl.is_distributed(self.cfg):
             clipped, _ = cl.clip_delta(delta, self.cfg.privacy.client_clip)
+            self.client_level_release = (rnd, cl.central_release(self.cfg))
             return clipped
         params = cl.distributed_params(self.cfg, Layout.of(delta), rnd)
+        self.client_level_release = (rnd, params.release())
         rng = integer_noise_generator(self.cfg.seed, rnd, self.client_id, 3)
         encoded, _report = ClientEncoder(params).encode(delta, rng)  # the report depends on the data: kept here
         return {cl.DISTRIBUTED_KEY: encoded}
