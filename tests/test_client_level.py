@@ -449,3 +449,18 @@ def test_each_node_records_its_own_client_level_release_before_sending(tiny_cfg,
             assert e.clients == (k,) and e.release == server.entry_for(e.round).release
         seen += 1
     assert seen >= 3
+
+
+def test_central_noise_is_secure_outside_the_simulation_and_has_the_stated_std():
+    from privlora.core.config import config_from_dict
+    from privlora.federation.client_level import central_noise
+
+    cfg = config_from_dict({"data": {"num_clients": 8}, "federation": {"weighting": "uniform"},
+                            "privacy": {**CLIENT, "client_noise_multiplier": 2.0, "client_clip": 0.25}})
+    zero = {"x": np.zeros(20000)}
+    a, b = central_noise(cfg, zero, 1, secure=True)["x"], central_noise(cfg, zero, 1, secure=True)["x"]
+    assert not np.array_equal(a, b)  # never reproducible from the seed
+    np.testing.assert_array_equal(central_noise(cfg, zero, 1, secure=False)["x"], central_noise(cfg, zero, 1, secure=False)["x"])
+    for x in (a, central_noise(cfg, zero, 1, secure=False)["x"]):
+        # std 0.5 = z C; the sample sd of 20000 normals is within 4 standard errors (0.5 / sqrt(2 x 20000))
+        assert abs(x.std() - 0.5) < 4 * 0.5 / math.sqrt(40000) and abs(x.mean()) < 4 * 0.5 / math.sqrt(20000)

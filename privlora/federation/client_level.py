@@ -112,10 +112,20 @@ def central_release(cfg: ExperimentConfig) -> CentralGaussian:
     return CentralGaussian(central_noise_multiplier(cfg), float(cfg.privacy.client_clip))
 
 
-def central_noise(cfg: ExperimentConfig, summed: State, rnd: int) -> State:
-    """``summed`` plus N(0, (z C)^2) in every coordinate. The generator is seeded from (run seed,
-    round) in the simulation (like DP-SGD's seeded noise: reproducible, not for deployment)."""
+def central_noise(cfg: ExperimentConfig, summed: State, rnd: int, secure: bool = True) -> State:
+    """``summed`` plus N(0, (z C)^2) in every coordinate. ``secure`` (any networked transport):
+    standard normals from ChaCha20 keyed by the operating system (`noise.SecureGaussian`, the
+    source of the nodes' secure DP-SGD noise). Otherwise (the in-process simulation) a generator
+    seeded from (run seed, round), like DP-SGD's seeded noise: reproducible, not for deployment."""
     std = central_noise_multiplier(cfg) * float(cfg.privacy.client_clip)
+    out = {}
+    if secure:
+        from privlora.federation.noise import SecureGaussian
+
+        source = SecureGaussian()
+        for k, v in sorted(summed.items()):
+            out[k] = np.asarray(v, dtype=np.float64) + std * source.standard_normal(int(np.size(v))).reshape(np.shape(v))
+        return out
     rng = np.random.default_rng(np.random.SeedSequence([int(cfg.seed), int(rnd), 0xC11E]))
     return {k: np.asarray(v, dtype=np.float64) + rng.normal(0.0, std, size=np.shape(v)) for k, v in sorted(summed.items())}
 

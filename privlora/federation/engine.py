@@ -340,7 +340,8 @@ class RoundEngine:
                 log(f"round {rnd}: the decoded sum has {rep.suspect} coordinate(s) near +-2^(bits-1): likely modular wraps; "
                     "raise privacy.client_bits")
         else:
-            summed = cl.central_noise(self.cfg, summed, rnd)
+            # seeded (reproducible) only in the in-process simulation; any networked server draws secure noise
+            summed = cl.central_noise(self.cfg, summed, rnd, secure=self.transport.name != "in-process")
             self.cl_round = {}
         finished = cl.finish_client_level(self.server.strategy, self.server.global_state, self._client_level_template(), summed, self.cfg)
         self.server.aggregate_sum(finished)
