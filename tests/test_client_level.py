@@ -102,7 +102,7 @@ def test_verify_refuses_an_edited_variance_or_bit_width(tiny_cfg, tmp_path):
     assert any("hash does not match" in p for p in verify_run(copy).problems)
 
 
-def test_client_level_without_record_level_dp_reports_and_verifies(tiny_cfg, tmp_path):
+def test_client_level_without_record_level_dp_reports_and_verifies(tiny_cfg, tmp_path, capsys):
     from accounting.verify import verify_run
     from privlora.transports.inprocess import run_experiment
 
@@ -131,6 +131,16 @@ def test_client_level_without_record_level_dp_reports_and_verifies(tiny_cfg, tmp
     res = verify_run(out)
     assert res.ok, res.problems
     assert res.client_level["server"] == pytest.approx({int(k): v for k, v in rows[-1]["client_level"]["epsilon_server"].items()})
+    from privlora.commands.cli import main
+
+    assert main(["verify", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "client-level" in said and "NOTHING TO VERIFY" not in said
+    # the metrics claim a smaller epsilon than the ledger gives: verify exits non-zero
+    rows[-1]["client_level"]["epsilon_server_max"] /= 2
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    assert main(["verify", str(out)]) == 1
+    assert "epsilon_server_max" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -329,6 +329,7 @@ class ClientNode:
                 why = check_release(update)
                 if why is not None:  # kept as the round's answer: never retrained under the same charge
                     update = self._refuse(rnd, why)
+                self._charge_client_level(rnd, update)  # before the release is kept, let alone sent
                 self.guard.keep_release(rnd, update)
             if Message.from_bytes(update, ("client_update", "refusal")).kind == "refusal":
                 return update
@@ -338,7 +339,6 @@ class ClientNode:
             why = check_release(update)
             if why is not None:
                 return self._refuse(rnd, why)
-        if self.cfg.privacy.unit == "client":
             self._charge_client_level(rnd, update)
         if not self.cfg.secagg.enabled:
             return update
@@ -348,18 +348,20 @@ class ClientNode:
         """Under client-level DP, a node with a folder records the round's client-level release
         in its own ``client_level-<run>.jsonl`` (`accounting.client_level`) before its update
         leaves it: the release its own config decides, whatever the server records."""
-        if self.sums.path is None or Message.from_bytes(update, ("client_update", "refusal")).kind == "refusal":
+        if self.cfg.privacy.unit != "client" or self.sums.path is None:
+            return
+        if Message.from_bytes(update, ("client_update", "refusal")).kind == "refusal":
             return
         from accounting.client_level import ClientLevelLedger
         from privlora.core.config import resolved_sha256
 
-        made = self.client.client_level_release
-        if made is None or made[0] != rnd:
-            raise RuntimeError(f"client {self.client_id}: no client-level release of round {rnd} to charge")  # a bug
         path = self.sums.path.parent / f"client_level-{resolved_sha256(self.cfg)[:12]}.jsonl"
         ledger = ClientLevelLedger.open(path) if path.is_file() else ClientLevelLedger.create(
             path, self.cfg.privacy.delta, self.cfg.privacy.client_noise, "as the server samples", run=run_identity(self.cfg))
         entry = ledger.entry_for(rnd)
+        made = self.client.client_level_release
+        if made is None or made[0] != rnd:
+            raise RuntimeError(f"client {self.client_id}: no client-level release of round {rnd} to charge")  # a bug
         if entry is None:
             ledger.append(rnd, [self.client_id], made[1])
         elif entry.release != made[1]:
