@@ -223,7 +223,12 @@ def client_epsilons(entries: list[Entry], delta: float) -> dict[str, dict[int, f
             by_client.setdefault(c, []).append(e.release)
     server: dict[int, float] = {}
     pld = get_accountant("pld")
+    seen: dict[tuple, float] = {}  # clients with the same history (common: same rounds' releases) computed once
     for c, releases in sorted(by_client.items()):
+        key = tuple(releases)
+        if key in seen:
+            server[c] = seen[key]
+            continue
         central = [r for r in releases if isinstance(r, CentralGaussian)]
         distributed = [r for r in releases if isinstance(r, DistributedRelease)]
         if central and distributed:
@@ -232,6 +237,7 @@ def client_epsilons(entries: list[Entry], delta: float) -> dict[str, dict[int, f
             server[c] = float(pld.epsilon([r.as_subsampled(delta) for r in central], delta))
         else:
             server[c] = float(distributed_epsilon(distributed, delta))
+        seen[key] = server[c]
     return {"server": server, "model_only": dict(server)}
 
 
