@@ -31,6 +31,12 @@ each round:
 6. **finish** (`Strategy.finish`, server momentum), **evaluate**, append the round's metrics
    line (fsynced), **checkpoint**.
 
+Client-level DP (``privacy.unit = "client"``, `privlora.federation.client_level`): after step 2 the
+round's client-level release is recorded for every admitted client in ``client_level.jsonl``
+(`accounting.client_level`) before any instruction leaves; step 5 sums the clients' clipped
+deltas, adds the central noise or decodes the distributed one, and finishes with the mean
+clipped update (divided by ``clients_per_round``); each metrics line carries ``client_level``.
+
 Privacy invariants kept here: nobody trains uncharged; what a client reports it ran must equal
 what it was charged for; no client's spent epsilon exceeds its budget (checked every round).
 """
