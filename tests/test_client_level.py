@@ -474,3 +474,43 @@ def test_central_noise_is_secure_outside_the_simulation_and_has_the_stated_std()
     for x in (a, central_noise(cfg, zero, 1, secure=False)["x"]):
         # std 0.5 = z C; the sample sd of 20000 normals is within 4 standard errors (0.5 / sqrt(2 x 20000))
         assert abs(x.std() - 0.5) < 4 * 0.5 / math.sqrt(40000) and abs(x.mean()) < 4 * 0.5 / math.sqrt(20000)
+
+
+# ---------------------------------------------------------------------------------------------
+# the mechanism-level audit
+# ---------------------------------------------------------------------------------------------
+
+AUDIT_TOML = """
+[data]
+num_clients = 200
+[federation]
+weighting = "uniform"
+clients_per_round = 120
+rounds = 3
+[secagg]
+enabled = true
+threshold = 61
+[privacy]
+enabled = false
+unit = "client"
+client_noise = "{noise}"
+client_clip = 1.0
+client_target_epsilon = 1.0
+"""
+
+
+@pytest.mark.parametrize("noise", ["discrete_gaussian", "skellam"])
+def test_audit_passes_honest_noise_and_fails_clients_that_skip_theirs(noise, tmp_path, monkeypatch, capsys):
+    """Honest clients: the canaries' lower bound stays below the claimed epsilon 1 (exit 0). Clients
+    that skip their noise share while the ledger charges it: the bound exceeds the claim (exit 1)."""
+    from privlora.federation import distributed_noise as dn
+    from privlora.federation.client_level_audit import main
+
+    config = tmp_path / "audit.toml"
+    config.write_text(AUDIT_TOML.format(noise=noise))
+    assert main([str(config)]) == 0
+    honest = capsys.readouterr().out
+    monkeypatch.setattr(dn.ClientEncoder, "noise", lambda self, rng=None: np.zeros(self.params.padded_dim, dtype=np.int64))
+    assert main([str(config)]) == 1
+    broken = capsys.readouterr().out
+    assert "FAIL" in broken and "FAIL" not in honest
