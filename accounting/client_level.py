@@ -234,11 +234,31 @@ def client_epsilons(entries: list[Entry], delta: float) -> dict[str, dict[int, f
         if central and distributed:
             raise LedgerError(f"client {c}: central and distributed releases in one ledger; one run uses one noise")
         if central:
-            server[c] = float(pld.epsilon([r.as_subsampled(delta) for r in central], delta))
+            server[c] = central_history_epsilon(central, delta, pld)
         else:
             server[c] = float(distributed_epsilon(distributed, delta))
         seen[key] = server[c]
     return {"server": server, "model_only": dict(server)}
+
+
+PLD_CEILING = 100.0
+"""Above this epsilon (by the RDP bound) the PLD's grid would not fit in memory (a noise multiplier
+of 1e-4 asks for 10^11 points): the RDP bound, itself an upper bound, is reported instead."""
+
+
+def central_history_epsilon(releases: list[CentralGaussian], delta: float, pld=None) -> float:
+    """Epsilon of composing central Gaussian releases: dp_accounting's PLD (pessimistic), or, when
+    the RDP bound is already above `PLD_CEILING`, that RDP bound (both are upper bounds)."""
+    from .accountants import get_accountant, history_key
+    from .rdp import epsilon_from_rdp, rdp_vector
+
+    history = [r.as_subsampled(delta) for r in releases]
+    if not history:
+        return 0.0
+    rough = float(epsilon_from_rdp(rdp_vector(history_key(history)), delta))
+    if rough > PLD_CEILING:
+        return rough
+    return float((pld or get_accountant("pld")).epsilon(history, delta))
 
 
 def central_epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:

@@ -514,3 +514,21 @@ def test_audit_passes_honest_noise_and_fails_clients_that_skip_theirs(noise, tmp
     assert main([str(config)]) == 1
     broken = capsys.readouterr().out
     assert "FAIL" in broken and "FAIL" not in honest
+
+
+def test_a_tiny_explicit_noise_multiplier_is_accounted_without_exhausting_memory():
+    """z = 1e-4 (a sanity run found it): the PLD's grid would need 10^11 points and the run died
+    at its first epsilon. The RDP bound is reported instead: the Gaussian's alpha / (2 z^2) per
+    round, converted (checked here against the closed form at the best of a fine grid of orders)."""
+    import time
+
+    from accounting.client_level import CentralGaussian, Entry, client_epsilons
+
+    t = time.perf_counter()
+    got = client_epsilons([Entry(i, i + 1, (0,), CentralGaussian(1e-4, 100.0), "", "") for i in range(3)], 1e-5)["server"][0]
+    assert time.perf_counter() - t < 10
+    def conversion(a):  # Canonne, Kamath & Steinke's conversion of 3 rounds of RDP alpha / (2 z^2)
+        return 3 * a / (2 * 1e-8) + np.log1p(-1 / a) - (math.log(1e-5) + np.log(a)) / (a - 1)
+
+    assert got >= np.min(conversion(np.linspace(1.001, 2000, 200000)))  # an upper bound: never below the best order
+    assert got == pytest.approx(np.min(conversion(np.arange(2.0, 257.0))), rel=1e-9)  # the integer orders' best
