@@ -40,6 +40,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -65,6 +66,9 @@ class VerifyResult:
     unchecked: list[str] = field(default_factory=list)
     """Numbers of the run's files this verifier could not recompute (e.g. a cross-check by an
     accountant it does not have): not problems, but not verified either."""
+    client_level: dict[str, dict[int, float]] = field(default_factory=dict)
+    """Under privacy.unit = 'client': {"server": {client: epsilon}, "model_only": {...}} recomputed
+    from client_level.jsonl alone (`client_level_problems`)."""
     report_md: str = ""
     """"checked": report.md's privacy statement and every ε it states were compared with the ledger;
     "absent": the folder has no report.md (committed sweep folders keep only report.json);
@@ -775,12 +779,107 @@ def claims_without_ledger(run: Path) -> list[str]:
     return problems
 
 
+def _run_config(run: Path) -> dict[str, Any]:
+    import tomllib
+
+    try:
+        raw = tomllib.loads((run / "config.toml").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return raw if isinstance(raw, dict) else {}
+
+
+def client_level_problems(run: Path, rel_tol: float = 1e-6) -> tuple[list[str], dict[str, dict[int, float]]]:
+    """The client-level ledger (``client_level.jsonl``) checked and its epsilons recomputed from
+    it alone (`accounting.client_level.client_epsilons`), then compared with everything the run
+    states: each record's noise kind, clip norm and bits against config.toml, and every
+    metrics.jsonl line's client-level epsilons, per-client noise (sigma or variance) and bits
+    against the ledger up to that round. An edited variance or bit width is refused: the hash
+    chain breaks, and if the chain was recomputed too, the recomputed epsilon or the recorded
+    bits no longer match what the run stated and its config."""
+    from .client_level import CLIENT_LEVEL_FILE, CentralGaussian, check_client_chain, client_epsilons
+
+    problems: list[str] = []
+    cfg = _run_config(run)
+    privacy = cfg.get("privacy", {}) if isinstance(cfg.get("privacy"), dict) else {}
+    path = run / CLIENT_LEVEL_FILE
+    if privacy.get("unit") != "client":
+        if path.is_file():
+            problems.append(f"{CLIENT_LEVEL_FILE} exists but config.toml does not set privacy.unit = 'client'")
+        return problems, {}
+    if not path.is_file():
+        return [f"{CLIENT_LEVEL_FILE} is missing, but config.toml sets privacy.unit = 'client': no client-level epsilon can be verified"], {}
+    header, entries, chain = check_client_chain(path.read_text(encoding="utf-8").splitlines())
+    problems += [f"{CLIENT_LEVEL_FILE} {p}" for p in chain]
+    if not header:
+        return problems, {}
+    noise = privacy.get("client_noise", "central")
+    if header.get("noise") != noise:
+        problems.append(f"{CLIENT_LEVEL_FILE}: header says noise {header.get('noise')!r}, config.toml says {noise!r}")
+    delta = float(header.get("delta", 0) or 0)
+    if "delta" in privacy and delta != float(privacy["delta"]):
+        problems.append(f"{CLIENT_LEVEL_FILE}: header delta {delta} differs from config.toml's privacy.delta {privacy['delta']}")
+    for e in entries:
+        rel = e.release
+        where = f"{CLIENT_LEVEL_FILE} round {e.round}"
+        if isinstance(rel, CentralGaussian) != (noise == "central"):
+            problems.append(f"{where}: a {rel.to_dict()['mechanism']} record in a run with client_noise = {noise!r}")
+        if "client_clip" in privacy and not math.isclose(rel.clip_norm, float(privacy["client_clip"]), rel_tol=1e-12):
+            problems.append(f"{where}: clip_norm {rel.clip_norm} differs from config.toml's privacy.client_clip {privacy['client_clip']}")
+        if not isinstance(rel, CentralGaussian) and rel.bits != int(privacy.get("client_bits", 16)):
+            problems.append(f"{where}: bits {rel.bits} differs from config.toml's privacy.client_bits {privacy.get('client_bits', 16)}")
+    try:
+        eps = client_epsilons(entries, delta) if entries else {"server": {}, "model_only": {}}
+    except (ValueError, TypeError) as exc:
+        return problems + [f"{CLIENT_LEVEL_FILE}: {exc}"], {}
+    heads = [str(header.get("hash"))] + [e.hash for e in entries]
+    metrics = run / "metrics.jsonl"
+    rows = []
+    if metrics.is_file():
+        for line in metrics.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("client_level"), dict):
+                rows.append(rec)
+    for rec in rows:
+        cl, rnd = rec["client_level"], rec.get("round")
+        where = f"metrics.jsonl round {rnd} client_level"
+        p = _anchor_problem(where, cl.get("ledger"), heads)
+        if p:
+            problems.append(p)
+            continue
+        upto = entries[: int(cl["ledger"]["entries"])]
+        want = client_epsilons(upto, delta) if upto else {"server": {}, "model_only": {}}
+        for name, key in (("server", "epsilon_server_max"), ("model_only", "epsilon_model_only_max")):
+            expected = max(want[name].values(), default=0.0)
+            found = cl.get(key)
+            if not _is_number(found) or abs(float(found) - expected) > rel_tol * max(1.0, expected) + 1e-9:
+                problems.append(f"{where}: {key} = {_show(found)}, but the ledger gives {expected:.6g}")
+        for c, found in (cl.get("epsilon_server") or {}).items():
+            expected = want["server"].get(int(c), 0.0)
+            if not _is_number(found) or abs(float(found) - expected) > rel_tol * max(1.0, expected) + 1e-9:
+                problems.append(f"{where}: client {c}'s epsilon = {_show(found)}, but the ledger gives {expected:.6g}")
+        entry = next((e for e in upto if e.round == rnd), None)
+        if entry is not None and not isinstance(entry.release, CentralGaussian):
+            r = entry.release
+            for field_, value in (("bits", r.bits), ("sigma", getattr(r, "sigma", None)), ("variance", getattr(r, "variance", None))):
+                if field_ in cl and value is not None and (not _is_number(cl[field_]) or not math.isclose(float(cl[field_]), float(value), rel_tol=1e-12)):
+                    problems.append(f"{where}: {field_} = {_show(cl[field_])}, but the ledger records {value!r}")
+        elif entry is not None and "noise_multiplier" in cl and not math.isclose(float(cl["noise_multiplier"]), entry.release.noise_multiplier, rel_tol=1e-12):
+            problems.append(f"{where}: noise_multiplier = {_show(cl['noise_multiplier'])}, but the ledger records {entry.release.noise_multiplier!r}")
+    return problems, eps
+
+
 def verify_run(run_dir: str | Path, rel_tol: float = 1e-6, statement_context: Mapping[str, Any] | None = None) -> VerifyResult:
     """Every check of the module docstring on the run folder ``run_dir``. ``statement_context``:
     what `privlora report` passed to `render_privacy_statement` that only privlora can word
     (``secagg``, from config.toml); without it, report.md's own sentence is used (`statement_context`)."""
     run = Path(run_dir)
     res = VerifyResult()
+    cl_problems, res.client_level = client_level_problems(run, rel_tol)
+    res.problems += cl_problems
     ledger_path = run / LEDGER_FILE
     if not ledger_path.is_file():
         if _privacy_disabled(run):

@@ -371,6 +371,7 @@ class SecAggClient:
             masks.append((seed, +1 if self.id < v else -1))
         y, self._x = self._x, None  # mask the encoded input in place; it is not needed afterwards
         MaskExpander(self.spec.total_length, self.spec.dtype).apply(y, masks)
+        self.spec.reduce(y)  # integer mode: only the residue mod 2^m leaves the client
         del masks
         self._b = self._s_sk = self._c_sk = self._c_shared = self._s_shared = None  # no longer needed: forget them
         self.stage = ClientStage.MASKED

@@ -96,6 +96,11 @@ class EncodingSpec:
     max_clients: int
     precision_bits: int
     segments: tuple[Segment, ...]
+    modulus_bits: int = 0
+    """0: the fixed-point float encoding above. m in [1, bits]: integer inputs already in
+    Z_(2^m) (`EncodingSpec.integers`): no scaling or clipping, and the masked vector a client
+    sends and the sum the server decodes are reduced mod 2^m (masks mod 2^bits reduced mod 2^m
+    are still uniform, since 2^m divides 2^bits), so nobody sees more than the sum mod 2^m."""
 
     @classmethod
     def build(cls, clip: ClipArg, length: int, *, bits: int, max_clients: int, precision_bits: int = 16) -> "EncodingSpec":
@@ -144,6 +149,32 @@ class EncodingSpec:
             segs.append(Segment(n, c, f))
         return cls(bits=bits, max_clients=max_clients, precision_bits=precision_bits, segments=tuple(segs))
 
+    @classmethod
+    def integers(cls, length: int, *, modulus_bits: int, bits: int, max_clients: int) -> "EncodingSpec":
+        """The encoding of vectors of ``length`` integers in [0, 2^modulus_bits), summed mod
+        2^modulus_bits (e.g. distributed DP's noised, rounded vectors). The sum of any number of
+        them is only ever known mod 2^modulus_bits; wrap-around is the caller's to bound."""
+        if bits not in (32, 64):
+            raise InvalidInput(f"bits must be 32 or 64, found {bits!r}")
+        if isinstance(modulus_bits, bool) or not isinstance(modulus_bits, int) or not 1 <= modulus_bits <= bits:
+            raise InvalidInput(f"modulus_bits must be an int in [1, {bits}], found {modulus_bits!r}")
+        if not isinstance(max_clients, int) or max_clients < 1:
+            raise InvalidInput(f"max_clients must be a positive int, found {max_clients!r}")
+        if not isinstance(length, int) or length < 1:
+            raise InvalidInput(f"vector length must be a positive int, found {length!r}")
+        return cls(bits=bits, max_clients=max_clients, precision_bits=min(modulus_bits, bits - 2),
+                   segments=(Segment(length, float(2 ** modulus_bits), 0),), modulus_bits=modulus_bits)
+
+    @property
+    def modulus_mask(self) -> int:
+        """2^modulus_bits - 1 (integer mode), or 2^bits - 1."""
+        return (1 << (self.modulus_bits or self.bits)) - 1
+
+    def reduce(self, v: np.ndarray) -> None:
+        """In integer mode, reduce ``v`` (this spec's dtype) mod 2^modulus_bits in place."""
+        if self.modulus_bits and self.modulus_bits < self.bits:
+            np.bitwise_and(v, v.dtype.type(self.modulus_mask), out=v)
+
     # ---- shape ----------------------------------------------------------------------------
 
     @property
@@ -174,6 +205,8 @@ class EncodingSpec:
         h.update(struct.pack(">BIBI", self.bits, self.max_clients, self.precision_bits, len(self.segments)))
         for s in self.segments:
             h.update(struct.pack(">Qdi", s.length, s.clip, s.frac_bits))
+        if self.modulus_bits:
+            h.update(b"integers mod 2^" + struct.pack(">B", self.modulus_bits))
         return h.digest()
 
     # ---- encode / decode ------------------------------------------------------------------
@@ -183,6 +216,8 @@ class EncodingSpec:
         x = np.asarray(x)
         if x.ndim != 1 or x.shape[0] != self.length:
             raise InvalidInput(f"expected a 1-D vector of length {self.length}, found shape {x.shape}")
+        if self.modulus_bits:
+            return self._encode_integers(x)
         if not np.issubdtype(x.dtype, np.floating) and not np.issubdtype(x.dtype, np.integer):
             raise InvalidInput(f"expected a float vector, found dtype {x.dtype}")
         x = x.astype(np.float64, copy=False)
@@ -209,11 +244,24 @@ class EncodingSpec:
             start += seg.length
         return out, ClipReport(clipped=sum(counts), per_segment=tuple(counts), length=self.length)
 
+    def _encode_integers(self, x: np.ndarray) -> tuple[np.ndarray, ClipReport]:
+        if x.dtype.kind not in "iu":
+            raise InvalidInput(f"integer encoding: expected an integer vector, found dtype {x.dtype}")
+        if x.size and (int(x.min()) < 0 or int(x.max()) > self.modulus_mask):
+            raise InvalidInput(f"integer encoding: values must be in [0, 2^{self.modulus_bits}), found [{int(x.min())}, {int(x.max())}]")
+        out = np.zeros(self.total_length, dtype=self.dtype)
+        out[: self.length] = x.astype(self.dtype)
+        return out, ClipReport(clipped=0, per_segment=(0,), length=self.length)
+
     def decode(self, field_sum: np.ndarray) -> tuple[np.ndarray, tuple[int, ...]]:
         """From the sum mod 2^b of encodings: (float64 sum of the data, summed clipped counts)."""
         field_sum = np.asarray(field_sum)
         if field_sum.shape != (self.total_length,) or field_sum.dtype != self.dtype:
             raise InvalidInput(f"expected a {self.dtype} vector of length {self.total_length}")
+        if self.modulus_bits:  # the residues mod 2^m, unsigned; the caller centres them
+            out_int = field_sum[: self.length].astype(np.uint64)
+            out_int &= np.uint64(self.modulus_mask)
+            return out_int, (0,)
         signed = field_sum.view(np.int32 if self.bits == 32 else np.int64)
         out = np.empty(self.length, dtype=np.float64)
         start = 0

@@ -414,6 +414,7 @@ class SecAggServer:
                     masks.append((seed, -1 if w < v else +1))  # w added +PRG(s_wv) iff w < v: take it out
             acc = self._acc
             MaskExpander(self.spec.total_length, self.spec.dtype).apply(acc, masks)
+            self.spec.reduce(acc)
         except Exception:
             self.stage = ServerStage.ABORTED
             raise

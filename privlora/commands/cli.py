@@ -147,6 +147,15 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     except (UserError, OSError, ValueError):
         context = None  # verify_run says what is wrong with the folder; the sentence is then taken as written
     res = verify_run(run, statement_context=context)
+    if res.client_level and res.ok:
+        server = max(res.client_level["server"].values(), default=0.0)
+        model = max(res.client_level["model_only"].values(), default=0.0)
+        print(f"OK: client-level (privacy.unit = 'client'): client_level.jsonl's hash chain is intact and its recomputed "
+              f"epsilons match every metrics line: largest ε {server:.4f} against the server, {model:.4f} against whoever "
+              "sees only the released model (no sampling amplification claimed)")
+    if res.not_private and res.ok and res.client_level:
+        print("record level: privacy.enabled = false: no record-level DP-SGD, no record-level ledger")
+        return 0
     if res.not_private and res.ok:
         print(
             f"NOTHING TO VERIFY: {args.dir} is a non-private run (privacy.enabled = false in its config.toml): it makes "

@@ -77,6 +77,9 @@ PARTITIONS = ("iid", "dirichlet", "natural")
 OPTIMIZERS = ("sgd", "adam")
 ACCOUNTANTS = ("prv", "pld", "rdp")
 PARTICIPATIONS = ("all", "expected")
+PRIVACY_UNITS = ("record", "client")
+CLIENT_NOISES = ("central", "discrete_gaussian", "skellam")
+DISTRIBUTED_NOISES = ("discrete_gaussian", "skellam")
 POOLINGS = ("model", "mean")
 HOLDOUTS = ("test", "validation")
 WEIGHTINGS = ("num_examples", "uniform")
@@ -293,6 +296,44 @@ class PrivacyConfig:
     (ceil(rounds * clients_per_round / num_clients), its expected share: less noise per round;
     the budget is still enforced before every round, so a client sampled more often than
     expected is refused once its next round would exceed its budget, never overspent)."""
+    unit: str = "record"
+    """The unit of privacy of the client-level guarantee: "record" (today's default: only the
+    record-level DP-SGD inside each client, governed by ``enabled``) or "client" (DP-FedAvg: each
+    sampled client's whole contribution, every tensor it adds to the sum, the head included, is
+    clipped to L2 norm ``client_clip``; weights are uniform (``federation.weighting = 'uniform'``);
+    noise is added to the sum as ``client_noise`` says, and the aggregate is divided by the
+    expected number of clients, ``federation.clients_per_round``). Record-level DP-SGD may stay on
+    at the same time (``enabled``): both guarantees are then reported. Strategies 'fedit', 'ffa'
+    and 'flora' (product form) run; 'hetlora' (its norm weights depend on the data and are not
+    bounded by the clip) and FLoRA's slot form (the sum reveals each client's block) are refused."""
+    client_noise: str = "central"
+    """Unit "client" only: who adds the client-level noise. "central": the server adds Gaussian
+    noise of std ``client_noise_multiplier x client_clip`` to the sum (the server must be trusted;
+    under secure aggregation it still saw the un-noised sum). "discrete_gaussian" or "skellam":
+    each client rotates, scales, rounds and adds its own share of discrete Gaussian (Kairouz,
+    Liu, Steinke 2021) or Skellam (Agarwal, Kairouz, Liu 2021) noise in the integers mod
+    2^``client_bits`` before secure aggregation (``secagg.enabled``), so the server only decodes a
+    noised sum; each share is sized for the fewest inputs a secure sum accepts minus
+    ``colluders``."""
+    client_clip: float = 1.0
+    """Unit "client": C, the L2 norm each client's whole contribution (its change to the global
+    state, all tensors together) is clipped to."""
+    client_target_epsilon: float = 8.0
+    """Unit "client": the client-level epsilon (at ``delta``) the noise is calibrated for, over
+    all ``federation.rounds`` rounds, charged as if the client took part in every round, against
+    the server (no sampling amplification). Used when ``client_noise_multiplier`` is 0."""
+    client_noise_multiplier: float = 0.0
+    """Unit "client": the std of the noise on the sum divided by ``client_clip`` (for distributed
+    noise: of the counted shares together, before rounding); 0 = calibrate from
+    ``client_target_epsilon``."""
+    client_bits: int = 16
+    """Distributed noise only: the secure sum works mod 2^client_bits (bits per coordinate), in
+    [4, min(62, secagg.bits)]; the scale 1/gamma is chosen so that a wrap is unlikely (the bound and
+    the wraps seen are in metrics.jsonl every round)."""
+    colluders: int = 0
+    """Distributed noise only: how many clients of a sum are assumed to collude with the server
+    (their noise shares are known to it and not counted): each client's share is sized for
+    (fewest inputs the secure sum accepts) - colluders."""
 
 
 @dataclass(frozen=True)
@@ -491,6 +532,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _validate_privacy(cfg)
     _validate_secagg(cfg)
     _validate_secagg_federation(cfg)
+    _validate_client_level(cfg)
     return cfg
 
 
@@ -674,6 +716,45 @@ def _validate_privacy(cfg: ExperimentConfig) -> None:
         why = "privacy.noise_multiplier is 0" if calibrates else "it is the budget (privacy.budget_epsilon is 0)"
         _require(0 < p.target_epsilon <= 100, "privacy.target_epsilon", f"must be in (0, 100] when {why}, found {p.target_epsilon}")
     _per_client(p.budgets, "privacy.budgets", "budget", cfg.data.num_clients, 0, 1000, low_open=True)
+    _choice(p.unit, PRIVACY_UNITS, "privacy.unit")
+    _choice(p.client_noise, CLIENT_NOISES, "privacy.client_noise")
+    _require(p.client_clip > 0 and math.isfinite(p.client_clip), "privacy.client_clip", f"must be a finite number > 0, found {p.client_clip}")
+    _require(p.client_noise_multiplier >= 0 and math.isfinite(p.client_noise_multiplier), "privacy.client_noise_multiplier",
+             f"must be a finite number >= 0 (0 = calibrate from client_target_epsilon), found {p.client_noise_multiplier}")
+    _require(p.colluders >= 0, "privacy.colluders", f"must be >= 0, found {p.colluders}")
+    _require(4 <= p.client_bits <= 62, "privacy.client_bits", f"must be in [4, 62], found {p.client_bits}")
+    if p.unit == "client" and p.client_noise_multiplier == 0:
+        _require(0 < p.client_target_epsilon <= 100, "privacy.client_target_epsilon",
+                 f"must be in (0, 100] when privacy.client_noise_multiplier is 0, found {p.client_target_epsilon}")
+
+
+def _validate_client_level(cfg: ExperimentConfig) -> None:
+    """What privacy.unit = 'client' needs: uniform weights, a strategy whose contribution is
+    linear, and, for distributed noise, secure aggregation whose sums keep at least one counted
+    noise share after the assumed colluders."""
+    p, f = cfg.privacy, cfg.federation
+    if p.unit != "client":
+        return
+    _require(f.weighting == "uniform", "federation.weighting",
+             "must be 'uniform' under privacy.unit = 'client': a weight n_k would carry the client's dataset size into "
+             "the sum, outside the clip C that bounds a client's influence; set federation.weighting = 'uniform'")
+    _require(f.strategy != "hetlora", "federation.strategy",
+             "'hetlora' cannot run under privacy.unit = 'client': its aggregation weights ||B_k A_k|| depend on the "
+             "client's data and are not bounded by the clip; use 'ffa', 'fedit' or 'flora' (product form)")
+    _require(not (f.strategy == "flora" and f.flora_form == "slot"), "federation.flora_form",
+             "slot-form stacking cannot run under privacy.unit = 'client': each client's factors sit in its own slot, so "
+             "noise on the sum does not hide a client (the sum is the stack); use flora_form = 'product'")
+    if p.client_noise in DISTRIBUTED_NOISES:
+        _require(cfg.secagg.enabled, "secagg.enabled",
+                 f"privacy.client_noise = {p.client_noise!r} adds each client's noise share before secure aggregation; "
+                 "set secagg.enabled = true (or use client_noise = 'central' with a trusted server)")
+        _require(p.client_bits <= cfg.secagg.bits, "privacy.client_bits",
+                 f"must be at most secagg.bits = {cfg.secagg.bits} (the secure sum carries each value in a "
+                 f"{cfg.secagg.bits}-bit word), found {p.client_bits}")
+        least = secure_sum_size(cfg).least
+        _require(least - p.colluders >= 1, "privacy.colluders",
+                 f"the fewest inputs a secure sum accepts is {least}, so at most {least - 1} colluders leave a noise "
+                 f"share that counts; found {p.colluders}")
 
 
 def _validate_causal(cfg: ExperimentConfig) -> None:

@@ -152,6 +152,8 @@ class LocalResult:
     next_rank: int | None = None
     """The rank the client keeps after local training (smaller than the trained rank only when
     the strategy prunes); ``state`` has this rank."""
+    start: dict[str, np.ndarray] | None = None
+    """The adapter state local training started from (client-level DP contributes the change)."""
 
 
 class TrainingObserver(Protocol):
@@ -181,6 +183,8 @@ class Client:
         if self.num_examples == 0:
             raise DataError(f"data.num_clients: client {client_id} has no training examples; lower data.num_clients")
         self._noise_multiplier: float | None = None
+        self.client_level_release = None
+        """(round, release) of the last client-level contribution made (`privlora.federation.client_level`)."""
         self._incoming: dict[int, dict[str, tuple[int, ...]]] = {}
 
     def incoming_fields(self, rank: int) -> dict[str, tuple[int, ...]]:
@@ -225,25 +229,53 @@ class Client:
     def encode_update(self, result: "LocalResult", rnd: int, rank: int) -> bytes:
         """The client_update message: the strategy's contribution and the mechanism that ran."""
         next_rank = rank if result.next_rank is None else result.next_rank
-        contribution = self.strategy.contribution(result.state, self.num_examples, next_rank, client_id=self.client_id)
+        client_level = self.cfg.privacy.unit == "client"
+        private = result.mechanism is not None or client_level
+        if client_level:
+            tensors = self.client_level_contribution(result, rnd, next_rank)
+        else:
+            contribution = self.strategy.contribution(result.state, self.num_examples, next_rank, client_id=self.client_id)
+            tensors = {k: v.astype(np.float32) for k, v in contribution.items()}
         header = {
             "round": rnd,
             "client_id": self.client_id,
             "rank": rank,
             "next_rank": next_rank,
             # under secure aggregation the dataset size travels only inside the masked sum
-            "num_examples": None if self.cfg.secagg.enabled else self.num_examples,
+            # (and under client-level DP never: it is a statistic of the client's data)
+            "num_examples": None if self.cfg.secagg.enabled or private else self.num_examples,
             # The mean training loss is computed from private data without noise: under DP it
             # stays on the client (it would be a release that epsilon does not cover).
-            "train_loss": None if result.mechanism is not None else result.train_loss,
+            "train_loss": None if private else result.train_loss,
             "steps": result.steps,
             # wall-clock time depends on the data (batches are trimmed to their longest example):
             # under DP it stays on the client, like the loss
-            "seconds": None if result.mechanism is not None else result.seconds,
+            "seconds": None if private else result.seconds,
             "mechanism": None if result.mechanism is None else result.mechanism.to_dict(),
         }
-        tensors = {k: v.astype(np.float32) for k, v in contribution.items()}
         return Message("client_update", header, tensors).to_bytes()
+
+    def client_level_contribution(self, result: "LocalResult", rnd: int, rank: int) -> dict[str, np.ndarray]:
+        """Under ``privacy.unit = 'client'``: the change this client adds to the sum, every tensor
+        together clipped to L2 norm ``privacy.client_clip`` (float64, so the clip survives the
+        wire); under distributed noise, instead, its encoding mod 2^``privacy.client_bits``
+        (clipped, rotated, scaled, rounded, with this client's noise share) under one key."""
+        from privlora.federation import client_level as cl
+        from privlora.federation.distributed_noise import ClientEncoder, Layout
+        from privlora.federation.noise import integer_noise_generator
+
+        if result.start is None:
+            raise RuntimeError("client-level DP needs the state local training started from")
+        delta = cl.client_delta(self.strategy, result.state, result.start, rank, self.client_id)
+        if not cl.is_distributed(self.cfg):
+            clipped, _ = cl.clip_delta(delta, self.cfg.privacy.client_clip)
+            self.client_level_release = (rnd, cl.central_release(self.cfg))
+            return clipped
+        params = cl.distributed_params(self.cfg, Layout.of(delta), rnd)
+        self.client_level_release = (rnd, params.release())
+        rng = integer_noise_generator(self.cfg.seed, rnd, self.client_id, 3)
+        encoded, _report = ClientEncoder(params).encode(delta, rng)  # the report depends on the data: kept here
+        return {cl.DISTRIBUTED_KEY: encoded}
 
     # ------------------------------------------------------------------ training
     def build_model(self, payload: dict[str, np.ndarray], rank: int):
@@ -265,6 +297,7 @@ class Client:
         t0 = time.perf_counter()
         torch.manual_seed(derived_seed(self.cfg.seed, rnd, self.client_id, 1))
         model = self.build_model(payload, rank)
+        start = adapter_state(model) if self.cfg.privacy.unit == "client" else None
         for observer in self.observers:
             observer.training_started(self.client_id, rnd, model)
         model.train()
@@ -304,6 +337,7 @@ class Client:
             steps=steps,
             seconds=time.perf_counter() - t0,
             next_rank=next_rank,
+            start=start,
         )
         for observer in self.observers:
             observer.training_finished(self.client_id, rnd, model)

@@ -44,7 +44,8 @@ Choosing gamma (`choose_scale`) follows Kairouz et al. (Sec. 4.2/4.4, as TensorF
 fit in 2^bits. `wrap_probability` is a rigorous Chernoff/union bound on a wrap of the sum for a
 given configuration (see its docstring for the model).
 
-For integration (not done here): the secure sum must accept ``padded_dim`` uint64 values per
+Integration (issue 30: `privlora.federation.client_level`, `secure_sum.session_plan` with
+`secagg.EncodingSpec.integers`, the round engine): the secure sum must accept ``padded_dim`` uint64 values per
 client already in Z_(2^bits), add them mod 2^bits with no fixed-point encoding or clipping of its
 own, refuse sums of fewer than ``min_inputs`` inputs, and bind `DistributedNoiseParams.digest`
 into its session; the ledger charges `DistributedNoiseParams.release` (whose ``dim`` is the

@@ -31,6 +31,12 @@ each round:
 6. **finish** (`Strategy.finish`, server momentum), **evaluate**, append the round's metrics
    line (fsynced), **checkpoint**.
 
+Client-level DP (``privacy.unit = "client"``, `privlora.federation.client_level`): after step 2 the
+round's client-level release is recorded for every admitted client in ``client_level.jsonl``
+(`accounting.client_level`) before any instruction leaves; step 5 sums the clients' clipped
+deltas, adds the central noise or decodes the distributed one, and finishes with the mean
+clipped update (divided by ``clients_per_round``); each metrics line carries ``client_level``.
+
 Privacy invariants kept here: nobody trains uncharged; what a client reports it ran must equal
 what it was charged for; no client's spent epsilon exceeds its budget (checked every round).
 """
@@ -141,6 +147,10 @@ class RoundEngine:
         self.admission: Admission | None = None
         self.described: dict[int, Description] = {}
         self.chash = config_sha256(self.out)
+        self.client_level = cfg.privacy.unit == "client"
+        self.cl_ledger = None
+        """The client-level ledger (`accounting.client_level`), under privacy.unit = 'client'."""
+        self.cl_round: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ start
     def describe(self) -> None:
@@ -208,10 +218,140 @@ class RoundEngine:
             "transport": self.transport.name,
             "seconds": time.perf_counter() - t_start,
         }
+        if self.client_level:
+            record["client_level"] = self.client_level_record()
         self._anchor(record)
         append_jsonl(self.metrics_path, record)
         self.write_samples("untrained")
         self.checkpoint(0)
+
+    # ------------------------------------------------------------------ client level
+    def _open_client_level(self, resume: bool) -> None:
+        from accounting.client_level import CLIENT_LEVEL_FILE, ClientLevelLedger
+
+        path = self.out / CLIENT_LEVEL_FILE
+        if resume and path.is_file():
+            self.cl_ledger = ClientLevelLedger.open(path)
+            return
+        self.cl_ledger = ClientLevelLedger.create(
+            path, self.cfg.privacy.delta, self.cfg.privacy.client_noise,
+            "fixed-size, uniformly without replacement (no amplification claimed)",
+            run={"name": self.cfg.name, "config_sha256": self.chash, "seed": self.cfg.seed})
+
+    def _client_level_template(self) -> dict[str, np.ndarray]:
+        from privlora.tasks.adapters import adapter_state
+
+        return adapter_state(self.server.global_model)
+
+    def _client_level_layout(self):
+        """The layout of a client's delta, as the server computes it from the strategy alone."""
+        from privlora.federation.distributed_noise import Layout
+        from privlora.strategies import WEIGHT_KEY
+
+        strategy = self.server.strategy
+        start = strategy.local_start(strategy.broadcast(self.server.global_state, strategy.max_rank), self._client_level_template())
+        ref = strategy.contribution(start, 1, strategy.max_rank, client_id=None)
+        return Layout.of({k: v for k, v in ref.items() if k != WEIGHT_KEY})
+
+    def client_level_release(self, rnd: int):
+        """The release of round ``rnd``'s sum, as the ledger records it."""
+        from privlora.federation import client_level as cl
+
+        if cl.is_distributed(self.cfg):
+            return cl.distributed_params(self.cfg, self._client_level_layout(), rnd).release()
+        return cl.central_release(self.cfg)
+
+    def charge_client_level(self, rnd: int, admitted: list[int]) -> None:
+        """Record the round's client-level release for every admitted client before any
+        instruction leaves (a dropout stays charged: conservative)."""
+        entry = self.cl_ledger.entry_for(rnd)
+        release = self.client_level_release(rnd)
+        if entry is None:
+            self.cl_ledger.append(rnd, admitted, release)
+        elif entry.release != release or not set(admitted) <= set(entry.clients):
+            raise CheckpointError(f"client-level ledger: round {rnd}'s record differs from what the round would release now")
+
+    def client_level_epsilons(self) -> dict[str, Any]:
+        from accounting.client_level import client_epsilons
+
+        eps = client_epsilons(self.cl_ledger.entries, self.cfg.privacy.delta) if self.cl_ledger.entries else {"server": {}, "model_only": {}}
+        return {
+            "epsilon_server": {str(k): v for k, v in eps["server"].items()},
+            "epsilon_server_max": max(eps["server"].values(), default=0.0),
+            "epsilon_model_only_max": max(eps["model_only"].values(), default=0.0),
+        }
+
+    def client_level_record(self) -> dict[str, Any]:
+        """What the round's metrics line says about the client-level guarantee."""
+        from privlora.federation import client_level as cl
+
+        p = self.cfg.privacy
+        distributed = cl.is_distributed(self.cfg)
+        out: dict[str, Any] = {
+            "unit": "client",
+            "noise": p.client_noise,
+            "trusted": cl.TRUST["distributed" if distributed else "central"],
+            "clip_norm": p.client_clip,
+            "expected_clients": cl.expected_clients(self.cfg),
+            "sampling": "fixed-size without replacement: no amplification claimed (epsilon against the model alone = against the server)",
+            "record_level_dp": bool(self.dp),
+            **self.client_level_epsilons(),
+            "ledger": {"entries": len(self.cl_ledger), "head": self.cl_ledger.head},
+        }
+        if not distributed:
+            out["noise_multiplier"] = cl.central_noise_multiplier(self.cfg)
+        out.update(self.cl_round)
+        return out
+
+    def aggregate_client_level(self, rnd: int, reports: list[ClientReport], contributions: list[dict], layouts: dict):
+        """Sum the clipped deltas (in the clear, or securely), noise (central) or decode
+        (distributed), and finish; returns the secure-sum report or None."""
+        from privlora.federation import client_level as cl
+        from privlora.federation.secure_sum import secure_sum_over
+        from privlora.strategies import sum_states
+        from secagg import SecAggError
+
+        if len(reports) < self.fewest():
+            raise RoundAborted(f"only {len(reports)} clients returned an update, fewer than {self.fewest()}")
+        secure = None
+        if self.cfg.secagg.enabled:
+            specs = {json.dumps(v) for v in layouts.values()}
+            if len(specs) != 1 or not next(iter(layouts.values())):
+                raise MessageError(f"round {rnd}: clients reported different or empty contribution layouts; they cannot be summed")
+            try:
+                summed, secure = secure_sum_over(self.transport, self.cfg, rnd, sorted(layouts), next(iter(layouts.values())))
+            except SecAggError as exc:
+                raise RoundAborted(f"secure aggregation aborted: {type(exc).__name__}: {exc}") from exc
+            for r in reports:
+                r.upload_bytes = int(secure.bytes_up.get(r.client_id, 0))
+        else:
+            summed = sum_states(contributions)
+        if cl.is_distributed(self.cfg):
+            from privlora.federation.distributed_noise import decode_sum
+
+            params = cl.distributed_params(self.cfg, self._client_level_layout(), rnd)
+            n = len(secure.survivors)
+            summed, rep = decode_sum(np.asarray(summed[cl.DISTRIBUTED_KEY], dtype=np.uint64), params, num_inputs=n)
+            rel = params.release()
+            self.cl_round = {
+                "bits": params.bits, "scale": params.scale, "padded_dim": params.padded_dim, "min_inputs": params.min_inputs,
+                "inputs": n, "colluders": self.cfg.privacy.colluders,
+                "sigma" if params.sigma is not None else "variance": params.sigma if params.sigma is not None else params.variance,
+                "l2_sensitivity": rel.l2_sensitivity, "l1_sensitivity": rel.l1_sensitivity,
+                "wrap_probability": rep.wrap_probability, "wraps_seen": rep.suspect, "wrap_level": rep.edge_level,
+                "max_abs": rep.max_abs,
+                "bytes_per_client": params.padded_dim * self.cfg.secagg.bits // 8,
+            }
+            if rep.suspect:
+                log(f"round {rnd}: the decoded sum has {rep.suspect} coordinate(s) near +-2^(bits-1): likely modular wraps; "
+                    "raise privacy.client_bits")
+        else:
+            # seeded (reproducible) only in the in-process simulation; any networked server draws secure noise
+            summed = cl.central_noise(self.cfg, summed, rnd, secure=self.transport.name != "in-process")
+            self.cl_round = {}
+        finished = cl.finish_client_level(self.server.strategy, self.server.global_state, self._client_level_template(), summed, self.cfg)
+        self.server.aggregate_sum(finished)
+        return secure, {}
 
     # ------------------------------------------------------------------ checkpoint
     def _server_tensors(self) -> dict[str, np.ndarray]:
@@ -362,13 +502,18 @@ class RoundEngine:
         admitted, refused, stop = self.admit(rnd, chosen)
         if stop:
             return {"chosen": chosen, "refused": refused}, stop
+        if self.client_level:
+            self.charge_client_level(rnd, admitted)
         bytes_down0 = dict(self.transport.stats.bytes_down)
         reports, contributions, layouts, dropped, refused_by_clients = self.collect(rnd, admitted)
         bytes_down = sum(self.transport.stats.bytes_down.get(c, 0) - bytes_down0.get(c, 0) for c in admitted)
         if self.cfg.secagg.enabled and self.entered_sum and len(reports) < self.fewest():
             return self._skip_round(rnd, chosen, {**refused, **refused_by_clients}, bytes_down, t_round), None
         try:
-            secure, clear_metrics = self.aggregate(rnd, reports, contributions, layouts)
+            if self.client_level:
+                secure, clear_metrics = self.aggregate_client_level(rnd, reports, contributions, layouts)
+            else:
+                secure, clear_metrics = self.aggregate(rnd, reports, contributions, layouts)
         except RoundAborted as exc:
             return {"chosen": chosen, "refused": refused, "aborted": True}, (
                 f"round {rnd}: {exc}; the round's charges stay spent and the global model is unchanged. "
@@ -401,6 +546,8 @@ class RoundEngine:
         }
         if dropped:
             record["dropped"] = dropped
+        if self.client_level:
+            record["client_level"] = self.client_level_record()
         # e.g. FedIT's ||its update - the mean of the clients' updates|| / ||the mean update||
         record.update({k: (float(v) if np.isfinite(v) else None) for k, v in clear_metrics.items()})
         self._anchor(record)
@@ -458,6 +605,8 @@ class RoundEngine:
         self.describe()
         if self.dp:
             self._open_privacy(resume, first_round, state.get("ledger", {}))
+        if self.client_level:
+            self._open_client_level(resume)
         if resume:
             truncate_metrics(self.metrics_path, first_round - 1)
             if first_round > cfg.federation.rounds or state.get("stopped"):

@@ -278,7 +278,7 @@ class ClientNode:
             "mechanism": None if planned is None else planned.to_dict(),
             "noise": self.noise,
             # in the clear the size travels with every update anyway; under secagg it never leaves
-            "num_examples": None if self.cfg.secagg.enabled else n,
+            "num_examples": None if self.cfg.secagg.enabled or self.cfg.privacy.unit == "client" else n,
             "spent": None if self.guard is None else self.guard.spent(),
         }
         return Message("client_description", header).to_bytes()
@@ -329,6 +329,7 @@ class ClientNode:
                 why = check_release(update)
                 if why is not None:  # kept as the round's answer: never retrained under the same charge
                     update = self._refuse(rnd, why)
+                self._charge_client_level(rnd, update)  # before the release is kept, let alone sent
                 self.guard.keep_release(rnd, update)
             if Message.from_bytes(update, ("client_update", "refusal")).kind == "refusal":
                 return update
@@ -338,16 +339,48 @@ class ClientNode:
             why = check_release(update)
             if why is not None:
                 return self._refuse(rnd, why)
+            self._charge_client_level(rnd, update)
         if not self.cfg.secagg.enabled:
             return update
         return self._keep_for_secure_sum(rnd, update)
+
+    def _charge_client_level(self, rnd: int, update: bytes) -> None:
+        """Under client-level DP, a node with a folder records the round's client-level release
+        in its own ``client_level-<run>.jsonl`` (`accounting.client_level`) before its update
+        leaves it: the release its own config decides, whatever the server records."""
+        if self.cfg.privacy.unit != "client" or self.sums.path is None:
+            return
+        if Message.from_bytes(update, ("client_update", "refusal")).kind == "refusal":
+            return
+        from accounting.client_level import ClientLevelLedger
+        from privlora.core.config import resolved_sha256
+
+        path = self.sums.path.parent / f"client_level-{resolved_sha256(self.cfg)[:12]}.jsonl"
+        ledger = ClientLevelLedger.open(path) if path.is_file() else ClientLevelLedger.create(
+            path, self.cfg.privacy.delta, self.cfg.privacy.client_noise, "as the server samples", run=run_identity(self.cfg))
+        entry = ledger.entry_for(rnd)
+        made = self.client.client_level_release
+        if made is None or made[0] != rnd:
+            raise RuntimeError(f"client {self.client_id}: no client-level release of round {rnd} to charge")  # a bug
+        if entry is None:
+            ledger.append(rnd, [self.client_id], made[1])
+        elif entry.release != made[1]:
+            raise LedgerError(f"client {self.client_id}: round {rnd} is recorded with another client-level release")
 
     def _keep_for_secure_sum(self, rnd: int, update: bytes) -> bytes:
         from privlora.federation.secure_sum import flatten, layout
 
         msg = Message.from_bytes(update, "client_update")
+        from privlora.federation.client_level import DISTRIBUTED_KEY, is_distributed
+
         spec = layout(msg.tensors)
-        self._pending = _Pending(rnd, spec, flatten(msg.tensors, spec))
+        if is_distributed(self.cfg):  # integers mod 2^client_bits: carried as they are, never as floats
+            if list(msg.tensors) != [DISTRIBUTED_KEY] or msg.tensors[DISTRIBUTED_KEY].dtype != np.uint64:
+                raise MessageError(f"client {self.client_id}: a distributed-noise update must be one uint64 vector {DISTRIBUTED_KEY!r}")
+            vector = msg.tensors[DISTRIBUTED_KEY].ravel().copy()
+        else:
+            vector = flatten(msg.tensors, spec)
+        self._pending = _Pending(rnd, spec, vector)
         self._session = None
         header = dict(msg.header, layout=[[k, list(s)] for k, s in spec])
         return Message("client_update", header).to_bytes()

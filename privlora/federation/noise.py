@@ -53,9 +53,39 @@ def noise_source(kind: str):
     """Make Opacus draw its DP noise from ``kind`` ("seeded" or "secure") inside the block."""
     if kind not in NOISE_SOURCES:
         raise ValueError(f"noise source must be one of {NOISE_SOURCES}, found {kind!r}")
-    if kind == "seeded":
-        yield
-        return
+    global _CURRENT
+    previous, _CURRENT = _CURRENT, kind
+    try:
+        if kind == "seeded":
+            yield
+            return
+        with _secure_opacus():
+            yield
+    finally:
+        _CURRENT = previous
+
+
+_CURRENT = "seeded"
+
+
+def current_noise_source() -> str:
+    """The source chosen by the innermost `noise_source` block ("seeded" outside any)."""
+    return _CURRENT
+
+
+def integer_noise_generator(seed: int, *parts: int) -> np.random.Generator:
+    """The generator of a client's client-level noise (rounding and noise shares): under a
+    "secure" `noise_source`, `distributed_noise.noise_generator` keyed from the operating system;
+    otherwise (simulation) a reproducible one from (run seed, parts)."""
+    from privlora.federation.distributed_noise import noise_generator
+
+    if _CURRENT == "secure":
+        return noise_generator(None)
+    return noise_generator(int(np.random.SeedSequence([int(seed), *map(int, parts)]).generate_state(1, dtype=np.uint64)[0] >> 1))
+
+
+@contextlib.contextmanager
+def _secure_opacus():
     import torch
     from opacus.optimizers import optimizer as dp_optimizer_module
 

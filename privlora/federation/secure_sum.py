@@ -103,8 +103,23 @@ def session_plan(cfg: ExperimentConfig, spec: list[tuple[str, tuple[int, ...]]])
     if (plan.threshold, plan.degree, plan.min_clients) != (z.threshold, z.degree, z.least):
         raise RuntimeError(f"secagg resolved {plan} but the config says {z}")  # a bug, never a session
     length = int(sum(int(np.prod(shape)) for _, shape in spec))
+    if _integer_spec(cfg, spec):  # distributed DP: integers mod 2^client_bits, no fixed point
+        encoding = EncodingSpec.integers(length, modulus_bits=int(cfg.privacy.client_bits), bits=plan.bits, max_clients=plan.n_max)
+        return plan, encoding
     encoding = EncodingSpec.build(clip_segments(cfg, spec), length, bits=plan.bits, max_clients=plan.n_max, precision_bits=plan.precision_bits)
     return plan, encoding
+
+
+def _integer_spec(cfg: ExperimentConfig, spec: list[tuple[str, tuple[int, ...]]]) -> bool:
+    """True when this round's contributions are distributed DP's integer vectors: the config says
+    so (never the layout alone), and the layout must then be exactly that one vector."""
+    from privlora.federation.client_level import DISTRIBUTED_KEY, is_distributed
+
+    if not is_distributed(cfg):
+        return False
+    if [k for k, _ in spec] != [DISTRIBUTED_KEY] or len(spec[0][1]) != 1:
+        raise ValueError(f"under distributed noise a contribution is one vector {DISTRIBUTED_KEY!r}; found the layout {spec[:3]}")
+    return True
 
 
 def _size(cfg: ExperimentConfig):
@@ -168,6 +183,7 @@ def secure_sum_over(transport, cfg: ExperimentConfig, rnd: int, clients: list[in
             messages = {c: _request(rnd, c, nxt, server.message_for(c)) for c in recipients}
     res = server.result
     total, counts = encoding.decode(res.field_sum)
+    summed = {spec[0][0]: np.asarray(total)} if encoding.modulus_bits else unflatten(np.asarray(total), spec)
     up = {c: transport.stats.bytes_up.get(c, 0) - up0.get(c, 0) for c in clients}
     down = {c: transport.stats.bytes_down.get(c, 0) - down0.get(c, 0) for c in clients}
     report = SecureSumReport(
@@ -179,4 +195,4 @@ def secure_sum_over(transport, cfg: ExperimentConfig, rnd: int, clients: list[in
         values=int(sum(n for n, _ in clip_segments(cfg, spec))),
         dropped=list(res.dropped),
     )
-    return unflatten(np.asarray(total), spec), report
+    return summed, report

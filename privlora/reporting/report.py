@@ -276,6 +276,32 @@ def privacy_section(out: Path, cfg, task, ledger, rows: list[dict], final: dict,
     return privacy, statement
 
 
+def client_level_summary(rows: list[dict]) -> dict | None:
+    """report.json's ``client_level``: the last metrics line's client-level record."""
+    last = next((r["client_level"] for r in reversed(rows) if isinstance(r.get("client_level"), dict)), None)
+    return None if last is None else dict(last)
+
+
+def client_level_statement(cfg, rows: list[dict]) -> str:
+    """report.md's plain words on the client-level guarantee: unit, noise, who must be trusted."""
+    p = cfg.privacy
+    last = client_level_summary(rows) or {}
+    eps_s, eps_m = last.get("epsilon_server_max", 0.0), last.get("epsilon_model_only_max", 0.0)
+    if p.client_noise == "central":
+        how = (f"the server adds Gaussian noise (noise multiplier {last.get('noise_multiplier', 0):.4g}) to the sum: the server "
+               "must be trusted, and it saw the un-noised sum (under secure aggregation too)")
+    else:
+        how = (f"each client adds its own share of {p.client_noise.replace('_', ' ')} noise in the integers mod 2^{p.client_bits} "
+               f"before secure aggregation, sized for {last.get('min_inputs', '?')} counted inputs "
+               f"({p.colluders} assumed colluder(s) not counted): the server only decodes a noised sum")
+    return (f"- **Client-level DP** (unit: a client's whole data): each sampled client's whole contribution is clipped to "
+            f"L2 norm {p.client_clip:g}, weights are uniform and the sum is divided by {cfg.federation.clients_per_round}; "
+            f"{how}. Client-level epsilon at delta {p.delta:g}: {eps_s:.4f} against the server (every round a client took part "
+            f"is charged; no sampling amplification) and {eps_m:.4f} against whoever sees only the released model (clients "
+            "are sampled a fixed number per round, not by Poisson sampling, so no amplification is claimed). "
+            "`privlora verify` recomputes both from client_level.jsonl.")
+
+
 def report_record(cfg, task, chash: str, rows: list[dict], final: dict, stopped: str | None, privacy: dict,
                   packages: dict) -> dict:
     """What report.json holds (format privlora-run-report/1): the run, accuracy and loss per
@@ -309,6 +335,7 @@ def report_record(cfg, task, chash: str, rows: list[dict], final: dict, stopped:
                          for key, _, _ in task.metric_columns(rows)},
         "task": cfg.model.task,
         "privacy": privacy,
+        "client_level": client_level_summary(rows),
         "noise_source": rows[0].get("noise_source") or {},
         "transport": rows[0].get("transport", "in-process"),
         "packages": packages,
@@ -335,8 +362,12 @@ def summary_lines(cfg, rows: list[dict], final: dict, stopped: str | None) -> li
         lines.append(f"- **Unfinished:** the run was interrupted after round {final['round']} of {cfg.federation.rounds}; "
                      "every number here is that round's, not a finished run's. Continue it with `privlora run --resume` "
                      "on this folder; the report is written again at the end.")
-    if not cfg.privacy.enabled:
+    if cfg.privacy.unit == "client":
+        lines.append(client_level_statement(cfg, rows))
+    if not cfg.privacy.enabled and cfg.privacy.unit != "client":
         lines += ["- **No differential privacy**: this run is a non-private baseline; no epsilon applies."]
+    elif not cfg.privacy.enabled:
+        lines += ["- No record-level DP-SGD inside the clients (privacy.enabled = false): only the client-level guarantee applies."]
     lines.append("- Upload and download are the mean tensor bytes (float32) one client sent and received in the round "
                  "(under secure aggregation: every message of the protocol).")
     return lines
