@@ -47,14 +47,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .distributed_dp import DistributedRelease, distributed_epsilon, release_from_dict
-from .ledger import GENESIS, LedgerError, _fsync_dir, canonical, entry_hash
+from .ledger import GENESIS, LedgerError, append_chain_line, entry_hash, write_chain_header
 from .mechanism import SubsampledGaussian
 
 FORMAT = "privlora-client-level/1"
@@ -165,12 +164,7 @@ class ClientLevelLedger:
         header = {"kind": "header", "format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                   "delta": float(delta), "noise": str(noise), "sampling": str(sampling), "run": run or {}, "prev": GENESIS}
         header["hash"] = entry_hash(header)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "x", encoding="utf-8") as fh:
-            fh.write(canonical(header).decode() + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        _fsync_dir(path.parent)
+        write_chain_header(path, header)
         return cls(path, header, [])
 
     @classmethod
@@ -202,10 +196,7 @@ class ClientLevelLedger:
         entry: dict[str, Any] = {"kind": "release", "seq": len(self.entries), "round": int(rnd),
                                  "clients": sorted(int(c) for c in clients), "mechanism": release.to_dict(), "prev": self.head}
         entry["hash"] = entry_hash(entry)
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(canonical(entry).decode() + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        append_chain_line(self.path, entry)
         e = Entry(entry["seq"], int(rnd), tuple(entry["clients"]), release, entry["prev"], entry["hash"])
         self.entries.append(e)
         self.head = e.hash

@@ -148,6 +148,25 @@ def check_chain(lines: list[str]) -> tuple[dict[str, Any], list[Charge], list[st
     return header, charges, problems
 
 
+def write_chain_header(path: Path, header: dict[str, Any]) -> None:
+    """Create a hash-chained file holding only ``header`` (never overwriting one), the file and
+    its folder fsynced: the one way every ledger of this package starts."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "x", encoding="utf-8") as fh:
+        fh.write(canonical(header).decode() + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    _fsync_dir(path.parent)
+
+
+def append_chain_line(path: Path, entry: dict[str, Any]) -> None:
+    """Append one chained entry; on disk (fsynced) when this returns."""
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(canonical(entry).decode() + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 class Ledger:
     """An open ledger file. Create with `Ledger.create`, reopen (e.g. to resume) with `Ledger.open`."""
 
@@ -175,12 +194,7 @@ class Ledger:
             "prev": GENESIS,
         }
         header["hash"] = entry_hash(header)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "x", encoding="utf-8") as fh:
-            fh.write(canonical(header).decode() + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        _fsync_dir(path.parent)
+        write_chain_header(path, header)
         return cls(path, header, [])
 
     @classmethod
@@ -249,10 +263,7 @@ class Ledger:
             "prev": self.head,
         }
         entry["hash"] = entry_hash(entry)
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(canonical(entry).decode() + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        append_chain_line(self.path, entry)
         charge = Charge(entry["seq"], client, rnd, mechanism, entry["time"], entry["prev"], entry["hash"])
         self.charges.append(charge)
         self._index[(client, rnd)] = charge
